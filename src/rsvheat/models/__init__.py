@@ -1,0 +1,6 @@
+"""Models: the RS-vHeat / vHeat backbone (registered with timm on import), checkpoints, counting."""
+
+from rsvheat.models.checkpoint import CheckpointError, adapt_stem_weight, load_checkpoint, save_weights
+from rsvheat.models.rsvheat import VARIANTS, RSVHeat
+
+__all__ = ["VARIANTS", "CheckpointError", "RSVHeat", "adapt_stem_weight", "load_checkpoint", "save_weights"]

@@ -1,0 +1,279 @@
+"""Reading and writing RS-vHeat weights.
+
+Accepted inputs (all read with ``weights_only=True``; nothing is downloaded):
+
+* our own format: a safetensors file written by :func:`save_weights` (architecture in its metadata);
+* official vHeat checkpoints (``MzeroMiko/vHeat``: ``{"model": ...}`` with ``patch_embed``, ``layers``, ``freq_embed``);
+* official RS-vHeat checkpoints (``patch_embed_opt`` / ``patch_embed_sar``, ``heat_capacity``), including
+  pre-training checkpoints whose backbone is prefixed ``encoder.`` and carries a ``fuse_frequency`` module;
+* the official detection / segmentation wrappers (``backbone.`` prefix, ``outnorm{i}``);
+* Lightning / TorchGeo checkpoints (``state_dict`` with a ``model.`` / ``backbone.`` prefix).
+
+Checkpoints made at another resolution load too: FVE and SCE are resized bilinearly (as RS-vHeat's own loader does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rsvheat.models.rsvheat import RSVHeat, resize_embedding
+
+_PREFIXES = ("module.", "encoder.", "backbone.", "model.", "_orig_mod.")
+
+# official name (after prefix stripping) -> ours; applied in order, first match wins.
+_OFFICIAL_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^patch_embed(?:_opt)?\.(conv[12])\.(weight|bias)$"), r"stems.optical.\1.\2"),
+    (re.compile(r"^patch_embed(?:_opt)?\.(norm[12])\.1\.(weight|bias)$"), r"stems.optical.\1.\2"),
+    (re.compile(r"^patch_embed_sar\.(conv[12])\.(weight|bias)$"), r"stems.sar.\1.\2"),
+    (re.compile(r"^patch_embed_sar\.(norm[12])\.1\.(weight|bias)$"), r"stems.sar.\1.\2"),
+    (re.compile(r"^freq_embed\.(\d+)$"), r"stages.\1.freq_embed"),
+    (re.compile(r"^heat_capacity\.(\d+)$"), r"stages.\1.heat_capacity"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.(norm1|norm2|gamma1|gamma2)(\.weight|\.bias)?$"), r"stages.\1.blocks.\2.\3\4"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.dwconv\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.dwconv.\3"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.linear\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.in_proj.\3"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.to_k\.0\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.to_k.\3"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.out_norm\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.out_norm.\3"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.out_linear\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.out_proj.\3"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.norm1\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.sce_norm.\3"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.mlp\.(fc[12])\.(weight|bias)$"), r"stages.\1.blocks.\2.mlp.\3.\4"),
+    # the downsample closes stage i in the official code and opens stage i+1 here
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.0\.weight$"), "DOWNSAMPLE_CONV"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.1\.(weight|bias)$"), "DOWNSAMPLE_NORM"),
+    (re.compile(r"^classifier\.0\.(weight|bias)$"), r"head.norm.\1"),
+    (re.compile(r"^classifier\.3\.(weight|bias)$"), r"head.fc.\1"),
+    (re.compile(r"^outnorm(\d+)\.(weight|bias)$"), r"stages.\1.out_norm.\2"),
+]
+_SKIPPED = re.compile(r"(^fuse_frequency\.|^decode|^decoder\.|^head\.(?!norm|fc)|__)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def unwrap_checkpoint(obj: Mapping) -> dict[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint (``model``, ``state_dict``, ``model_ema``, or the dict itself)
+    and strip wrapper prefixes (``module.``, ``encoder.``, ``backbone.``, ``model.``)."""
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError("no tensors found in checkpoint (expected a state dict or a dict with 'model'/'state_dict')")
+    out: dict[str, torch.Tensor] = {}
+    depth_of: dict[str, int] = {}
+    for key, value in tensors.items():
+        name, stripped = key, 0
+        while name.startswith(_PREFIXES):
+            name = name.split(".", 1)[1]
+            stripped += 1
+        # A wrapper's own head beats the inner model's (RS-vHeat's classification wrapper has both).
+        if name in out and depth_of[name] <= stripped:
+            continue
+        out[name], depth_of[name] = value, stripped
+    return out
+
+
+def is_official(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("layers.", "patch_embed")) for k in state_dict)
+
+
+def convert_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official vHeat / RS-vHeat state dict to rsvheat keys (1x1-conv MLP weights become Linear weights)."""
+    if any(".op.k_exp" in k for k in state_dict):
+        raise CheckpointError(
+            "this is an inference-folded official checkpoint (op.k_exp, no freq_embed/to_k): it only holds the filters "
+            "for one input size; load the training checkpoint (with freq_embed and op.to_k) instead"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if _SKIPPED.search(key):
+            continue
+        for pattern, target in _OFFICIAL_RULES:
+            match = pattern.match(key)
+            if not match:
+                continue
+            if target == "DOWNSAMPLE_CONV":
+                new = f"stages.{int(match[1]) + 1}.downsample.conv.weight"
+            elif target == "DOWNSAMPLE_NORM":
+                new = f"stages.{int(match[1]) + 1}.downsample.norm.{match[3]}"
+            else:
+                new = match.expand(target)
+            if new.endswith(("mlp.fc1.weight", "mlp.fc2.weight")) and value.ndim == 4:
+                value = value.flatten(1)
+            out[new] = value
+            break
+        else:
+            warnings.warn(f"ignoring unknown key in official checkpoint: {key}", stacklevel=2)
+    return out
+
+
+def _architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    depths: dict[int, int] = {}
+    dims: dict[int, int] = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.norm1\.weight$", key)
+        if m:
+            i = int(m[1])
+            depths[i] = max(depths.get(i, 0), int(m[2]) + 1)
+            dims[i] = value.shape[0]
+    n = max(depths) + 1 if depths else 0
+    return tuple(depths.get(i, 0) for i in range(n)), tuple(dims.get(i, 0) for i in range(n))
+
+
+def adapt_stem_weight(weight: torch.Tensor, in_chans: int, band_map: Sequence[int | None] | None = None) -> torch.Tensor:
+    """Adapt a pretrained first-conv weight ``(C_out, C_src, k, k)`` to ``in_chans`` input bands.
+
+    Rule (documented in the README):
+    * ``band_map`` given: band ``i`` takes source channel ``band_map[i]``; bands mapped to ``None`` start at zero, so the
+      model initially responds exactly as the pretrained one does to the mapped bands;
+    * ``in_chans == 1``: the sum over source channels (a grey image gives the same response as its RGB copy);
+    * otherwise: channel ``i`` takes source channel ``i % C_src``, scaled by ``C_src / in_chans`` so a constant image
+      gives the same response (timm's convention).
+    """
+    c_out, c_src, kh, kw = weight.shape
+    if band_map is not None:
+        if len(band_map) != in_chans:
+            raise ValueError(f"band_map has {len(band_map)} entries, expected one per input band ({in_chans})")
+        out = weight.new_zeros(c_out, in_chans, kh, kw)
+        for i, src in enumerate(band_map):
+            if src is not None:
+                if not 0 <= src < c_src:
+                    raise ValueError(f"band_map[{i}] = {src} is not a channel of the {c_src}-channel source stem")
+                out[:, i] = weight[:, src]
+        return out
+    if in_chans == c_src:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    index = torch.arange(in_chans) % c_src
+    return weight[:, index] * (c_src / in_chans)
+
+
+def adapt_to_model(
+    state_dict: Mapping[str, torch.Tensor], model: RSVHeat, band_maps: Mapping[str, Sequence[int | None]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Fit an rsvheat-keyed state dict to ``model``: check the architecture, resize FVE/SCE to the model's stored size,
+    build stems the checkpoint lacks (from the SAR stem for 1-2 band inputs, else from the optical one), fill per-stage
+    output norms the checkpoint lacks with identity, and drop a classifier of another size."""
+    own = model.state_dict()
+    sd = dict(state_dict)
+    ckpt_arch = _architecture(sd)
+    model_arch = (model.depths[: len(model.stages)], model.dims[: len(model.stages)])
+    if ckpt_arch[0] and ckpt_arch != model_arch:
+        raise CheckpointError(
+            f"checkpoint is for depths {ckpt_arch[0]} / dims {ckpt_arch[1]}, but the model has depths {model_arch[0]} / "
+            f"dims {model_arch[1]}: pick the matching variant (vheat_/rsvheat_ tiny, small, base)"
+        )
+    has_sce = any(k.endswith("heat_capacity") for k in sd)
+    if has_sce != model.use_sce and any(k.endswith("freq_embed") for k in sd):
+        ckpt_kind, model_kind = ("RS-vHeat (with SCE)", "vHeat (no SCE)") if has_sce else ("vHeat", "RS-vHeat")
+        raise CheckpointError(f"checkpoint is {ckpt_kind} but the model is {model_kind}: use the matching variant")
+
+    for key, value in list(sd.items()):
+        if key.endswith(("freq_embed", "heat_capacity")) and key in own and value.shape != own[key].shape:
+            if value.shape[-1] != own[key].shape[-1]:
+                raise CheckpointError(f"{key}: checkpoint has {value.shape[-1]} channels, model {own[key].shape[-1]}")
+            sd[key] = resize_embedding(value.float(), tuple(own[key].shape[:2])).to(value.dtype)
+
+    stems = {k.split(".")[1] for k in sd if k.startswith("stems.")}
+    band_maps = band_maps or {}
+    for name, chans in model.modalities.items():
+        if name in stems and sd[f"stems.{name}.conv1.weight"].shape[1] == chans and name not in band_maps:
+            continue
+        source = name if name in stems else ("sar" if chans <= 2 and "sar" in stems else None)
+        source = source or ("optical" if "optical" in stems else next(iter(sorted(stems)), None))
+        if source is None:
+            continue  # no stem in the checkpoint at all: strict loading will report it
+        for key in [k for k in sd if k.startswith(f"stems.{source}.")]:
+            sd[f"stems.{name}." + key.split(".", 2)[2]] = sd[key]
+        weight = sd[f"stems.{source}.conv1.weight"]
+        sd[f"stems.{name}.conv1.weight"] = adapt_stem_weight(weight, chans, band_maps.get(name))
+    for key in [k for k in sd if k.startswith("stems.") and k.split(".")[1] not in model.modalities]:
+        del sd[key]
+
+    for key, value in own.items():
+        if re.match(r"^stages\.\d+\.out_norm\.", key) and key not in sd:
+            sd[key] = value  # identity-initialised output norms for dense tasks
+    head_keys = ("head.fc.weight", "head.fc.bias")
+    if any(k in sd and (k not in own or sd[k].shape != own[k].shape) for k in head_keys):
+        for k in head_keys:
+            sd.pop(k, None)
+            if k in own:
+                sd[k] = own[k]  # keep the model's freshly initialised classifier
+    # stages pruned away (features_only with fewer out_indices) are not an error
+    n_stages = len(model.stages)
+    return {k: v for k, v in sd.items() if not (k.startswith("stages.") and int(k.split(".")[1]) >= n_stages)}
+
+
+def checkpoint_filter_fn(state_dict: Mapping, model: RSVHeat) -> dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: any supported checkpoint -> ``model``'s state dict keys."""
+    sd = unwrap_checkpoint(state_dict)
+    if is_official(sd):
+        sd = convert_official(sd)
+    return adapt_to_model(sd, model)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read the tensors of a ``.safetensors`` or torch (``.pth``/``.pt``/``.ckpt``/``.bin``) file, safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, or pickled objects that weights_only refuses
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def load_checkpoint(
+    model: RSVHeat,
+    path: str | os.PathLike,
+    strict: bool = True,
+    band_maps: Mapping[str, Sequence[int | None]] | None = None,
+) -> nn.modules.module._IncompatibleKeys:
+    """Load any supported checkpoint (see module docstring) into ``model``; returns the missing/unexpected keys."""
+    sd = unwrap_checkpoint(read_checkpoint(path))
+    if is_official(sd):
+        sd = convert_official(sd)
+    sd = adapt_to_model(sd, model, band_maps)
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
+                  if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise CheckpointError(f"shape mismatch loading {path}:\n  " + "\n  ".join(mismatched))
+    try:
+        return model.load_state_dict(sd, strict=strict)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {err}") from err
+
+
+def save_weights(model: RSVHeat, path: str | os.PathLike, extra: Mapping[str, str] | None = None) -> Path:
+    """Write ``model``'s weights as safetensors, atomically (temp file + rename), with its architecture as metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    metadata = {"format": "rsvheat", "config": json.dumps(model.arch_config), **(extra or {})}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,109 @@
+"""Parameter and FLOP counts in the two conventions papers use.
+
+* ``train``: the model as trained. Parameters: every parameter (FVE, SCE, ``to_k``). FLOPs: one forward in train mode,
+  including ``to_k`` applied to each FVE.
+* ``folded`` (the vHeat / RS-vHeat papers' convention, their ``infer_init`` + fvcore): ``to_k`` and FVE replaced by the
+  precomputed filters ``k_exp`` (``H x W x C`` per block, counted as parameters), and the SCE not counted (the official
+  code deletes it; it is still needed to run, see ``params_folded_runtime``).
+
+FLOPs are multiply-accumulates ("G" in the papers = GMACs), measured with :mod:`torch.utils.flop_counter` for every
+matmul and convolution. ``fvcore=True`` adds what fvcore, the counter the papers used, also counts: 5 per LayerNorm
+element, 1 per pooled element, and half an operation per element of the HCO's filter multiply (fvcore's einsum rule).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.operators.heat import HeatConduction
+
+
+@dataclass
+class Counts:
+    variant: str
+    img_size: tuple[int, int]
+    params_train: int
+    params_folded: int
+    params_folded_runtime: int
+    gmacs_train: float
+    gmacs_folded: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stage_sizes(model: RSVHeat, img_size: tuple[int, int]) -> list[tuple[int, int]]:
+    h, w = -(-img_size[0] // 4), -(-img_size[1] // 4)
+    sizes = []
+    for i in range(len(model.stages)):
+        if i > 0:
+            h, w = -(-h // 2), -(-w // 2)
+        sizes.append((h, w))
+    return sizes
+
+
+def count_params(model: RSVHeat, img_size: tuple[int, int]) -> dict[str, int]:
+    """``train``, ``folded`` (paper convention) and ``folded_runtime`` (folded + the SCE a running model keeps)."""
+    train = sum(p.numel() for p in model.parameters())
+    to_k = sum(p.numel() for s in model.stages for b in s.blocks for p in b.hco.to_k.parameters())
+    fve = sum(s.freq_embed.numel() for s in model.stages)
+    sce = sum(s.heat_capacity.numel() for s in model.stages if s.heat_capacity is not None)
+    k_exp = sum(h * w * s.dim * len(s.blocks) for s, (h, w) in zip(model.stages, _stage_sizes(model, img_size)))
+    sce_at_size = sum(h * w * s.dim for s, (h, w) in zip(model.stages, _stage_sizes(model, img_size)) if model.use_sce)
+    folded = train - to_k - fve - sce + k_exp
+    return dict(train=train, folded=folded, folded_runtime=folded + sce_at_size)
+
+
+def _fvcore_extras():
+    def layer_norm(input_shape, *args, out_shape=None, **kwargs):
+        return 2 * 5 * math.prod(input_shape)  # the counter halves totals into MACs below
+
+    def mean(input_shape, *args, out_shape=None, **kwargs):
+        return 2 * math.prod(input_shape)
+
+    return {torch.ops.aten.native_layer_norm: layer_norm, torch.ops.aten.mean: mean}
+
+
+def count_gmacs(model: RSVHeat, img_size: tuple[int, int], folded: bool, fvcore: bool = True, in_chans: int | None = None,
+                modality: str | None = None) -> float:
+    """GMACs of one forward of a batch of 1 at ``img_size``; ``folded`` precomputes the filters first (not counted)."""
+    modality = modality or model.default_modality
+    x = torch.zeros(1, in_chans or model.modalities[modality], *img_size, device=next(model.parameters()).device)
+    was_training = model.training
+    filter_elems = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: filter_elems.append(out.numel()))
+             for m in model.modules() if isinstance(m, HeatConduction)] if fvcore else []
+    try:
+        if folded:
+            model.fold(img_size)
+        else:
+            model.train()
+        with FlopCounterMode(display=False, custom_mapping=_fvcore_extras() if fvcore else None) as counter:
+            with torch.no_grad() if folded else torch.enable_grad():
+                model(x, modality=modality)
+        total = counter.get_total_flops() / 2 + sum(filter_elems) / 2
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total / 1e9
+
+
+def count(model: RSVHeat, img_size: int | tuple[int, int], variant: str = "", fvcore: bool = True) -> Counts:
+    """Parameters and GMACs of ``model`` at ``img_size`` in both conventions."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    params = count_params(model, size)
+    return Counts(
+        variant=variant,
+        img_size=size,
+        params_train=params["train"],
+        params_folded=params["folded"],
+        params_folded_runtime=params["folded_runtime"],
+        gmacs_train=count_gmacs(model, size, folded=False, fvcore=fvcore),
+        gmacs_folded=count_gmacs(model, size, folded=True, fvcore=fvcore),
+    )

@@ -1,0 +1,529 @@
+"""RS-vHeat and vHeat backbones: heat-conduction vision models for remote sensing.
+
+Papers: vHeat (Wang et al., CVPR 2025, arXiv 2405.16555); RS-vHeat (Hu et al., ICCV 2025, arXiv 2411.17984).
+
+The layout follows the official code (InternImage stem, 4 stages at strides 4/8/16/32, 3x3/s2 conv downsampling, one
+frequency value embedding (FVE) per stage shared by its blocks, and for RS-vHeat one spatial correction embedding (SCE)
+per stage), with these differences in how it is computed, none in what:
+
+* activations are channels-last ``(B, H, W, C)`` inside the stages; the DCT is 4 batched GEMMs, the MLP plain Linear;
+* FVE and SCE are stored at their pre-training resolution and resized (bilinear) to whatever size comes in, so any
+  ``H x W`` works; resized embeddings and the folded decay filters are cached in eval mode (inference folding), and
+  the SCE is kept there (the official RS-vHeat inference mode deletes it and crashes);
+* several input stems (optical, SAR, multispectral, ...) can live in one model and are chosen with ``modality=``.
+
+Public outputs (``forward_features``, ``forward_intermediates``) are NCHW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch import nn
+
+from rsvheat.operators.dct import DctImpl
+from rsvheat.operators.heat import HeatConduction
+
+__all__ = ["RSVHeat", "VARIANTS"]
+
+#: Input-stem name used when a model has a single 3-band stem and no modality is given.
+DEFAULT_MODALITY = "optical"
+
+
+def _channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Run a conv on a channels-last ``(B, H, W, C)`` tensor and return ``(B, H', W', C')`` (no copies: the permuted
+    view is an NCHW tensor in channels_last memory format, which the conv keeps)."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class Stem(nn.Module):
+    """InternImage-style stem, stride 4: ``conv3x3/s2 -> LN -> GELU -> conv3x3/s2 -> LN``.
+
+    ``(B, in_chans, H, W) -> (B, ceil(H/4), ceil(W/4), dim)``.
+    """
+
+    def __init__(self, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(dim // 2, eps=1e-6)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))
+        return self.norm2(_channels_last_conv(self.conv2, x))
+
+
+class Downsample(nn.Module):
+    """``conv3x3/s2 (no bias) -> LN``: ``(B, H, W, C_in) -> (B, ceil(H/2), ceil(W/2), C_out)``."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_channels_last_conv(self.conv, x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class HeatBlock(nn.Module):
+    """One vHeat block on ``(B, H, W, C)``.
+
+    Pre-norm (vHeat-T): ``x + DropPath(HCO(LN(x)))``, ``x + DropPath(MLP(LN(x)))``.
+    Post-norm (S/B, RS-vHeat): ``x + DropPath(g1 * LN(HCO(x)))``, ``x + DropPath(g2 * LN(MLP(x)))``, layer-scale ``g``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        post_norm: bool = False,
+        layer_scale: float | None = None,
+        use_sce: bool = False,
+        dct_impl: DctImpl = "auto",
+    ) -> None:
+        super().__init__()
+        self.post_norm = post_norm
+        self.norm1 = nn.LayerNorm(dim)
+        self.hco = HeatConduction(dim, use_sce=use_sce, dct_impl=dct_impl)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if layer_scale is not None:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        else:
+            self.gamma1 = self.gamma2 = None
+
+    def _norm(self, norm: nn.LayerNorm, gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if gamma is None:
+            return norm(x)
+        # Layer-scale folded into the LN affine: one pass over the activations instead of two.
+        return F.layer_norm(x, norm.normalized_shape, norm.weight * gamma, norm.bias * gamma, norm.eps)
+
+    def forward(self, x: torch.Tensor, freq_embed: torch.Tensor, sce: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:
+            x = x + self.drop_path(self._norm(self.norm1, self.gamma1, self.hco(x, freq_embed, sce)))
+            return x + self.drop_path(self._norm(self.norm2, self.gamma2, self.mlp(x)))
+        mixed = self.hco(self.norm1(x), freq_embed, sce)
+        x = x + self.drop_path(mixed if self.gamma1 is None else mixed * self.gamma1)
+        ffn = self.mlp(self.norm2(x))
+        return x + self.drop_path(ffn if self.gamma2 is None else ffn * self.gamma2)
+
+
+def resize_embedding(embed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize a per-stage ``(H, W, C)`` embedding (FVE or SCE) to ``size``, as RS-vHeat's loader does."""
+    if tuple(embed.shape[:2]) == tuple(size):
+        return embed
+    resized = F.interpolate(embed.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)
+    return resized[0].permute(1, 2, 0).contiguous()
+
+
+class HeatStage(nn.Module):
+    """[downsample] + ``depth`` blocks sharing one FVE (and SCE) of native size ``res``; ``(B, H, W, C)`` in and out."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        res: tuple[int, int],
+        downsample: bool,
+        drop_path: Sequence[float],
+        use_sce: bool,
+        feature_norm: bool,
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.freq_embed = nn.Parameter(torch.zeros(*res, dim))
+        self.heat_capacity = nn.Parameter(torch.zeros(*res, dim)) if use_sce else None
+        self.blocks = nn.ModuleList(
+            HeatBlock(dim, drop_path=drop_path[i], use_sce=use_sce, **block_kwargs) for i in range(depth)
+        )
+        # Output norm for dense tasks (the official detection/segmentation wrappers' `outnorm{i}`).
+        self.out_norm = nn.LayerNorm(dim) if feature_norm else None
+        self._embed_cache: dict = {}
+
+    def embeddings(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """FVE and SCE resized to the feature-map ``size``, cached in eval mode without autograd."""
+        params = [p for p in (self.freq_embed, self.heat_capacity) if p is not None]
+        cacheable = not self.training and not torch.is_grad_enabled()
+        key = (tuple(size),) + tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        if cacheable and key in self._embed_cache:
+            return self._embed_cache[key]
+        fve = resize_embedding(self.freq_embed, size)
+        sce = resize_embedding(self.heat_capacity, size) if self.heat_capacity is not None else None
+        if cacheable:
+            self._embed_cache.clear()
+            self._embed_cache[key] = (fve, sce)
+        return fve, sce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        fve, sce = self.embeddings((x.shape[1], x.shape[2]))
+        for block in self.blocks:
+            x = block(x, fve, sce)
+        return x
+
+    def train(self, mode: bool = True):
+        self._embed_cache.clear()
+        return super().train(mode)
+
+
+class ClassifierHead(nn.Module):
+    """``LN -> global average pool -> Linear`` on ``(B, H, W, C)``."""
+
+    def __init__(self, dim: int, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (none), got {global_pool!r}")
+        self.global_pool = global_pool
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+class RSVHeat(nn.Module):
+    """Heat-conduction backbone with one or more input stems.
+
+    Args:
+        modalities: input stems by name and band count, e.g. ``{"optical": 3, "sar": 1}``. Default: one stem built
+            from ``in_chans`` (named ``"sar"`` when ``in_chans == 1``, else ``"optical"``).
+        in_chans: bands of the single stem when ``modalities`` is not given.
+        num_classes: classifier outputs; 0 for a backbone without classifier.
+        depths, dims: blocks and channels per stage.
+        img_size: size at which FVE/SCE are stored (the pre-training size); inputs of any size are accepted.
+        use_sce: RS-vHeat's spatial correction embedding (False gives vHeat).
+        post_norm, layer_scale: block type (see :class:`HeatBlock`).
+        feature_norms: add the per-stage output LayerNorms used for dense tasks.
+        check_inputs: raise on NaN/Inf input (one extra pass over the input).
+        dct_impl: ``"auto"``, ``"matmul"`` or ``"fft"`` DCT inside the HCO.
+    """
+
+    def __init__(
+        self,
+        modalities: Mapping[str, int] | None = None,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (2, 2, 9, 2),
+        dims: Sequence[int] = (96, 192, 384, 768),
+        img_size: int | Sequence[int] = 224,
+        use_sce: bool = True,
+        post_norm: bool = True,
+        layer_scale: float | None = None,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        global_pool: str = "avg",
+        feature_norms: bool = False,
+        check_inputs: bool = False,
+        dct_impl: DctImpl = "auto",
+        output_stride: int = 32,
+    ) -> None:
+        super().__init__()
+        if output_stride != 32:
+            # SMP's DeepLab asks for dilation; silently ignoring it gives wrong output sizes.
+            raise ValueError(f"RS-vHeat has a fixed output stride of 32, got output_stride={output_stride}")
+        if len(depths) != len(dims):
+            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must have the same length")
+        if modalities is None:
+            modalities = {("sar" if in_chans == 1 else DEFAULT_MODALITY): in_chans}
+        if not modalities:
+            raise ValueError("at least one input modality (stem) is required")
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.modalities = dict(modalities)
+        # Everything needed to rebuild this architecture (stored in our checkpoints' metadata).
+        self.arch_config = dict(
+            modalities=self.modalities, depths=list(depths), dims=list(dims), img_size=list(img_size), use_sce=use_sce,
+            post_norm=post_norm, layer_scale=layer_scale, mlp_ratio=mlp_ratio, num_classes=num_classes,
+        )
+        self.depths, self.dims = tuple(depths), tuple(dims)
+        self.img_size = img_size
+        self.use_sce = use_sce
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.check_inputs = check_inputs
+        self.output_fmt = "NCHW"
+
+        self.stems = nn.ModuleDict({name: Stem(chans, dims[0]) for name, chans in self.modalities.items()})
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            res = (img_size[0] // 4 // 2**i, img_size[1] // 4 // 2**i)
+            self.stages.append(
+                HeatStage(
+                    in_dim=dims[max(i - 1, 0)],
+                    dim=dim,
+                    depth=depth,
+                    res=res,
+                    downsample=i > 0,
+                    drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                    use_sce=use_sce,
+                    feature_norm=feature_norms,
+                    mlp_ratio=mlp_ratio,
+                    post_norm=post_norm,
+                    layer_scale=layer_scale,
+                    dct_impl=dct_impl,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
+        self.head = ClassifierHead(dims[-1], num_classes, global_pool, drop_rate)
+        self.apply(self._init_weights)
+        for stage in self.stages:
+            trunc_normal_(stage.freq_embed, std=0.02)
+            if stage.heat_capacity is not None:
+                trunc_normal_(stage.heat_capacity, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # inputs
+
+    @property
+    def default_modality(self) -> str:
+        return next(iter(self.modalities))
+
+    def _resolve_modality(self, x: torch.Tensor, modality: str | None) -> str:
+        if modality is None:
+            matching = [name for name, chans in self.modalities.items() if chans == x.shape[1]]
+            if len(matching) == 1:
+                return matching[0]
+            modality = self.default_modality
+        if modality not in self.modalities:
+            raise ValueError(f"unknown modality {modality!r}; this model has stems for {sorted(self.modalities)}")
+        return modality
+
+    def _check_input(self, x: torch.Tensor, modality: str) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D with shape {tuple(x.shape)}")
+        expected = self.modalities[modality]
+        if x.shape[1] != expected:
+            raise ValueError(
+                f"the {modality!r} stem expects {expected} input channels, got {x.shape[1]} (input shape "
+                f"{tuple(x.shape)}); stems: {self.modalities}"
+            )
+        if min(x.shape[-2:]) < 32:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than the model's stride 32 on one side")
+        if self.check_inputs and not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or Inf values")
+
+    def stem(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+        """``(B, C_in, H, W)`` image -> ``(B, H/4, W/4, dims[0])`` channels-last tokens in the shared heat space."""
+        modality = self._resolve_modality(x, modality) if x.ndim == 4 else modality
+        self._check_input(x, modality or self.default_modality)
+        return self.stems[modality](x)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # forward paths
+
+    def forward_features(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+        """``(B, C_in, H, W) -> (B, dims[-1], ceil(H/32), ceil(W/32))``, before the head norm."""
+        x = self.stem(x, modality)
+        for stage in self.stages:
+            x = stage(x)
+        return x.permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """``(B, C, h, w)`` features -> ``(B, num_classes)`` logits (or ``(B, C)`` with ``pre_logits``)."""
+        return self.head(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, modality))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        modality: str | None = None,
+    ):
+        """Per-stage features (pre-downsample, i.e. each stage's own output), NCHW ``(B, dims[i], H/2^(i+2), ...)``.
+
+        ``norm=True`` applies the per-stage output norms (built with ``feature_norms=True``), as dense heads expect.
+        Returns the list, or ``(final_features, list)`` unless ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        if norm and any(stage.out_norm is None for stage in self.stages):
+            raise ValueError("norm=True needs per-stage output norms: build the model with feature_norms=True")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x, modality)
+        stages = self.stages if not (stop_early or intermediates_only) else self.stages[: max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                feat = stage.out_norm(x) if norm else x
+                intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
+        if intermediates_only:
+            return intermediates
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop stages after the last requested one (and the head); returns the absolute indices kept."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # timm conveniences
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        pool = self.head.global_pool if global_pool is None else global_pool
+        device = self.head.norm.weight.device
+        self.head = ClassifierHead(self.num_features, num_classes, pool, self.head.drop.p).to(device)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        names = {f"stages.{i}.freq_embed" for i in range(len(self.stages))}
+        if self.use_sce:
+            names |= {f"stages.{i}.heat_capacity" for i in range(len(self.stages))}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stems",
+            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(freq_embed|heat_capacity|out_norm)", (0,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise NotImplementedError("gradient checkpointing is not implemented for RS-vHeat yet")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # inference folding
+
+    @torch.no_grad()
+    def fold(self, img_size: int | Sequence[int] | None = None) -> RSVHeat:
+        """Switch to eval mode and precompute, for inputs of ``img_size``, every block's decay filter
+        ``exp(-kt (w_n^2 + w_m^2))`` and the resized FVE/SCE (the official ``infer_init``, for any size, SCE kept).
+
+        Outputs are identical to the unfolded model. Calls at other sizes still work: they fold on first use.
+        """
+        self.eval()
+        size = self.img_size if img_size is None else img_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        h, w = -(-size[0] // 4), -(-size[1] // 4)
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                h, w = -(-h // 2), -(-w // 2)
+            fve, _ = stage.embeddings((h, w))
+            for block in stage.blocks:
+                block.hco.decay_filter(fve)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# variants and timm registration
+
+#: name -> architecture. vHeat: no SCE (the CVPR model). RS-vHeat: with SCE; rsvheat_base is the paper's model.
+VARIANTS: dict[str, dict] = {
+    "vheat_tiny": dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), post_norm=False, layer_scale=None,
+                       drop_path_rate=0.1, use_sce=False),
+    "vheat_small": dict(depths=(2, 2, 18, 2), dims=(96, 192, 384, 768), post_norm=True, layer_scale=1e-5,
+                        drop_path_rate=0.3, use_sce=False),
+    "vheat_base": dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), post_norm=True, layer_scale=1e-5,
+                       drop_path_rate=0.5, use_sce=False),
+}
+VARIANTS.update({"rs" + name: dict(cfg, use_sce=True) for name, cfg in VARIANTS.items()})
+
+
+def _cfg(**kwargs) -> dict:
+    return dict(
+        url="",
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=(7, 7),
+        crop_pct=0.875,
+        interpolation="bicubic",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        first_conv=None,  # stems are adapted by our filter fn (documented rule), not by timm
+        classifier="head.fc",
+        license="apache-2.0",
+        **kwargs,
+    )
+
+
+# No weights are hosted: load local files with pretrained_cfg_overlay=dict(file=...) or rsvheat.load_checkpoint.
+default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in VARIANTS})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> RSVHeat:
+    from rsvheat.models.checkpoint import checkpoint_filter_fn
+
+    if kwargs.get("features_only"):
+        kwargs.setdefault("feature_norms", True)  # dense heads get per-stage normalised features
+    return build_model_with_cfg(
+        RSVHeat,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter", norm=kwargs.get("feature_norms", False)),
+        **dict(VARIANTS[variant], **kwargs),
+    )
+
+
+def _register(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs) -> RSVHeat:
+        return _create(name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"{name}: {VARIANTS[name]}"
+    return register_model(entrypoint)
+
+
+for _name in VARIANTS:
+    globals()[_name] = _register(_name)
+

@@ -1,0 +1,103 @@
+"""Orthonormal DCT-II / DCT-III (its inverse) along the spatial axes of image-like tensors.
+
+Two implementations share one contract:
+
+* ``matmul``: a dense ``(N, N)`` basis applied with batched GEMMs. Cost ``O(N)`` per element and axis, but it runs at
+  GEMM speed, which wins for the map sizes a backbone sees (up to a few hundred pixels per side).
+* ``fft``: Makhoul's reordering plus a complex FFT, ``O(log N)`` per element and axis. It wins for large images
+  (the pre-training masking works on whole tiles) and is exact to float error as well.
+
+Bases are cached per ``(size, device, dtype)`` because building them costs more than using them at small sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+DctImpl = Literal["auto", "matmul", "fft"]
+
+#: Above this many coefficients per axis, ``auto`` uses the FFT path. Set from ``benchmarks/bench_dct.py``.
+FFT_MIN_SIZE = 512
+
+
+@lru_cache(maxsize=64)
+def _dct_basis_cached(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Built in float64 so that float32/bfloat16 bases are correctly rounded, not accumulated rounding.
+    pos = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    freq = torch.arange(n, dtype=torch.float64)[:, None]
+    basis = torch.cos(math.pi * freq * pos) * math.sqrt(2.0 / n)
+    basis[0] /= math.sqrt(2.0)
+    return basis.to(device=device, dtype=dtype)
+
+
+def dct_basis(n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``D`` of shape ``(n, n)``: ``D[k, x] = c_k cos(pi k (x + 1/2) / n)``.
+
+    ``c_0 = sqrt(1/n)``, ``c_k = sqrt(2/n)``. ``D @ f`` is the DCT of ``f``; ``D.T @ F`` its inverse.
+    """
+    if n < 1:
+        raise ValueError(f"DCT size must be >= 1, got {n}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "meta":
+        return torch.empty(n, n, device=device, dtype=dtype)
+    return _dct_basis_cached(n, device, dtype)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half-precision transforms lose too much (the DC term sums N values), so they run in float32.
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _fft_dct_last(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Orthonormal DCT-II (or its inverse) along the last axis via Makhoul's N-point FFT."""
+    n = x.shape[-1]
+    k = torch.arange(n, device=x.device, dtype=x.dtype)
+    twiddle = torch.polar(torch.ones_like(k), -math.pi * k / (2 * n))  # exp(-i pi k / 2n)
+    scale = torch.full((n,), math.sqrt(2.0 / n), device=x.device, dtype=x.dtype)
+    scale[0] = math.sqrt(1.0 / n)
+    if not inverse:
+        v = torch.cat([x[..., 0::2], x[..., 1::2].flip(-1)], dim=-1)
+        return (torch.fft.fft(v, dim=-1) * twiddle).real * scale
+    # Inverse: rebuild the half-spectrum V_k = conj(twiddle_k) (X_k - i X_{n-k}) / scale, then one inverse FFT.
+    coeffs = x / scale
+    shifted = torch.cat([torch.zeros_like(coeffs[..., :1]), coeffs[..., 1:].flip(-1)], dim=-1)
+    spectrum = torch.complex(coeffs, -shifted) * twiddle.conj()
+    v = torch.fft.ifft(spectrum, dim=-1).real
+    out = torch.empty_like(v)
+    half = (n + 1) // 2
+    out[..., 0::2] = v[..., :half]
+    out[..., 1::2] = v[..., half:].flip(-1)
+    return out
+
+
+def _transform_axis(x: torch.Tensor, dim: int, inverse: bool, impl: DctImpl) -> torch.Tensor:
+    n = x.shape[dim]
+    if impl == "auto":
+        impl = "fft" if n >= FFT_MIN_SIZE else "matmul"
+    if impl == "fft":
+        return _fft_dct_last(x.movedim(dim, -1), inverse).movedim(-1, dim)
+    if impl != "matmul":
+        raise ValueError(f"unknown DCT implementation {impl!r}; expected 'auto', 'matmul' or 'fft'")
+    basis = dct_basis(n, x.device, x.dtype)
+    if dim in (-1, x.ndim - 1):
+        return x @ (basis if inverse else basis.T)
+    moved = x.movedim(dim, -2)
+    return ((basis.T if inverse else basis) @ moved).movedim(-2, dim)
+
+
+def dct2d(x: torch.Tensor, impl: DctImpl = "auto") -> torch.Tensor:
+    """Orthonormal 2-D DCT-II over the last two axes of ``x`` of shape ``(..., H, W)``. Any H, W (not only powers of 2)."""
+    dtype = x.dtype
+    x = x.to(_compute_dtype(x))
+    return _transform_axis(_transform_axis(x, -1, False, impl), -2, False, impl).to(dtype)
+
+
+def idct2d(x: torch.Tensor, impl: DctImpl = "auto") -> torch.Tensor:
+    """Inverse of :func:`dct2d` (orthonormal DCT-III) over the last two axes of ``x`` of shape ``(..., H, W)``."""
+    dtype = x.dtype
+    x = x.to(_compute_dtype(x))
+    return _transform_axis(_transform_axis(x, -1, True, impl), -2, True, impl).to(dtype)

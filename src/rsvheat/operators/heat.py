@@ -1,0 +1,171 @@
+"""The Heat Conduction Operator (HCO) of vHeat / RS-vHeat.
+
+Solving the 2-D heat equation ``du/dt = k (d2u/dx2 + d2u/dy2)`` with adiabatic (Neumann) borders on an ``H x W`` grid
+gives, for every channel,
+
+    U_t = IDCT2D( DCT2D(U_0) * exp(-k t (w_n^2 + w_m^2)) ),   w_n = n pi / H,  w_m = m pi / W,
+
+with orthonormal DCT-II bases. ``k t`` is one tensor ``(H, W, C)`` predicted from the frequency value embedding (FVE):
+``kt = ReLU(Linear(FVE))``. Because ``kt >= 0`` the filter is a low-pass that never attenuates DC, and ``kt = 0`` is the
+identity.
+
+Layout: everything here is channels-last ``(B, H, W, C)``, so the per-channel filter is a broadcast multiply and the
+projections around it are plain GEMMs over ``B*H*W`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rsvheat.operators.dct import FFT_MIN_SIZE, DctImpl, _fft_dct_last, dct2d, dct_basis
+
+
+@lru_cache(maxsize=64)
+def _frequency_sq_cached(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    wn = torch.arange(h, dtype=torch.float64) * (math.pi / h)
+    wm = torch.arange(w, dtype=torch.float64) * (math.pi / w)
+    return (wn[:, None] ** 2 + wm[None, :] ** 2).to(device=device, dtype=dtype)
+
+
+def frequency_sq(h: int, w: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    """``w_n^2 + w_m^2`` on the ``(h, w)`` DCT grid, ``w_n = n pi / h`` (the official discretisation), shape ``(h, w)``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _frequency_sq_cached(h, w, device, dtype)
+
+
+def heat_filter(kt: torch.Tensor) -> torch.Tensor:
+    """Frequency response ``exp(-kt (w_n^2 + w_m^2))`` for ``kt`` of shape ``(H, W, C)``; returns ``(H, W, C)``."""
+    h, w, _ = kt.shape
+    return torch.exp(-kt * frequency_sq(h, w, kt.device, kt.dtype)[:, :, None])
+
+
+def _fft_axis(x: torch.Tensor, dim: int, inverse: bool) -> torch.Tensor:
+    return _fft_dct_last(x.movedim(dim, -1), inverse).movedim(-1, dim)
+
+
+def heat_conduct(x: torch.Tensor, filt: torch.Tensor, impl: DctImpl = "auto") -> torch.Tensor:
+    """Apply the HCO spectral filter: ``IDCT2D(DCT2D(x) * filt)``.
+
+    Args:
+        x: ``(B, H, W, C)`` field (channels-last).
+        filt: ``(H, W, C)`` frequency response, e.g. from :func:`heat_filter`.
+        impl: ``"matmul"`` (4 batched GEMMs), ``"fft"`` or ``"auto"`` (FFT when a side reaches ``FFT_MIN_SIZE``).
+    Returns:
+        ``(B, H, W, C)``. Computed in float32 when ``x`` is half precision (spectral sums need the mantissa).
+    """
+    b, h, w, c = x.shape
+    if filt.shape != (h, w, c):
+        raise ValueError(f"heat filter has shape {tuple(filt.shape)}, expected {(h, w, c)} for input {tuple(x.shape)}")
+    out_dtype = x.dtype
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    filt = filt.to(x.dtype)
+    if impl == "auto":
+        impl = "fft" if max(h, w) >= FFT_MIN_SIZE else "matmul"
+    with torch.autocast(x.device.type, enabled=False):
+        if impl == "fft":
+            y = _fft_axis(_fft_axis(x, 1, False), 2, False) * filt
+            y = _fft_axis(_fft_axis(y, 2, True), 1, True)
+        elif impl == "matmul":
+            dh = dct_basis(h, x.device, x.dtype)
+            dw = dct_basis(w, x.device, x.dtype)
+            # H axis: one (H x H) @ (H x W*C) GEMM per sample; W axis: (W x W) @ (W x C) per row.
+            y = torch.matmul(dh, x.reshape(b, h, w * c)).view(b * h, w, c)
+            y = torch.matmul(dw, y).view(b, h, w, c) * filt
+            y = torch.matmul(dw.T, y.view(b * h, w, c)).view(b, h, w * c)
+            y = torch.matmul(dh.T, y).view(b, h, w, c)
+        else:
+            raise ValueError(f"unknown DCT implementation {impl!r}; expected 'auto', 'matmul' or 'fft'")
+    return y.to(out_dtype)
+
+
+def heat_conduct_reference(x: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
+    """Plain float64 path written straight from the equation, for tests: ``(B, H, W, C)`` in and out."""
+    b, h, w, c = x.shape
+    x64, kt64 = x.double(), kt.double()
+    dh, dw = dct_basis(h, x.device, torch.float64), dct_basis(w, x.device, torch.float64)
+    spectrum = torch.einsum("nh,mw,bhwc->bnmc", dh, dw, x64)
+    spectrum = spectrum * torch.exp(-kt64 * frequency_sq(h, w, x.device, torch.float64)[:, :, None])
+    return torch.einsum("nh,mw,bnmc->bhwc", dh, dw, spectrum)
+
+
+class HeatConduction(nn.Module):
+    """The HCO token mixer of one block, channels-last ``(B, H, W, C) -> (B, H, W, C)``.
+
+    ``[SCE correction] -> depthwise 3x3 -> Linear C->2C split into (u, z) -> heat filter on u -> LN(u) * SiLU(z) -> Linear``.
+
+    The spatial correction embedding (SCE, RS-vHeat; called ``heat_capacity`` in the official code) enters as
+    ``LN(ReLU(x + SCE))`` before the depthwise conv. ``to_k`` maps the stage's FVE to ``kt``.
+    """
+
+    def __init__(self, dim: int, use_sce: bool = False, dct_impl: DctImpl = "auto") -> None:
+        super().__init__()
+        self.dim = dim
+        self.dct_impl = dct_impl
+        self.sce_norm = nn.LayerNorm(dim) if use_sce else None
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.in_proj = nn.Linear(dim, 2 * dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.out_norm = nn.LayerNorm(dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self._filter_cache: dict = {}
+
+    def kt(self, freq_embed: torch.Tensor) -> torch.Tensor:
+        """Diffusivity times time, ``ReLU(to_k(FVE))``: ``(H, W, C)``."""
+        return F.relu(self.to_k(freq_embed))
+
+    def decay_filter(self, freq_embed: torch.Tensor) -> torch.Tensor:
+        """``exp(-kt (w_n^2 + w_m^2))`` for an FVE already resized to the feature map: ``(H, W, C)``.
+
+        In eval mode without autograd the result is cached per size and weight version: that is the inference folding
+        of the official code (``k_exp``), without its fixed input size.
+        """
+        if self.training or torch.is_grad_enabled():
+            return heat_filter(self.kt(freq_embed))
+        params = (freq_embed, self.to_k.weight, self.to_k.bias)
+        key = (tuple(freq_embed.shape), freq_embed.device, freq_embed.dtype) + tuple(
+            (p.data_ptr(), p._version) for p in params
+        )
+        cached = self._filter_cache.get(key)
+        if cached is None:
+            self._filter_cache.clear()
+            cached = self._filter_cache[key] = heat_filter(self.kt(freq_embed))
+        return cached
+
+    def forward(
+        self, x: torch.Tensor, freq_embed: torch.Tensor, sce: torch.Tensor | None = None, return_states: bool = False
+    ):
+        """x: ``(B, H, W, C)``; freq_embed, sce: ``(H, W, C)``. With ``return_states`` also a dict of the fields
+        (for heat maps): ``corrected`` (after SCE), ``source`` (HCO input u), ``spectrum`` (its DCT), ``conducted``
+        (after the IDCT), ``filter``."""
+        if self.sce_norm is not None:
+            if sce is None:
+                raise ValueError("this HCO was built with a spatial correction embedding (SCE) but none was given")
+            x = self.sce_norm(F.relu(x + sce))
+        corrected = x
+        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # Two half-size GEMMs instead of one + chunk: both halves come out contiguous for the DCT.
+        u = F.linear(x, self.in_proj.weight[: self.dim], self.in_proj.bias[: self.dim])
+        z = F.linear(x, self.in_proj.weight[self.dim :], self.in_proj.bias[self.dim :])
+        filt = self.decay_filter(freq_embed)
+        conducted = heat_conduct(u, filt, self.dct_impl)
+        out = self.out_proj(self.out_norm(conducted) * F.silu(z))
+        if not return_states:
+            return out
+        states = dict(
+            corrected=corrected,
+            source=u,
+            spectrum=dct2d(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+            conducted=conducted,
+            filter=filt,
+        )
+        return out, states
+
+    def train(self, mode: bool = True):
+        self._filter_cache.clear()
+        return super().train(mode)
