@@ -40,25 +40,35 @@ def check(official: torch.nn.Module, variant: str, size: int, modality: str = "o
     in_chans = 3 if modality == "optical" else 1
     x = torch.randn(2, in_chans, size, size)
     with torch.no_grad():
-        ref = official(x) if not hasattr(official, "heat_capacity") else official.classifier(
-            official.forward_features(x, mode="opt" if modality == "optical" else "sar"))
+        ref = (
+            official(x)
+            if not hasattr(official, "heat_capacity")
+            else official.classifier(official.forward_features(x, mode="opt" if modality == "optical" else "sar"))
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "official.pth"
         torch.save({"model": official.state_dict()}, path)
         ours = rsvheat.create_model(variant, img_size=size, modalities={modality: in_chans}).eval()
         rsvheat.load_checkpoint(ours, path)
         cfg = rsvheat.VARIANTS[variant]
-        mirror = OfficialStructureHeat(cfg["depths"], cfg["dims"], size, cfg["post_norm"], cfg["layer_scale"],
-                                       cfg["use_sce"]).eval()
+        mirror = OfficialStructureHeat(
+            cfg["depths"], cfg["dims"], size, cfg["post_norm"], cfg["layer_scale"], cfg["use_sce"]
+        ).eval()
         missing = mirror.load_state_dict(official.state_dict(), strict=False)
     with torch.no_grad():
         out_ours = ours(x, modality=modality)
         out_mirror = mirror(x, modality=modality)
         mirror.fold()
         out_mirror_folded = mirror(x, modality=modality)
-    return dict(variant=variant, modality=modality, size=size, ours=rel_err(out_ours, ref),
-                mirror=rel_err(out_mirror, ref), mirror_folded=rel_err(out_mirror_folded, ref),
-                mirror_missing=len(missing.missing_keys))
+    return dict(
+        variant=variant,
+        modality=modality,
+        size=size,
+        ours=rel_err(out_ours, ref),
+        mirror=rel_err(out_mirror, ref),
+        mirror_folded=rel_err(out_mirror_folded, ref),
+        mirror_missing=len(missing.missing_keys),
+    )
 
 
 def main() -> None:
@@ -72,29 +82,43 @@ def main() -> None:
     rows = []
     for variant in ("vheat_tiny", "vheat_small", "vheat_base"):
         cfg = rsvheat.VARIANTS[variant]
-        official = vheat_mod.vHeat(depths=list(cfg["depths"]), dims=list(cfg["dims"]), post_norm=cfg["post_norm"],
-                                   layer_scale=cfg["layer_scale"], img_size=224)
+        official = vheat_mod.vHeat(
+            depths=list(cfg["depths"]),
+            dims=list(cfg["dims"]),
+            post_norm=cfg["post_norm"],
+            layer_scale=cfg["layer_scale"],
+            img_size=224,
+        )
         _randomise(official)
         rows.append(check(official, variant, 224))
     for modality, mode in (("optical", "opt"), ("sar", "sar")):
         cfg = rsvheat.VARIANTS["rsvheat_base"]
-        official = rs_mod.RS_vHeat(depths=list(cfg["depths"]), dims=list(cfg["dims"]), post_norm=cfg["post_norm"],
-                                   layer_scale=cfg["layer_scale"], img_size=256, mode=mode)
+        official = rs_mod.RS_vHeat(
+            depths=list(cfg["depths"]),
+            dims=list(cfg["dims"]),
+            post_norm=cfg["post_norm"],
+            layer_scale=cfg["layer_scale"],
+            img_size=256,
+            mode=mode,
+        )
         _randomise(official)
         rows.append(check(official, "rsvheat_base", 256, modality))
-    print(f"{'variant':14s} {'modality':8s} {'size':>4s} {'rel.err ours':>13s} {'rel.err mirror':>15s} {'mirror folded':>14s}")
+    print(
+        f"{'variant':14s} {'modality':8s} {'size':>4s} {'rel.err ours':>13s} "
+        f"{'rel.err mirror':>15s} {'mirror folded':>14s}"
+    )
     for r in rows:
-        print(f"{r['variant']:14s} {r['modality']:8s} {r['size']:4d} {r['ours']:13.2e} {r['mirror']:15.2e} "
-              f"{r['mirror_folded']:14.2e}")
+        print(
+            f"{r['variant']:14s} {r['modality']:8s} {r['size']:4d} {r['ours']:13.2e} {r['mirror']:15.2e} "
+            f"{r['mirror_folded']:14.2e}"
+        )
 
 
 def _randomise(model: torch.nn.Module) -> None:
     # Non-trivial norms and layer scales, so that every parameter matters in the comparison.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gamma1") or name.endswith("gamma2"):
-                p.uniform_(0.5, 1.5)
-            elif "norm" in name and name.endswith("weight"):
+            if name.endswith("gamma1") or name.endswith("gamma2") or "norm" in name and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0, 0.05)

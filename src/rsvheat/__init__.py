@@ -7,7 +7,10 @@ from rsvheat.models import VARIANTS, CheckpointError, RSVHeat, adapt_stem_weight
 
 
 def create_model(name: str, **kwargs) -> RSVHeat:
-    """``timm.create_model`` for our variants, e.g. ``create_model("rsvheat_base", modalities={"optical": 3, "sar": 1})``."""
+    """``timm.create_model`` restricted to our variants.
+
+    Example: ``create_model("rsvheat_base", modalities={"optical": 3, "sar": 1})``.
+    """
     import timm
 
     if name not in VARIANTS:
@@ -16,4 +19,12 @@ def create_model(name: str, **kwargs) -> RSVHeat:
 
 
 __version__ = "0.1.0"
-__all__ = ["VARIANTS", "CheckpointError", "RSVHeat", "adapt_stem_weight", "create_model", "load_checkpoint", "save_weights"]
+__all__ = [
+    "VARIANTS",
+    "CheckpointError",
+    "RSVHeat",
+    "adapt_stem_weight",
+    "create_model",
+    "load_checkpoint",
+    "save_weights",
+]

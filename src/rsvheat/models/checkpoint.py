@@ -68,7 +68,9 @@ def unwrap_checkpoint(obj: Mapping) -> dict[str, torch.Tensor]:
             break
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError("no tensors found in checkpoint (expected a state dict or a dict with 'model'/'state_dict')")
+        raise CheckpointError(
+            "no tensors found in checkpoint (expected a state dict or a dict with 'model'/'state_dict')"
+        )
     out: dict[str, torch.Tensor] = {}
     depth_of: dict[str, int] = {}
     for key, value in tensors.items():
@@ -130,15 +132,17 @@ def _architecture(state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ..
     return tuple(depths.get(i, 0) for i in range(n)), tuple(dims.get(i, 0) for i in range(n))
 
 
-def adapt_stem_weight(weight: torch.Tensor, in_chans: int, band_map: Sequence[int | None] | None = None) -> torch.Tensor:
+def adapt_stem_weight(
+    weight: torch.Tensor, in_chans: int, band_map: Sequence[int | None] | None = None
+) -> torch.Tensor:
     """Adapt a pretrained first-conv weight ``(C_out, C_src, k, k)`` to ``in_chans`` input bands.
 
     Rule (documented in the README):
-    * ``band_map`` given: band ``i`` takes source channel ``band_map[i]``; bands mapped to ``None`` start at zero, so the
-      model initially responds exactly as the pretrained one does to the mapped bands;
+    * ``band_map`` given: band ``i`` takes source channel ``band_map[i]``; bands mapped to ``None`` start at zero, so
+      the model initially responds exactly as the pretrained one does to the mapped bands;
     * ``in_chans == 1``: the sum over source channels (a grey image gives the same response as its RGB copy);
-    * otherwise: channel ``i`` takes source channel ``i % C_src``, scaled by ``C_src / in_chans`` so a constant image
-      gives the same response (timm's convention).
+    * otherwise: channel ``i`` takes source channel ``i % C_src``, scaled by ``C_src / in_chans`` (timm's convention;
+      when ``in_chans`` is a multiple of ``C_src`` a constant image gives exactly the pretrained response).
     """
     c_out, c_src, kh, kw = weight.shape
     if band_map is not None:
@@ -171,7 +175,8 @@ def adapt_to_model(
     model_arch = (model.depths[: len(model.stages)], model.dims[: len(model.stages)])
     if ckpt_arch[0] and ckpt_arch != model_arch:
         raise CheckpointError(
-            f"checkpoint is for depths {ckpt_arch[0]} / dims {ckpt_arch[1]}, but the model has depths {model_arch[0]} / "
+            f"checkpoint is for depths {ckpt_arch[0]} / dims {ckpt_arch[1]}, "
+            f"but the model has depths {model_arch[0]} / "
             f"dims {model_arch[1]}: pick the matching variant (vheat_/rsvheat_ tiny, small, base)"
         )
     has_sce = any(k.endswith("heat_capacity") for k in sd)
@@ -202,8 +207,10 @@ def adapt_to_model(
         del sd[key]
 
     for key, value in own.items():
-        if re.match(r"^stages\.\d+\.out_norm\.", key) and key not in sd:
-            sd[key] = value  # identity-initialised output norms for dense tasks
+        # Task-specific parts a backbone checkpoint does not carry keep the model's own initialisation: the dense
+        # tasks' output norms and the classification head.
+        if re.match(r"^(stages\.\d+\.out_norm|head)\.", key) and key not in sd:
+            sd[key] = value
     head_keys = ("head.fc.weight", "head.fc.bias")
     if any(k in sd and (k not in own or sd[k].shape != own[k].shape) for k in head_keys):
         for k in head_keys:
@@ -250,8 +257,11 @@ def load_checkpoint(
         sd = convert_official(sd)
     sd = adapt_to_model(sd, model, band_maps)
     own = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
-                  if k in own and v.shape != own[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if mismatched:
         raise CheckpointError(f"shape mismatch loading {path}:\n  " + "\n  ".join(mismatched))
     try:

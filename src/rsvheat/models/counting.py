@@ -53,8 +53,9 @@ def count_params(model: RSVHeat, img_size: tuple[int, int]) -> dict[str, int]:
     to_k = sum(p.numel() for s in model.stages for b in s.blocks for p in b.hco.to_k.parameters())
     fve = sum(s.freq_embed.numel() for s in model.stages)
     sce = sum(s.heat_capacity.numel() for s in model.stages if s.heat_capacity is not None)
-    k_exp = sum(h * w * s.dim * len(s.blocks) for s, (h, w) in zip(model.stages, _stage_sizes(model, img_size)))
-    sce_at_size = sum(h * w * s.dim for s, (h, w) in zip(model.stages, _stage_sizes(model, img_size)) if model.use_sce)
+    stage_sizes = list(zip(model.stages, _stage_sizes(model, img_size), strict=True))
+    k_exp = sum(h * w * s.dim * len(s.blocks) for s, (h, w) in stage_sizes)
+    sce_at_size = sum(h * w * s.dim for s, (h, w) in stage_sizes) if model.use_sce else 0
     folded = train - to_k - fve - sce + k_exp
     return dict(train=train, folded=folded, folded_runtime=folded + sce_at_size)
 
@@ -69,23 +70,36 @@ def _fvcore_extras():
     return {torch.ops.aten.native_layer_norm: layer_norm, torch.ops.aten.mean: mean}
 
 
-def count_gmacs(model: RSVHeat, img_size: tuple[int, int], folded: bool, fvcore: bool = True, in_chans: int | None = None,
-                modality: str | None = None) -> float:
+def count_gmacs(
+    model: RSVHeat,
+    img_size: tuple[int, int],
+    folded: bool,
+    fvcore: bool = True,
+    in_chans: int | None = None,
+    modality: str | None = None,
+) -> float:
     """GMACs of one forward of a batch of 1 at ``img_size``; ``folded`` precomputes the filters first (not counted)."""
     modality = modality or model.default_modality
     x = torch.zeros(1, in_chans or model.modalities[modality], *img_size, device=next(model.parameters()).device)
     was_training = model.training
     filter_elems = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: filter_elems.append(out.numel()))
-             for m in model.modules() if isinstance(m, HeatConduction)] if fvcore else []
+    hooks = (
+        [
+            m.register_forward_hook(lambda mod, args, out: filter_elems.append(out.numel()))
+            for m in model.modules()
+            if isinstance(m, HeatConduction)
+        ]
+        if fvcore
+        else []
+    )
     try:
         if folded:
             model.fold(img_size)
         else:
             model.train()
-        with FlopCounterMode(display=False, custom_mapping=_fvcore_extras() if fvcore else None) as counter:
-            with torch.no_grad() if folded else torch.enable_grad():
-                model(x, modality=modality)
+        counter = FlopCounterMode(display=False, custom_mapping=_fvcore_extras() if fvcore else None)
+        with counter, torch.no_grad() if folded else torch.enable_grad():
+            model(x, modality=modality)
         total = counter.get_total_flops() / 2 + sum(filter_elems) / 2
     finally:
         for h in hooks:

@@ -262,8 +262,15 @@ class RSVHeat(nn.Module):
         self.modalities = dict(modalities)
         # Everything needed to rebuild this architecture (stored in our checkpoints' metadata).
         self.arch_config = dict(
-            modalities=self.modalities, depths=list(depths), dims=list(dims), img_size=list(img_size), use_sce=use_sce,
-            post_norm=post_norm, layer_scale=layer_scale, mlp_ratio=mlp_ratio, num_classes=num_classes,
+            modalities=self.modalities,
+            depths=list(depths),
+            dims=list(dims),
+            img_size=list(img_size),
+            use_sce=use_sce,
+            post_norm=post_norm,
+            layer_scale=layer_scale,
+            mlp_ratio=mlp_ratio,
+            num_classes=num_classes,
         )
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.img_size = img_size
@@ -277,7 +284,7 @@ class RSVHeat(nn.Module):
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
         self.feature_info = []
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
+        for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
             res = (img_size[0] // 4 // 2**i, img_size[1] // 4 // 2**i)
             self.stages.append(
                 HeatStage(
@@ -433,7 +440,13 @@ class RSVHeat(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^stems",
-            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^stages\.(\d+)\.(freq_embed|heat_capacity|out_norm)", (0,))],
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^stages\.(\d+)\.(freq_embed|heat_capacity|out_norm)", (0,)),
+            ],
         )
 
     @torch.jit.ignore
@@ -469,12 +482,30 @@ class RSVHeat(nn.Module):
 
 #: name -> architecture. vHeat: no SCE (the CVPR model). RS-vHeat: with SCE; rsvheat_base is the paper's model.
 VARIANTS: dict[str, dict] = {
-    "vheat_tiny": dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), post_norm=False, layer_scale=None,
-                       drop_path_rate=0.1, use_sce=False),
-    "vheat_small": dict(depths=(2, 2, 18, 2), dims=(96, 192, 384, 768), post_norm=True, layer_scale=1e-5,
-                        drop_path_rate=0.3, use_sce=False),
-    "vheat_base": dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), post_norm=True, layer_scale=1e-5,
-                       drop_path_rate=0.5, use_sce=False),
+    "vheat_tiny": dict(
+        depths=(2, 2, 6, 2),
+        dims=(96, 192, 384, 768),
+        post_norm=False,
+        layer_scale=None,
+        drop_path_rate=0.1,
+        use_sce=False,
+    ),
+    "vheat_small": dict(
+        depths=(2, 2, 18, 2),
+        dims=(96, 192, 384, 768),
+        post_norm=True,
+        layer_scale=1e-5,
+        drop_path_rate=0.3,
+        use_sce=False,
+    ),
+    "vheat_base": dict(
+        depths=(2, 2, 18, 2),
+        dims=(128, 256, 512, 1024),
+        post_norm=True,
+        layer_scale=1e-5,
+        drop_path_rate=0.5,
+        use_sce=False,
+    ),
 }
 VARIANTS.update({"rs" + name: dict(cfg, use_sce=True) for name, cfg in VARIANTS.items()})
 
@@ -526,4 +557,3 @@ def _register(name: str):
 
 for _name in VARIANTS:
     globals()[_name] = _register(_name)
-

@@ -90,7 +90,7 @@ def _transform_axis(x: torch.Tensor, dim: int, inverse: bool, impl: DctImpl) -> 
 
 
 def dct2d(x: torch.Tensor, impl: DctImpl = "auto") -> torch.Tensor:
-    """Orthonormal 2-D DCT-II over the last two axes of ``x`` of shape ``(..., H, W)``. Any H, W (not only powers of 2)."""
+    """Orthonormal 2-D DCT-II over the last two axes of ``x``: ``(..., H, W)``, any H and W (no power-of-2 padding)."""
     dtype = x.dtype
     x = x.to(_compute_dtype(x))
     return _transform_axis(_transform_axis(x, -1, False, impl), -2, False, impl).to(dtype)

@@ -33,7 +33,7 @@ def _frequency_sq_cached(h: int, w: int, device: torch.device, dtype: torch.dtyp
 
 
 def frequency_sq(h: int, w: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-    """``w_n^2 + w_m^2`` on the ``(h, w)`` DCT grid, ``w_n = n pi / h`` (the official discretisation), shape ``(h, w)``."""
+    """``w_n^2 + w_m^2`` on the ``(h, w)`` DCT grid, ``w_n = n pi / h`` (the official discretisation): ``(h, w)``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     return _frequency_sq_cached(h, w, device, dtype)
 
@@ -97,7 +97,8 @@ def heat_conduct_reference(x: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
 class HeatConduction(nn.Module):
     """The HCO token mixer of one block, channels-last ``(B, H, W, C) -> (B, H, W, C)``.
 
-    ``[SCE correction] -> depthwise 3x3 -> Linear C->2C split into (u, z) -> heat filter on u -> LN(u) * SiLU(z) -> Linear``.
+    ``[SCE correction] -> depthwise 3x3 -> Linear C->2C split into (u, z) -> heat filter on u -> LN(u) * SiLU(z)
+    -> Linear``.
 
     The spatial correction embedding (SCE, RS-vHeat; called ``heat_capacity`` in the official code) enters as
     ``LN(ReLU(x + SCE))`` before the depthwise conv. ``to_k`` maps the stage's FVE to ``kt``.

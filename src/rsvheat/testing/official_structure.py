@@ -1,6 +1,6 @@
 """The official vHeat / RS-vHeat computation, re-expressed independently, as a numerical reference and speed baseline.
 
-It follows the official code's *structure* and *state-dict names* (``patch_embed``/``patch_embed_opt``/``patch_embed_sar``,
+It follows the official code's *structure* and *state-dict names* (``patch_embed``, ``patch_embed_opt``/``_sar``,
 ``layers.{i}.{j}.op.*``, ``freq_embed``, ``heat_capacity``, ``classifier``): NCHW activations with a permute around
 every LayerNorm, DCT as four ``conv1d`` calls with ``(N, H, 1)`` kernels, filter ``E ** kt`` with
 ``E = exp(-(w_n^2 + w_m^2))``, MLP as 1x1 convs, fixed input size. Unlike the official RS-vHeat ``infer_init`` it keeps
@@ -79,8 +79,9 @@ class _Heat2D(nn.Module):
         self.k_exp = None
 
     def fold(self, freq: torch.Tensor) -> None:
-        self.k_exp = nn.Parameter(_decay_map(self.res, self.res, freq.device)[:, :, None] ** self.to_k(freq),
-                                  requires_grad=False)
+        self.k_exp = nn.Parameter(
+            _decay_map(self.res, self.res, freq.device)[:, :, None] ** self.to_k(freq), requires_grad=False
+        )
         del self.to_k
 
     def forward(self, x: torch.Tensor, freq: torch.Tensor | None, sce: torch.Tensor | None) -> torch.Tensor:
@@ -154,18 +155,26 @@ class OfficialStructureHeat(nn.Module):
         else:
             self.patch_embed = _Stem(3, dims[0])
         res = [img_size // 4 // 2**i for i in range(len(dims))]
-        self.freq_embed = nn.ParameterList(nn.Parameter(torch.randn(r, r, d) * 0.02) for r, d in zip(res, dims))
+
+        def embeddings() -> nn.ParameterList:
+            return nn.ParameterList(nn.Parameter(torch.randn(r, r, d) * 0.02) for r, d in zip(res, dims, strict=True))
+
+        self.freq_embed = embeddings()
         if use_sce:
-            self.heat_capacity = nn.ParameterList(nn.Parameter(torch.randn(r, r, d) * 0.02) for r, d in zip(res, dims))
+            self.heat_capacity = embeddings()
         self.layers = nn.ModuleList()
-        for i, (depth, dim) in enumerate(zip(depths, dims)):
+        for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
             blocks: list[nn.Module] = [_HeatBlock(dim, res[i], post_norm, layer_scale, use_sce) for _ in range(depth)]
             last = i == len(dims) - 1
-            blocks.append(nn.Identity() if last else nn.Sequential(
-                nn.Conv2d(dim, dims[i + 1], 3, 2, 1, bias=False), _LayerNorm2d(dims[i + 1])))
+            blocks.append(
+                nn.Identity()
+                if last
+                else nn.Sequential(nn.Conv2d(dim, dims[i + 1], 3, 2, 1, bias=False), _LayerNorm2d(dims[i + 1]))
+            )
             self.layers.append(nn.ModuleList(blocks))
-        self.classifier = nn.Sequential(_LayerNorm2d(dims[-1]), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
-                                        nn.Linear(dims[-1], num_classes))
+        self.classifier = nn.Sequential(
+            _LayerNorm2d(dims[-1]), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(dims[-1], num_classes)
+        )
         self.folded = False
 
     @torch.no_grad()
@@ -178,8 +187,11 @@ class OfficialStructureHeat(nn.Module):
         return self.eval()
 
     def forward_features(self, x: torch.Tensor, modality: str = "optical") -> torch.Tensor:
-        stem = self.patch_embed if not self.use_sce else (self.patch_embed_opt if modality == "optical"
-                                                          else self.patch_embed_sar)
+        stem = (
+            self.patch_embed
+            if not self.use_sce
+            else (self.patch_embed_opt if modality == "optical" else self.patch_embed_sar)
+        )
         x = stem(x)
         for i, layer in enumerate(self.layers):
             freq = None if self.folded else self.freq_embed[i]

@@ -1,0 +1,49 @@
+"""Parameter and FLOP counts reproduce the published vHeat / RS-vHeat numbers (inference-folded convention)."""
+
+import pytest
+import timm
+import torch
+
+from rsvheat.models.counting import count, count_gmacs, count_params
+
+# (variant, image size, classifier classes, published M params, published G MACs)
+PUBLISHED = [
+    ("vheat_tiny", 224, 1000, 29.56, 4.59),
+    ("vheat_small", 224, 1000, 50.05, 8.48),
+    ("vheat_base", 224, 1000, 87.50, 14.93),
+]
+
+
+@pytest.mark.parametrize(("variant", "size", "classes", "mparams", "gmacs"), PUBLISHED)
+def test_published_vheat_counts_within_one_percent(variant, size, classes, mparams, gmacs):
+    c = count(timm.create_model(variant, num_classes=classes), size, variant)
+    assert c.params_folded / 1e6 == pytest.approx(mparams, rel=0.01)
+    assert c.gmacs_folded == pytest.approx(gmacs, rel=0.01)
+    assert c.params_train > c.params_folded  # to_k and FVE are trained, not run
+
+
+@pytest.mark.slow
+def test_rs_vheat_base_at_1024_matches_the_paper():
+    model = timm.create_model("rsvheat_base", num_classes=0, img_size=1024)
+    params = count_params(model, (1024, 1024))
+    assert params["folded"] / 1e6 == pytest.approx(148.4, rel=0.01)
+    # a runnable folded model also keeps the SCE (the official infer_init deletes it, then crashes)
+    assert params["folded_runtime"] - params["folded"] == sum(
+        (1024 // 4 // 2**i) ** 2 * d for i, d in enumerate(model.dims)
+    )
+    assert count_gmacs(model, (1024, 1024), folded=True) == pytest.approx(336.8, rel=0.01)
+
+
+def test_train_mode_counts_to_k_on_the_fve():
+    model = timm.create_model("vheat_tiny", num_classes=1000)
+    folded = count_gmacs(model, (224, 224), folded=True)
+    train = count_gmacs(model, (224, 224), folded=False)
+    to_k = sum(s.freq_embed.numel() * s.dim * len(s.blocks) for s in model.stages) / 1e9
+    assert train - folded == pytest.approx(to_k, rel=1e-6)
+    assert model.training  # counting restores the mode
+
+
+def test_matmul_counts_alone_are_the_lower_bound():
+    model = timm.create_model("vheat_tiny", num_classes=1000)
+    assert count_gmacs(model, (224, 224), folded=True, fvcore=False) < count_gmacs(model, (224, 224), folded=True)
+    assert torch.is_grad_enabled()

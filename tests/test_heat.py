@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+from rsvheat.operators.heat import HeatConduction, heat_conduct, heat_conduct_reference, heat_filter
+
+
+def numpy_hco(x: np.ndarray, kt: np.ndarray) -> np.ndarray:
+    """The HCO straight from the equation, in float64 numpy: (B, H, W, C) field, (H, W, C) k*t."""
+    h, w = x.shape[1:3]
+    omega2 = (np.arange(h)[:, None] * np.pi / h) ** 2 + (np.arange(w)[None, :] * np.pi / w) ** 2
+    spectrum = scipy.fft.dctn(x, type=2, norm="ortho", axes=(1, 2))
+    return scipy.fft.idctn(spectrum * np.exp(-kt * omega2[:, :, None]), type=2, norm="ortho", axes=(1, 2))
+
+
+@pytest.mark.parametrize("impl", ["matmul", "fft"])
+@pytest.mark.parametrize("shape", [(2, 7, 7, 3), (1, 14, 9, 8), (3, 28, 28, 5), (1, 1, 6, 2)])
+def test_heat_conduct_matches_float64_equation(shape, impl):
+    x = torch.randn(*shape)
+    kt = torch.rand(*shape[1:]) * 3
+    expected = numpy_hco(x.double().numpy(), kt.double().numpy())
+    out = heat_conduct(x, heat_filter(kt), impl=impl)
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(heat_conduct_reference(x, kt).numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_zero_diffusivity_is_identity():
+    x = torch.randn(2, 11, 13, 4)
+    torch.testing.assert_close(heat_conduct(x, heat_filter(torch.zeros(11, 13, 4))), x, rtol=1e-5, atol=1e-5)
+
+
+def test_dc_is_never_attenuated_and_energy_never_grows():
+    x = torch.randn(2, 16, 12, 6, dtype=torch.float64)
+    kt = torch.rand(16, 12, 6, dtype=torch.float64) * 10
+    out = heat_conduct(x, heat_filter(kt))
+    # DC of an orthonormal DCT is the (scaled) mean: heat is conserved under adiabatic borders.
+    torch.testing.assert_close(out.mean(dim=(1, 2)), x.mean(dim=(1, 2)))
+    assert heat_filter(kt)[0, 0].eq(1).all()
+    assert (out.pow(2).sum(dim=(1, 2)) <= x.pow(2).sum(dim=(1, 2)) + 1e-9).all()
+    # Long times converge to the constant field (pure DC).
+    flat = heat_conduct(x, heat_filter(torch.full_like(kt, 1e4)))
+    torch.testing.assert_close(flat, x.mean(dim=(1, 2), keepdim=True).expand_as(x))
+
+
+def test_gradients_through_the_operator_match_finite_differences():
+    x = torch.randn(1, 5, 6, 2, dtype=torch.float64, requires_grad=True)
+    kt = torch.rand(5, 6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, k: heat_conduct(a, heat_filter(k)), (x, kt))
+
+
+def test_bfloat16_field_is_conducted_in_float32():
+    x = torch.randn(2, 9, 10, 4)
+    filt = heat_filter(torch.rand(9, 10, 4))
+    out = heat_conduct(x.bfloat16(), filt)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), heat_conduct(x.bfloat16().float(), filt), rtol=1e-2, atol=1e-2)
+
+
+def test_filter_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match=r"heat filter has shape \(4, 4, 3\), expected \(5, 5, 3\)"):
+        heat_conduct(torch.randn(1, 5, 5, 3), torch.ones(4, 4, 3))
+
+
+def test_module_caches_filter_only_for_inference_and_tracks_weight_updates():
+    hco = HeatConduction(8)
+    fve = torch.randn(6, 7, 8)
+    x = torch.randn(2, 6, 7, 8)
+    hco.eval()
+    with torch.no_grad():
+        first = hco.decay_filter(fve)
+        assert hco.decay_filter(fve) is first
+        hco.to_k.weight.add_(0.5)  # an optimizer step bumps the version: the cache must not serve stale filters
+        second = hco.decay_filter(fve)
+        assert second is not first
+        torch.testing.assert_close(second, heat_filter(torch.relu(hco.to_k(fve))))
+    out = hco(x, fve)
+    out.sum().backward()  # grad mode: no cache, gradients reach to_k
+    assert hco.to_k.weight.grad is not None and hco.to_k.weight.grad.abs().sum() > 0
+    hco.train()
+    assert not hco._filter_cache
+
+
+def test_sce_is_required_when_built_with_it():
+    with pytest.raises(ValueError, match="spatial correction embedding"):
+        HeatConduction(4, use_sce=True)(torch.randn(1, 3, 3, 4), torch.zeros(3, 3, 4))
