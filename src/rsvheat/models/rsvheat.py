@@ -57,8 +57,9 @@ class Stem(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))
-        return self.norm2(_channels_last_conv(self.conv2, x))
+        # A channels_last input makes conv1 emit channels_last, so the LayerNorm reads it without a transpose copy.
+        x = self.conv1(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        return self.norm2(_channels_last_conv(self.conv2, self.act(self.norm1(x))))
 
 
 class Downsample(nn.Module):
@@ -74,6 +75,12 @@ class Downsample(nn.Module):
 
 
 class Mlp(nn.Module):
+    """``Linear -> GELU -> Linear`` on channels-last rows."""
+
+    #: Inference processes rows in chunks whose hidden activations stay below this many elements: the buffer is then
+    #: recycled by the allocator instead of page-faulted in afresh, and stays warm in cache for the second GEMM.
+    chunk_elements = 1 << 21
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -81,7 +88,15 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        if torch.is_grad_enabled() or not x.is_contiguous():
+            return self.fc2(self.act(self.fc1(x)))
+        rows = x.view(-1, x.shape[-1])
+        out = torch.empty_like(rows)
+        step = max(1, self.chunk_elements // self.fc1.out_features)
+        for start in range(0, rows.shape[0], step):
+            hidden = F.gelu(self.fc1(rows[start : start + step]))
+            torch.addmm(self.fc2.bias, hidden, self.fc2.weight.T, out=out[start : start + step])
+        return out.view(x.shape)
 
 
 class HeatBlock(nn.Module):
@@ -121,13 +136,18 @@ class HeatBlock(nn.Module):
         return F.layer_norm(x, norm.normalized_shape, norm.weight * gamma, norm.bias * gamma, norm.eps)
 
     def forward(self, x: torch.Tensor, freq_embed: torch.Tensor, sce: torch.Tensor | None = None) -> torch.Tensor:
+        # The first residual add allocates (the caller's x is never written); without autograd the second one
+        # accumulates in place into that fresh tensor.
+        inplace = not torch.is_grad_enabled()
         if self.post_norm:
             x = x + self.drop_path(self._norm(self.norm1, self.gamma1, self.hco(x, freq_embed, sce)))
-            return x + self.drop_path(self._norm(self.norm2, self.gamma2, self.mlp(x)))
+            ffn = self.drop_path(self._norm(self.norm2, self.gamma2, self.mlp(x)))
+            return x.add_(ffn) if inplace else x + ffn
         mixed = self.hco(self.norm1(x), freq_embed, sce)
         x = x + self.drop_path(mixed if self.gamma1 is None else mixed * self.gamma1)
         ffn = self.mlp(self.norm2(x))
-        return x + self.drop_path(ffn if self.gamma2 is None else ffn * self.gamma2)
+        ffn = self.drop_path(ffn if self.gamma2 is None else ffn * self.gamma2)
+        return x.add_(ffn) if inplace else x + ffn
 
 
 def resize_embedding(embed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -48,13 +48,14 @@ def _fft_axis(x: torch.Tensor, dim: int, inverse: bool) -> torch.Tensor:
     return _fft_dct_last(x.movedim(dim, -1), inverse).movedim(-1, dim)
 
 
-def heat_conduct(x: torch.Tensor, filt: torch.Tensor, impl: DctImpl = "auto") -> torch.Tensor:
+def heat_conduct(x: torch.Tensor, filt: torch.Tensor, impl: DctImpl = "auto", overwrite: bool = False) -> torch.Tensor:
     """Apply the HCO spectral filter: ``IDCT2D(DCT2D(x) * filt)``.
 
     Args:
         x: ``(B, H, W, C)`` field (channels-last).
         filt: ``(H, W, C)`` frequency response, e.g. from :func:`heat_filter`.
         impl: ``"matmul"`` (4 batched GEMMs), ``"fft"`` or ``"auto"`` (FFT when a side reaches ``FFT_MIN_SIZE``).
+        overwrite: ``x`` may be used as scratch space (inference: saves two large allocations). Ignored under autograd.
     Returns:
         ``(B, H, W, C)``. Computed in float32 when ``x`` is half precision (spectral sums need the mantissa).
     """
@@ -75,10 +76,18 @@ def heat_conduct(x: torch.Tensor, filt: torch.Tensor, impl: DctImpl = "auto") ->
             dh = dct_basis(h, x.device, x.dtype)
             dw = dct_basis(w, x.device, x.dtype)
             # H axis: one (H x H) @ (H x W*C) GEMM per sample; W axis: (W x W) @ (W x C) per row.
-            y = torch.matmul(dh, x.reshape(b, h, w * c)).view(b * h, w, c)
-            y = torch.matmul(dw, y).view(b, h, w, c) * filt
-            y = torch.matmul(dw.T, y.view(b * h, w, c)).view(b, h, w * c)
-            y = torch.matmul(dh.T, y).view(b, h, w, c)
+            if overwrite and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad):
+                # Ping-pong between x and one buffer: fresh large buffers cost page faults on CPU.
+                buf = torch.matmul(dh, x.view(b, h, w * c))
+                torch.matmul(dw, buf.view(b * h, w, c), out=x.view(b * h, w, c))
+                x.mul_(filt)
+                torch.matmul(dw.T, x.view(b * h, w, c), out=buf.view(b * h, w, c))
+                y = torch.matmul(dh.T, buf.view(b, h, w * c), out=x.view(b, h, w * c)).view(b, h, w, c)
+            else:
+                y = torch.matmul(dh, x.reshape(b, h, w * c)).view(b * h, w, c)
+                y = torch.matmul(dw, y).view(b, h, w, c) * filt
+                y = torch.matmul(dw.T, y.view(b * h, w, c)).view(b, h, w * c)
+                y = torch.matmul(dh.T, y).view(b, h, w, c)
         else:
             raise ValueError(f"unknown DCT implementation {impl!r}; expected 'auto', 'matmul' or 'fft'")
     return y.to(out_dtype)
@@ -154,8 +163,12 @@ class HeatConduction(nn.Module):
         u = F.linear(x, self.in_proj.weight[: self.dim], self.in_proj.bias[: self.dim])
         z = F.linear(x, self.in_proj.weight[self.dim :], self.in_proj.bias[self.dim :])
         filt = self.decay_filter(freq_embed)
-        conducted = heat_conduct(u, filt, self.dct_impl)
-        out = self.out_proj(self.out_norm(conducted) * F.silu(z))
+        conducted = heat_conduct(u, filt, self.dct_impl, overwrite=not return_states)
+        if torch.is_grad_enabled():
+            gated = self.out_norm(conducted) * F.silu(z)
+        else:
+            gated = self.out_norm(conducted).mul_(F.silu(z, inplace=True))
+        out = self.out_proj(gated)
         if not return_states:
             return out
         states = dict(
