@@ -172,9 +172,8 @@ class OfficialStructureHeat(nn.Module):
                 else nn.Sequential(nn.Conv2d(dim, dims[i + 1], 3, 2, 1, bias=False), _LayerNorm2d(dims[i + 1]))
             )
             self.layers.append(nn.ModuleList(blocks))
-        self.classifier = nn.Sequential(
-            _LayerNorm2d(dims[-1]), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(dims[-1], num_classes)
-        )
+        fc = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = nn.Sequential(_LayerNorm2d(dims[-1]), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), fc)
         self.folded = False
 
     @torch.no_grad()

@@ -1,0 +1,58 @@
+"""The ``rsvheat`` command line: ``demo``, ``info``, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _info(args: argparse.Namespace) -> None:
+    import rsvheat
+    from rsvheat.models.counting import count
+
+    model = rsvheat.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
+    c = count(model, args.img_size, args.model)
+    print(f"{args.model} at {args.img_size}x{args.img_size}:")
+    print(
+        f"  params  train {c.params_train / 1e6:8.2f} M   folded (paper) {c.params_folded / 1e6:8.2f} M   "
+        f"folded + SCE (runtime) {c.params_folded_runtime / 1e6:8.2f} M"
+    )
+    print(f"  GMACs   train {c.gmacs_train:8.2f}     folded (paper) {c.gmacs_folded:8.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rsvheat", description="RS-vHeat: heat-conduction remote-sensing backbone")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the backbone end to end on the embedded Landsat scene; writes a report")
+    demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    demo.add_argument("--image", type=Path, default=None, help="a GeoTIFF of your own instead of the sample")
+    demo.add_argument("--model", default="rsvheat_tiny", help="variant (default rsvheat_tiny)")
+    demo.add_argument("--weights", type=Path, default=None, help="checkpoint (official .pth or our .safetensors)")
+    demo.add_argument("--bench-size", type=int, default=512, help="image size of the speed comparison")
+
+    info = sub.add_parser("info", help="parameters and GMACs of a variant in both counting conventions")
+    info.add_argument("--model", default="rsvheat_base")
+    info.add_argument("--img-size", type=int, default=224)
+    info.add_argument("--num-classes", type=int, default=0)
+
+    sub.add_parser("bench", help="efficiency benchmark vs Swin / ViT / official structure (see --help)", add_help=False)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from rsvheat.benchmark import main as bench_main
+
+        bench_main(argv[1:])
+        return
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from rsvheat.demo import run_demo
+
+        run_demo(args.out, args.image, args.model, args.weights, args.bench_size)
+    elif args.command == "info":
+        _info(args)
+
+
+if __name__ == "__main__":
+    main()
