@@ -148,6 +148,18 @@ def test_tiny_model_overfits_a_tiny_set():
     assert loss.item() < 0.1
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    model = micro_model()
+    model(x).square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_reset_classifier_and_head():
     model = micro_model()
     model.reset_classifier(0)

@@ -25,6 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rsvheat.operators.dct import DctImpl
 from rsvheat.operators.heat import HeatConduction
@@ -183,6 +184,7 @@ class HeatStage(nn.Module):
         )
         # Output norm for dense tasks (the official detection/segmentation wrappers' `outnorm{i}`).
         self.out_norm = nn.LayerNorm(dim) if feature_norm else None
+        self.grad_checkpointing = False
         self._embed_cache: dict = {}
 
     def embeddings(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -202,8 +204,9 @@ class HeatStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         fve, sce = self.embeddings((x.shape[1], x.shape[2]))
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, fve, sce)
+            x = checkpoint(block, x, fve, sce, use_reentrant=False) if recompute else block(x, fve, sce)
         return x
 
     def train(self, mode: bool = True):
@@ -471,8 +474,9 @@ class RSVHeat(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError("gradient checkpointing is not implemented for RS-vHeat yet")
+        """Recompute each block in the backward pass: activation memory of one block per stage instead of all."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     # ----------------------------------------------------------------------------------------------------------------
     # inference folding
