@@ -88,20 +88,19 @@ class FrequencyMasking(torch.nn.Module):
         h, w = size
         total = h * w
         radius = normalised_radius(h, w, device).flatten()
-        counts = torch.round(ratio.to(torch.float64) * total).long().tolist()
+        counts = torch.round(ratio.to(torch.float64) * total).long().to(radius.device)
         # Rank by radius, ties by index: the k largest radii form the high part, exactly k coefficients.
         order = torch.argsort(radius, stable=True)
-        masks = torch.zeros(len(counts), total, dtype=torch.bool, device=radius.device)
         if start is None:
-            for b, k in enumerate(counts):
-                if k:
-                    masks[b, order[total - k :]] = True
-            return masks.view(-1, h, w)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(total, device=order.device)
+            return (rank[None] >= total - counts[:, None]).view(-1, h, w)
+        masks = torch.zeros(len(counts), total, dtype=torch.bool, device=radius.device)
         n = torch.arange(h, device=radius.device, dtype=torch.float64)[:, None] / h
         m = torch.arange(w, device=radius.device, dtype=torch.float64)[None, :] / w
         angle = torch.atan2(m, n).expand(h, w).flatten()
         width = math.radians(self.sector_degrees)
-        for b, (k, theta) in enumerate(zip(counts, start.tolist(), strict=True)):
+        for b, (k, theta) in enumerate(zip(counts.tolist(), start.tolist(), strict=True)):
             inside = order[((angle[order] >= theta) & (angle[order] <= theta + width))]
             if k > inside.numel():
                 raise ValueError(
