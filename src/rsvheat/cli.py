@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
-        from rsvheat.benchmark import main as bench_main
+        from rsvheat.bench import main as bench_main
 
         bench_main(argv[1:])
         return

@@ -16,6 +16,7 @@ projections around it are plain GEMMs over ``B*H*W`` rows.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
@@ -69,7 +70,9 @@ def heat_conduct(x: torch.Tensor, filt: torch.Tensor, impl: DctImpl = "auto", ov
     filt = filt.to(x.dtype)
     if impl == "auto":
         impl = "matmul"
-    with torch.autocast(x.device.type, enabled=False):
+    # Autocast would run the GEMMs below in half precision; the meta device (FLOP counting) has no autocast.
+    no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else nullcontext()
+    with no_autocast:
         if impl == "fft":
             y = _fft_axis(_fft_axis(x, 1, False), 2, False) * filt
             y = _fft_axis(_fft_axis(y, 2, True), 1, True)

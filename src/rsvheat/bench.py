@@ -1,0 +1,465 @@
+"""Efficiency benchmark: RS-vHeat against the official computation structure, Swin and ViT (``rsvheat bench``).
+
+Every (model, size, mode) case runs in a fresh subprocess, so its peak RSS is its own; all cases run in one
+invocation, one after the other, so the ratios between models are measured under the same machine conditions.
+
+* latency: median of ``repeats`` timed runs after ``warmup`` runs (``perf_counter``; CUDA synchronised);
+* memory: peak RSS of the subprocess minus its RSS after building the model = activation memory (CPU), or the CUDA
+  allocator's peak (GPU);
+* FLOPs: ``torch.utils.flop_counter`` on the meta device (no compute), batch 1, as GMACs (matmul + conv only, the
+  same rule for every model);
+* modes: ``infer`` (eval, ``inference_mode``; RS-vHeat folded) and ``train`` (forward, backward of the mean pooled
+  feature, an SGD step).
+
+Outputs ``efficiency.csv``, ``efficiency.md`` (tables, ratios, targets) and ``efficiency.png`` (cost vs pixels,
+log-log, with fitted growth exponents) in ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BASELINES = {
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+    "swin_base": "swin_base_patch4_window7_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+OURS = ("rsvheat_tiny", "rsvheat_base")
+OFFICIAL = {"official_tiny": "rsvheat_tiny", "official_base": "rsvheat_base"}
+ALL_MODELS = [
+    "rsvheat_tiny",
+    "official_tiny",
+    "swin_tiny",
+    "vit_small",
+    "rsvheat_base",
+    "official_base",
+    "swin_base",
+    "vit_base",
+]
+#: which of our models each other model is compared with
+SCALE = {
+    "official_tiny": "rsvheat_tiny",
+    "swin_tiny": "rsvheat_tiny",
+    "vit_small": "rsvheat_tiny",
+    "official_base": "rsvheat_base",
+    "swin_base": "rsvheat_base",
+    "vit_base": "rsvheat_base",
+}
+
+
+def build(name: str, size: int, infer: bool) -> torch.nn.Module:
+    """The backbone ``name`` (classifier removed) for ``size`` x ``size`` inputs."""
+    import timm
+
+    import rsvheat
+    from rsvheat.testing.official_structure import OfficialStructureHeat
+
+    if name in OURS:
+        model = rsvheat.create_model(name, num_classes=0, img_size=size)
+        return model.fold((size, size)) if infer else model.train()
+    if name in OFFICIAL:
+        cfg = rsvheat.VARIANTS[OFFICIAL[name]]
+        model = OfficialStructureHeat(
+            cfg["depths"], cfg["dims"], size, cfg["post_norm"], cfg["layer_scale"], cfg["use_sce"], num_classes=0
+        )
+        return model.fold() if infer else model.train()
+    model = timm.create_model(BASELINES[name], pretrained=False, num_classes=0, img_size=size)
+    return model.eval() if infer else model.train()
+
+
+def gmacs(name: str, size: int) -> float:
+    """Forward GMACs at batch 1, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(name, size, infer=True).to("meta")
+    if name in OURS:
+        model.fold((size, size))  # the folded filters are not part of the forward (as for the official k_exp)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.empty(1, 3, size, size, device="meta"))
+    return counter.get_total_flops() / 2e9
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_case(
+    name: str, size: int, mode: str, batch: int, repeats: int, warmup: int, device: str, long_seconds: float
+) -> dict:
+    """One case, in this process (call it in a fresh one: peak RSS is per process)."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build(name, size, infer=mode == "infer").to(dev)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0) if mode == "train" else None
+
+    def step() -> None:
+        if opt is None:
+            with torch.inference_mode():
+                model(x)
+        else:
+            opt.zero_grad(set_to_none=True)
+            model(x).float().mean().backward()
+            opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    rss_before = _rss_mb()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed)
+        elif elapsed > long_seconds:  # a very slow case: its warm-up is its single measurement
+            times.append(elapsed)
+            break
+    median = sorted(times)[len(times) // 2]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = dict(
+        model=name,
+        size=size,
+        mode=mode,
+        batch=batch,
+        median_s=round(median, 4),
+        throughput_img_s=round(batch / median, 3),
+        repeats=len(times),
+        peak_rss_mb=round(peak_rss, 1),
+        activation_mb=round(peak_rss - rss_before, 1),
+        peak_cuda_mb="",
+        gmacs="",
+        error="",
+    )
+    if dev.type == "cuda":
+        row["activation_mb"] = round((torch.cuda.max_memory_allocated() - cuda_before) / 2**20, 1)
+        row["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
+
+
+def _subprocess_case(args: argparse.Namespace, name: str, size: int, mode: str) -> dict:
+    batch = args.train_batch if mode == "train" else args.batch
+    repeats = args.repeats if size < 1024 else max(1, args.repeats - 1) if size < 2048 else 1
+    spec = dict(
+        name=name,
+        size=size,
+        mode=mode,
+        batch=batch,
+        repeats=repeats,
+        warmup=args.warmup,
+        device=args.device,
+        long_seconds=args.long_seconds,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "rsvheat.bench", "--case", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=args.case_timeout,
+    )
+    if proc.returncode != 0:
+        error = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
+        return dict(model=name, size=size, mode=mode, batch=batch, error=error)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine_description(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    mem = ""
+    try:
+        import psutil
+
+        mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        pass
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads{mem}{gpu}; torch {torch.__version__}, Python "
+        f"{platform.python_version()}; device {device}; float32; {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def _fit_exponent(points: list[tuple[int, float]]) -> float | None:
+    if len(points) < 2:
+        return None
+    xs = [math.log(s * s) for s, _ in points]
+    ys = [math.log(v) for _, v in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((a - mx) * (b - my) for a, b in zip(xs, ys, strict=True)) / sum((a - mx) ** 2 for a in xs)
+
+
+def _value(rows: list[dict], model: str, size: int, mode: str, key: str) -> float | None:
+    for r in rows:
+        if r["model"] == model and r["size"] == size and r["mode"] == mode and not r.get("error"):
+            value = r.get(key)
+            return float(value) if value not in ("", None) else None
+    return None
+
+
+def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: dict) -> str:
+    models = [m for m in ALL_MODELS if any(r["model"] == m for r in rows)]
+    sizes = sorted({r["size"] for r in rows})
+    lines = [
+        "# Efficiency benchmark",
+        "",
+        f"Machine: {machine_description(args.device)}.",
+        "",
+        f"Command: `rsvheat bench {' '.join(args.argv)}`. Infer batch {args.batch}, train batch "
+        f"{args.train_batch}; median of the timed runs after {args.warmup} warm-up (count in the CSV; one run "
+        f"at 2048², and a single run when the warm-up exceeds {args.long_seconds:.0f} s). Memory = peak RSS "
+        "of the case's own process minus its RSS after building the model (activations, workspace, "
+        "gradients). GMACs: matmul + conv, batch 1.",
+        "",
+    ]
+    for mode, key, unit in (
+        ("infer", "median_s", "s"),
+        ("train", "median_s", "s"),
+        ("train", "activation_mb", "MB"),
+        ("infer", "activation_mb", "MB"),
+    ):
+        if not any(r["mode"] == mode for r in rows):
+            continue
+        what = "latency" if key == "median_s" else "memory"
+        lines += [
+            f"## {mode}: {what} ({unit})",
+            "",
+            "| model | " + " | ".join(f"{s}²" for s in sizes) + " |",
+            "|---|" + "---:|" * len(sizes),
+        ]
+        for m in models:
+            cells = []
+            for s in sizes:
+                v = _value(rows, m, s, mode, key)
+                err = next(
+                    (
+                        r["error"]
+                        for r in rows
+                        if r["model"] == m and r["size"] == s and r["mode"] == mode and r.get("error")
+                    ),
+                    "",
+                )
+                cells.append(
+                    f"{v:.3f}"
+                    if v is not None and key == "median_s"
+                    else f"{v:.0f}"
+                    if v is not None
+                    else ("error" if err else "—")
+                )
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "## Ratios: other model / RS-vHeat of the same scale (>1 means RS-vHeat is better)",
+        "",
+        "| model | vs | mode | quantity | " + " | ".join(f"{s}²" for s in sizes) + " |",
+        "|---|---|---|---|" + "---:|" * len(sizes),
+    ]
+    for m, ref in SCALE.items():
+        if m not in models or ref not in models:
+            continue
+        for mode, key in (("infer", "median_s"), ("train", "median_s"), ("train", "activation_mb")):
+            cells = []
+            for s in sizes:
+                a, b = _value(rows, m, s, mode, key), _value(rows, ref, s, mode, key)
+                cells.append(f"{a / b:.2f}" if a and b else "—")
+            lines.append(
+                f"| {m} | {ref} | {mode} | {'latency' if key == 'median_s' else 'memory'} | " + " | ".join(cells) + " |"
+            )
+    lines += [
+        "",
+        "## GMACs (forward, batch 1)",
+        "",
+        "| model | " + " | ".join(f"{s}²" for s in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(f"{gmac[(m, s)]:.1f}" if (m, s) in gmac else "—" for s in sizes) + " |")
+    lines += [
+        "",
+        "## Growth exponents (cost ∝ pixels^k, least squares over the sizes that ran)",
+        "",
+        "| model | latency k (infer) | GMACs k |",
+        "|---|---:|---:|",
+    ]
+    for m in models:
+        lat = _fit_exponent([(s, v) for s in sizes if (v := _value(rows, m, s, "infer", "median_s"))])
+        flo = _fit_exponent([(s, gmac[(m, s)]) for s in sizes if (m, s) in gmac])
+        lines.append(f"| {m} | {lat:.2f} | {flo:.2f} |" if lat and flo else f"| {m} | — | — |")
+    lines += ["", "## Targets (issue A)", ""]
+
+    def target(text: str, value: float | None, goal: str, ok: bool | None) -> None:
+        shown = "not measured" if value is None else f"{value:.2f}"
+        lines.append(f"- {text}: {shown} (target {goal}) — {'n/a' if ok is None else 'MET' if ok else 'MISSED'}")
+
+    b1024 = _value(rows, "rsvheat_base", 1024, "infer", "median_s")
+    target("RS-vHeat-B inference at 1024², s", b1024, "≤ 4.5", None if b1024 is None else b1024 <= 4.5)
+    for other, goal in (("official_base", 1.6), ("swin_base", 1.0), ("vit_base", 1.0)):
+        o = _value(rows, other, 1024, "infer", "median_s")
+        ratio = o / b1024 if o and b1024 else None
+        target(f"speed-up over {other} at 1024²", ratio, f"≥ {goal}", None if ratio is None else ratio >= goal)
+    b2048, v2048 = (_value(rows, m, 2048, "infer", "median_s") for m in ("rsvheat_base", "vit_base"))
+    ratio = v2048 / b2048 if b2048 and v2048 else None
+    target("speed-up over vit_base at 2048²", ratio, "≥ 3", None if ratio is None else ratio >= 3)
+    mem = _value(rows, "rsvheat_base", 1024, "train", "activation_mb")
+    for other in ("swin_base", "vit_base"):
+        o = _value(rows, other, 1024, "train", "activation_mb")
+        ratio = mem / o if mem and o else None
+        target(
+            f"train activation memory at 1024² (batch {args.train_batch}) vs {other}",
+            ratio,
+            "≤ 0.5",
+            None if ratio is None else ratio <= 0.5,
+        )
+    lines.append("")
+    errors = [r for r in rows if r.get("error")]
+    if errors:
+        lines += (
+            ["## Cases that did not run", ""]
+            + [f"- {r['model']} {r['size']}² {r['mode']}: {r['error']}" for r in errors]
+            + [""]
+        )
+    text = "\n".join(lines)
+    (out / "efficiency.md").write_text(text)
+    return text
+
+
+def plot(rows: list[dict], gmac: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    models = [m for m in ALL_MODELS if any(r["model"] == m for r in rows)]
+    for m in models:
+        style = "-" if m in OURS else "--" if m in OFFICIAL else ":"
+        lat = sorted(
+            (r["size"], float(r["median_s"]))
+            for r in rows
+            if r["model"] == m and r["mode"] == "infer" and not r.get("error")
+        )
+        if lat:
+            k = _fit_exponent(lat)
+            axes[0].plot(
+                [s * s for s, _ in lat], [v for _, v in lat], style, marker="o", label=f"{m} (k={k:.2f})" if k else m
+            )
+        flo = sorted((s, v) for (mm, s), v in gmac.items() if mm == m)
+        if flo:
+            k = _fit_exponent(flo)
+            axes[1].plot(
+                [s * s for s, _ in flo], [v for _, v in flo], style, marker="o", label=f"{m} (k={k:.2f})" if k else m
+            )
+    for ax, title in zip(axes, ("inference latency (s), batch 1", "GMACs, batch 1"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("pixels per image")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("cost vs image size (k: fitted exponent, cost ∝ pixels^k)")
+    fig.tight_layout()
+    fig.savefig(out / "efficiency.png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rsvheat bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=ALL_MODELS)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512, 1024, 2048])
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument(
+        "--train-sizes",
+        nargs="+",
+        type=int,
+        default=[224, 512, 1024],
+        help="sizes for the train mode (2048² training of the attention baselines needs >24 GB)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="inference batch")
+    parser.add_argument("--train-batch", type=int, default=2, help="training batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (one fewer at 1024², one at 2048²)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--long-seconds", type=float, default=60.0, help="warm-up this slow: no further runs")
+    parser.add_argument("--case-timeout", type=float, default=1800.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--quick", action="store_true", help="tiny models at 224² only, one timed run")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    if args.case:
+        spec = json.loads(args.case)
+        print(json.dumps(run_case(**spec)))
+        return
+    if args.quick:
+        args.models = ["rsvheat_tiny", "official_tiny", "swin_tiny", "vit_small"]
+        args.sizes, args.train_sizes, args.repeats = [224], [224], 1
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    cases = [
+        (m, s, mode)
+        for mode in args.modes
+        for s in args.sizes
+        for m in args.models
+        if mode == "infer" or s in args.train_sizes
+    ]
+    rows = []
+    for i, (m, s, mode) in enumerate(cases, 1):
+        row = _subprocess_case(args, m, s, mode)
+        rows.append(row)
+        shown = row.get("error") or f"{row['median_s']:.3f} s, {row['activation_mb']:.0f} MB"
+        print(f"[{i}/{len(cases)}] {m:14s} {s:5d} {mode:5s} {shown}", flush=True)
+    gmac = {}
+    for m in args.models:
+        for s in args.sizes:
+            try:
+                gmac[(m, s)] = gmacs(m, s)
+            except Exception as err:  # a baseline that cannot take this size on the meta device
+                print(f"GMACs of {m} at {s}: {err}")
+    for row in rows:
+        row["gmacs"] = round(gmac.get((row["model"], row["size"]), float("nan")), 2)
+    fields = [
+        "model",
+        "size",
+        "mode",
+        "batch",
+        "median_s",
+        "throughput_img_s",
+        "repeats",
+        "peak_rss_mb",
+        "activation_mb",
+        "peak_cuda_mb",
+        "gmacs",
+        "error",
+    ]
+    with open(args.out_dir / "efficiency.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(write_report(rows, args, args.out_dir, gmac))
+    plot(rows, gmac, args.out_dir)
+    print(f"wrote {args.out_dir}/efficiency.{{csv,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
