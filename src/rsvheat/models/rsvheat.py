@@ -361,8 +361,6 @@ class RSVHeat(nn.Module):
         return modality
 
     def _check_input(self, x: torch.Tensor, modality: str) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D with shape {tuple(x.shape)}")
         expected = self.modalities[modality]
         if x.shape[1] != expected:
             raise ValueError(
@@ -376,8 +374,10 @@ class RSVHeat(nn.Module):
 
     def stem(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
         """``(B, C_in, H, W)`` image -> ``(B, H/4, W/4, dims[0])`` channels-last tokens in the shared heat space."""
-        modality = self._resolve_modality(x, modality) if x.ndim == 4 else modality
-        self._check_input(x, modality or self.default_modality)
+        if x.ndim != 4:
+            raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D with shape {tuple(x.shape)}")
+        modality = self._resolve_modality(x, modality)
+        self._check_input(x, modality)
         return self.stems[modality](x)
 
     # ----------------------------------------------------------------------------------------------------------------
