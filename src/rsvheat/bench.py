@@ -224,6 +224,9 @@ def _value(rows: list[dict], model: str, size: int, mode: str, key: str) -> floa
     return None
 
 
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept when the benchmark is re-run -->"
+
+
 def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: dict) -> str:
     models = [m for m in ALL_MODELS if any(r["model"] == m for r in rows)]
     sizes = sorted({r["size"] for r in rows})
@@ -343,7 +346,11 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: di
             + [""]
         )
     text = "\n".join(lines)
-    (out / "efficiency.md").write_text(text)
+    path = out / "efficiency.md"
+    # The analysis of missed targets is written by hand; a re-run keeps it.
+    if path.exists() and ANALYSIS_MARKER in (previous := path.read_text()):
+        text += "\n" + previous[previous.index(ANALYSIS_MARKER) :]
+    path.write_text(text)
     return text
 
 
