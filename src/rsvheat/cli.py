@@ -1,4 +1,4 @@
-"""The ``rsvheat`` command line: ``demo``, ``info``, ``bench``."""
+"""The ``rsvheat`` command line: ``demo``, ``info``, ``bench``, ``pretrain``, ``export-encoder``."""
 
 from __future__ import annotations
 
@@ -38,12 +38,18 @@ def main(argv: list[str] | None = None) -> None:
     info.add_argument("--num-classes", type=int, default=0)
 
     sub.add_parser("bench", help="efficiency benchmark vs Swin / ViT / official structure (see --help)", add_help=False)
+    sub.add_parser("pretrain", help="self-supervised pre-training (LightningCLI: --config, see --help)", add_help=False)
+    export = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
+    export.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
+    export.add_argument("out", type=Path, help="output .safetensors file")
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        from rsvheat.bench import main as bench_main
-
-        bench_main(argv[1:])
+    if argv and argv[0] in ("bench", "pretrain"):
+        if argv[0] == "bench":
+            from rsvheat.bench import main as passthrough
+        else:
+            from rsvheat.trainers.pretrain import pretrain_cli as passthrough
+        passthrough(argv[1:])
         return
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -52,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(args.out, args.image, args.model, args.weights, args.bench_size)
     elif args.command == "info":
         _info(args)
+    elif args.command == "export-encoder":
+        from rsvheat.trainers.pretrain import export_encoder
+
+        print(f"encoder weights written to {export_encoder(args.checkpoint, args.out)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Lightning modules (training tasks) and the LightningCLI that drives them."""

@@ -1,0 +1,211 @@
+"""Lightning module for RS-vHeat pre-training, the reconstruction-preview callback and the encoder export."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from timm.optim import param_groups_weight_decay
+from torchvision.utils import make_grid, save_image
+
+from rsvheat.models.checkpoint import save_weights
+from rsvheat.pretraining.model import FrequencyPretrainer
+from rsvheat.trainers.optim import warmup_cosine
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+class PretrainTask(pl.LightningModule):
+    """Frequency-masking pre-training of an RS-vHeat encoder (see :mod:`rsvheat.pretraining.model`).
+
+    Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``loss_weights``,
+        ``decoder_width``, ``proj_dim``, ``temperature``, ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
+    Args (optimisation): AdamW with ``lr``, ``weight_decay`` (none on norms, biases, FVE and SCE), ``betas``; linear
+        warm-up over ``warmup_fraction`` of the steps, then cosine to ``min_lr_ratio * lr``.
+        ``grad_checkpointing`` trades compute for activation memory. ``encoder_kwargs``: more :class:`RSVHeat`
+        arguments (e.g. ``depths``/``dims`` of a custom size).
+    """
+
+    def __init__(
+        self,
+        variant: str = "rsvheat_base",
+        modalities: dict[str, int] | None = None,
+        img_size: int = 224,
+        ratio_range: tuple[float, float] = (0.2, 0.3),
+        sector_degrees: float | None = None,
+        loss_weights: dict[str, float] | None = None,
+        decoder_width: int = 256,
+        proj_dim: int = 128,
+        temperature: float = 0.1,
+        drop_path_rate: float = 0.1,
+        lr: float = 2e-4,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_fraction: float = 0.1,
+        min_lr_ratio: float = 0.025,
+        grad_checkpointing: bool = False,
+        encoder_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = FrequencyPretrainer(
+            variant=variant,
+            modalities=modalities,
+            img_size=img_size,
+            ratio_range=ratio_range,
+            sector_degrees=sector_degrees,
+            loss_weights=loss_weights,
+            decoder_width=decoder_width,
+            proj_dim=proj_dim,
+            temperature=temperature,
+            encoder_kwargs={"drop_path_rate": drop_path_rate, **(encoder_kwargs or {})},
+        )
+        if grad_checkpointing:
+            self.model.encoder.set_grad_checkpointing(True)
+
+    @property
+    def encoder(self):
+        return self.model.encoder
+
+    def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int):
+        # CombinedLoader gives {source: {modality: (B, C, H, W)}}; every source contributes equally.
+        total, previews = 0.0, {}
+        terms: dict[str, list[torch.Tensor]] = {}
+        for source, images in batch.items():
+            out = self.model(images)
+            total = total + out.loss
+            for name, value in out.terms.items():
+                terms.setdefault(name, []).append(value.detach())
+                self.log(f"train/{source}/{name}", value.detach(), batch_size=_batch_size(images))
+            previews[source] = out.previews
+        loss = total / len(batch)
+        bs = sum(_batch_size(images) for images in batch.values())
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        for name, values in terms.items():
+            self.log(f"train/{name}", torch.stack(values).mean(), prog_bar=True, batch_size=bs)
+        return {"loss": loss, "previews": previews}
+
+    def configure_optimizers(self):
+        h = self.hparams
+        skip = {f"model.encoder.{n}" for n in self.model.encoder.no_weight_decay()}
+        groups = param_groups_weight_decay(self, h.weight_decay, no_weight_decay_list=skip)
+        optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = warmup_cosine(optimizer, total, h.warmup_fraction, h.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = save_weights(
+                self.model.encoder,
+                Path(_run_dir(self.trainer)) / ENCODER_FILE,
+                extra={"source": "rsvheat pretrain", "global_step": str(self.global_step)},
+            )
+            print(f"encoder weights written to {path}")
+
+
+def _batch_size(images: Mapping[str, torch.Tensor]) -> int:
+    return next(iter(images.values())).shape[0]
+
+
+def _run_dir(trainer: pl.Trainer) -> str:
+    # Not ``trainer.log_dir``: it broadcasts, and this runs on rank 0 only (a collective there would hang DDP).
+    log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+    return log_dir or trainer.default_root_dir
+
+
+def _display(x: torch.Tensor, reference: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+    """``(C, H, W)`` -> 3-channel ``[0, 1]`` image; stretched to the 2-98 % range of ``reference`` (or, for the
+    zero-mean high-frequency part, symmetrically around 0)."""
+    x, reference = x[:3].float(), reference[:3].float()
+    if symmetric:
+        scale = torch.quantile(reference.abs().flatten(), 0.98).clamp_min(1e-6)
+        out = x / (2 * scale) + 0.5
+    else:
+        lo, hi = torch.quantile(reference.flatten(), torch.tensor([0.02, 0.98], device=x.device))
+        out = (x - lo) / (hi - lo).clamp_min(1e-6)
+    out = out.clamp(0, 1)
+    return out if out.shape[0] == 3 else out[:1].expand(3, -1, -1)  # 1- or 2-band (SAR) images shown as grey
+
+
+def preview_grid(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, recon: torch.Tensor, max_images: int = 4):
+    """Rows: images; columns: original, ``I_low``, ``I_high``, reconstruction. Returns a ``(3, H', W')`` grid."""
+    tiles = []
+    for i in range(min(max_images, x.shape[0])):
+        tiles += [
+            _display(x[i], x[i]),
+            _display(low[i], x[i]),
+            _display(high[i], high[i], True),
+            _display(recon[i], x[i]),
+        ]
+    return make_grid(torch.stack(tiles).cpu(), nrow=4, padding=2, pad_value=1.0)
+
+
+def save_png_atomic(image: torch.Tensor, path: Path) -> Path:
+    """Write a ``(3, H, W)`` ``[0, 1]`` image as PNG via a temporary file, so no half-written file is ever visible."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            save_image(image, f, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+class ReconstructionPreviews(pl.Callback):
+    """Every ``every_n_steps`` optimiser steps, write ``<run>/previews/step_XXXXXXX_<source>_<modality>.png``
+    (original | I_low | I_high | reconstruction). 0 disables."""
+
+    def __init__(self, every_n_steps: int = 100, max_images: int = 4) -> None:
+        self.every_n_steps = every_n_steps
+        self.max_images = max_images
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or not trainer.is_global_zero or step == self._last_step:
+            return
+        if step % self.every_n_steps and not (trainer.max_steps > 0 and step >= trainer.max_steps):
+            return
+        self._last_step = step
+        for source, by_modality in (outputs or {}).get("previews", {}).items():
+            for modality, parts in by_modality.items():
+                grid = preview_grid(*parts, max_images=self.max_images)
+                save_png_atomic(grid, Path(_run_dir(trainer)) / "previews" / f"step_{step:07d}_{source}_{modality}.png")
+
+
+def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the encoder of a pre-training checkpoint (Lightning ``.ckpt``) as rsvheat safetensors weights, which
+    ``rsvheat.load_checkpoint`` loads into any model of that variant (at any resolution: FVE/SCE are resized)."""
+    task = PretrainTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    return save_weights(task.model.encoder, out, extra={"source": f"rsvheat pretrain {Path(checkpoint).name}"})
+
+
+def pretrain_cli(argv: list[str] | None = None) -> None:
+    """``rsvheat pretrain --config configs/pretrain/<name>.yaml [--section.option value ...] [--ckpt_path last]``."""
+    from rsvheat.datamodules.pretrain import PretrainDataModule
+    from rsvheat.trainers.cli import RSVHeatCLI
+
+    class PretrainCLI(RSVHeatCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            super().add_arguments_to_parser(parser)
+            parser.add_lightning_class_args(ReconstructionPreviews, "previews")
+            # One source of truth: the data decide band counts and resolution, the model follows.
+            parser.link_arguments("data.modalities", "model.modalities")
+            parser.link_arguments("data.crop_size", "model.img_size")
+
+    PretrainCLI(
+        PretrainTask,
+        PretrainDataModule,
+        args=["fit", *(argv or [])],
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "runs/pretrain"},
+    )

@@ -1,0 +1,185 @@
+"""`rsvheat pretrain`: a Lightning run end to end (logs, previews, checkpoints, encoder export), resume after a normal
+stop and after SIGKILL, a 2-process DDP run on CPU (gloo), and the shipped configs."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rsvheat.models.checkpoint import load_checkpoint
+from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.trainers.pretrain import pretrain_cli
+from tests.test_pretrain_data import ramp, write
+
+MICRO = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RSVHEAT_CACHE", str(tmp_path / "cache"))
+
+
+def make_config(tmp_path: Path, steps: int, every: int = 2) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        opt = ramp(3, 48, 48) + rng.integers(0, 20, (3, 48, 48)).astype(np.uint8)
+        write(tmp_path / f"data/opt/{i}.png", opt)
+        write(tmp_path / f"data/pairs/s2/{i}.tif", opt)
+        write(tmp_path / f"data/pairs/s1/{i}.tif", rng.normal(-12, 3, (1, 48, 48)).astype(np.float32))
+    config = {
+        "trainer": {
+            "default_root_dir": str(tmp_path / "run"),
+            "max_steps": steps,
+            "accelerator": "cpu",
+            "devices": 1,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "variant": "rsvheat_tiny",
+            "encoder_kwargs": MICRO,
+            "decoder_width": 16,
+            "proj_dim": 8,
+            "drop_path_rate": 0.0,
+            "lr": 1e-3,
+        },
+        "data": {
+            "optical_dirs": [str(tmp_path / "data/opt")],
+            "paired_dirs": [str(tmp_path / "data/pairs")],
+            "crop_size": 32,
+            "batch_size": 2,
+            "num_workers": 0,
+        },
+        "checkpoint": {"every_n_train_steps": every},
+        "previews": {"every_n_steps": every},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def ckpt_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def run_cli(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rsvheat.cli", "pretrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        **popen,
+    )
+
+
+def test_pretrain_run_logs_previews_checkpoints_and_export(tmp_path):
+    config = make_config(tmp_path, steps=4)
+    pretrain_cli(["--config", str(config)])
+    run = tmp_path / "run"
+    assert ckpt_step(run / "checkpoints/last.ckpt") == 4
+    rows = list(csv.DictReader((run / "logs/version_0/metrics.csv").open()))
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"train/loss", "train/spa", "train/fre", "train/con", "train/paired/con", "train/optical/spa"} <= logged
+    previews = sorted(p.name for p in (run / "logs/version_0/previews").glob("*.png"))
+    assert "step_0000004_paired_sar.png" in previews and "step_0000004_optical_optical.png" in previews
+    # the exported encoder loads into a plain backbone, also at another resolution (FVE/SCE resized)
+    encoder_file = run / "logs/version_0/encoder.safetensors"
+    for size in (32, 96):
+        backbone = RSVHeat(modalities={"optical": 3, "sar": 1}, img_size=size, num_classes=0, **MICRO)
+        load_checkpoint(backbone, encoder_file)
+        assert backbone(torch.randn(1, 1, size, size), modality="sar").shape == (1, 64)
+    from rsvheat.cli import main
+
+    main(["export-encoder", str(run / "checkpoints/last.ckpt"), str(tmp_path / "exported.safetensors")])
+    backbone = RSVHeat(modalities={"optical": 3, "sar": 1}, img_size=32, num_classes=0, **MICRO)
+    load_checkpoint(backbone, tmp_path / "exported.safetensors")
+    reference = RSVHeat(modalities={"optical": 3, "sar": 1}, img_size=32, num_classes=0, **MICRO)
+    load_checkpoint(reference, encoder_file)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(backbone.eval()(x), reference.eval()(x))
+
+
+def test_resume_continues_from_last(tmp_path):
+    config = make_config(tmp_path, steps=4)
+    pretrain_cli(["--config", str(config)])
+    pretrain_cli(["--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", "last"])
+    run = tmp_path / "run"
+    assert ckpt_step(run / "checkpoints/last.ckpt") == 6
+    resumed = [int(r["step"]) for r in csv.DictReader((run / "logs/version_1/metrics.csv").open())]
+    assert min(resumed) >= 4  # continued, not restarted
+
+
+def test_shipped_configs_parse(capsys):
+    for config in sorted((REPO / "configs/pretrain").glob("*.yaml")):
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain_cli(["--config", str(config), "--print_config"])
+        assert exit_info.value.code in (None, 0), config
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["variant"].startswith("rsvheat_"), config
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
+    config = make_config(tmp_path, steps=10_000, every=3)
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rsvheat.cli", "pretrain", "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (last.exists() and ckpt_step(last) >= 6):
+            time.sleep(0.5)
+        assert last.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint"
+        time.sleep(1.0)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for ckpt in last.parent.glob("*.ckpt"):  # whatever was on disk at the kill is complete
+        ckpt_step(ckpt)
+    assert not [p for p in last.parent.iterdir() if p.suffix != ".ckpt"]
+    saved = ckpt_step(last)
+    done = run_cli("--config", str(config), "--trainer.max_steps", str(saved + 2), "--ckpt_path", "last")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ckpt_step(last) == saved + 2
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    config = make_config(tmp_path, steps=2)
+    done = run_cli("--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "2", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MEMBER: 2/2" in done.stderr + done.stdout
+    assert ckpt_step(tmp_path / "run/checkpoints/last.ckpt") == 2
+    assert (tmp_path / "run/logs/version_0/encoder.safetensors").is_file()
+
+
+def test_warmup_cosine_schedule_shape():
+    from rsvheat.trainers.optim import warmup_cosine
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    schedule = warmup_cosine(optimizer, total_steps=20, warmup_fraction=0.25, min_lr_ratio=0.1)
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(2e-3)
+    assert rates[5] == pytest.approx(2.0)  # end of warm-up: the base rate
+    assert all(a < b for a, b in zip(rates[:5], rates[1:6], strict=True))
+    assert all(a > b for a, b in zip(rates[5:-1], rates[6:], strict=True))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)  # after the last step: min_lr_ratio × base
