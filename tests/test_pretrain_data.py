@@ -1,17 +1,15 @@
 """Pre-training data: every on-disk layout (unpaired folders, SEN1-2-like pairs, BigEarthNet) and every failure."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
-import rasterio
 import torch
-from rasterio.transform import from_origin
 
 from rsvheat.data.io import ImageReadError, read_image
 from rsvheat.data.pretrain import BigEarthNetPretrain, ImageFolderPretrain, PairedFolderPretrain, random_crop
 from rsvheat.datamodules.pretrain import PretrainDataModule
+from tests.rasters import ramp, write
 
 IDENTITY = {"optical": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "sar": {"mean": [0], "std": [1]}}
 
@@ -19,25 +17,6 @@ IDENTITY = {"optical": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "sar": {"mean": [0
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RSVHEAT_CACHE", str(tmp_path / "cache"))
-
-
-def write(path, data, driver=None, crs="EPSG:32633"):
-    """Write ``(C, H, W)`` ``data``; GeoTIFFs get a CRS and transform, PNG/JPEG none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    driver = driver or {".png": "PNG", ".jpg": "JPEG"}.get(path.suffix, "GTiff")
-    profile = dict(driver=driver, count=data.shape[0], height=data.shape[1], width=data.shape[2], dtype=data.dtype)
-    if driver == "GTiff":
-        profile.update(crs=crs, transform=from_origin(400000, 5300000, 10, 10))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with rasterio.open(path, "w", **profile) as dst:
-            dst.write(data)
-    return path
-
-
-def ramp(c, h, w, dtype=np.uint8, scale=1.0):
-    grid = np.add.outer(np.arange(h), np.arange(w))[None] + 7 * np.arange(c)[:, None, None]
-    return (grid * scale).astype(dtype)
 
 
 def test_formats_bands_and_normalisation(tmp_path):

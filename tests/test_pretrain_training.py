@@ -17,7 +17,7 @@ import yaml
 from rsvheat.models.checkpoint import load_checkpoint
 from rsvheat.models.rsvheat import RSVHeat
 from rsvheat.trainers.pretrain import pretrain_cli
-from tests.test_pretrain_data import ramp, write
+from tests.rasters import ramp, write
 
 MICRO = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
 REPO = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ Everything goes through rasterio (GDAL), which reads GeoTIFF, TIFF, PNG and JPEG
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +73,62 @@ def read_image(
     return data
 
 
+def image_header(path: str | Path) -> tuple[int, int, int]:
+    """``(bands, H, W)`` from the file header, with :class:`ImageReadError` for missing or unreadable files."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                return src.count, src.height, src.width
+    except RasterioError as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
 def to_decibels(linear: np.ndarray, floor: float = 1e-6) -> np.ndarray:
     """SAR backscatter, linear power (sigma0) -> dB: ``10 log10(max(x, floor))``."""
     return (10.0 * np.log10(np.maximum(linear, floor))).astype(np.float32)
+
+
+def write_raster(
+    path: str | Path, data: np.ndarray, like: str | Path | None = None, nodata: float | None = None
+) -> Path:
+    """Write ``(C, H, W)`` or ``(H, W)`` ``data`` to ``path`` (GeoTIFF for ``.tif``, else the format of the suffix,
+    e.g. PNG), atomically (temporary file, then rename). With ``like`` (a raster of the same size), its CRS and
+    transform are copied, so maps predicted from a GeoTIFF stay georeferenced."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    path = Path(path)
+    data = data[None] if data.ndim == 2 else data
+    profile = {"count": data.shape[0], "height": data.shape[1], "width": data.shape[2], "dtype": data.dtype.name}
+    if like is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(like) as src:
+                if (src.height, src.width) == data.shape[1:] and src.crs is not None:
+                    profile.update(crs=src.crs, transform=src.transform)
+    tiff = path.suffix.lower() in (".tif", ".tiff")
+    profile["driver"] = "GTiff" if tiff else {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}[path.suffix.lower()]
+    if tiff:
+        profile.update(compress="deflate", tiled=data.shape[1] >= 256 and data.shape[2] >= 256)
+    if nodata is not None:
+        profile["nodata"] = nodata
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(data)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".aux.xml")):
+            if leftover.exists():
+                leftover.unlink()
+    return path

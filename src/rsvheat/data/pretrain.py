@@ -20,11 +20,8 @@ skipped at construction is in ``dataset.skipped``).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,31 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from rsvheat.data.io import ImageReadError, list_images, read_image, to_decibels
+from rsvheat.data.io import ImageReadError, image_header, list_images, read_image, to_decibels
+from rsvheat.data.stats import Stats, band_stats, check_stats
 
 SarScale = Literal["db", "linear"]
 # One image of one modality = one or more files (BigEarthNet stores one band per file), each with its band list.
 Record = dict[str, list[tuple[Path, tuple[int, ...] | None]]]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RSVHEAT_CACHE", Path.home() / ".cache" / "rsvheat"))
-
-
-def _header(path: Path) -> tuple[int, int, int]:
-    """``(bands, H, W)`` from the file header, with :class:`ImageReadError` for missing or unreadable files."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
-
-    if not path.is_file():
-        raise ImageReadError(f"image not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                return src.count, src.height, src.width
-    except RasterioError as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
 
 
 class PretrainImages(Dataset):
@@ -121,7 +99,7 @@ class PretrainImages(Dataset):
             n = 0
             for j, (path, bands) in enumerate(files):
                 try:
-                    count, h, w = _header(path)
+                    count, h, w = image_header(path)
                 except ImageReadError as err:
                     self._problem(str(err))
                     return False
@@ -156,56 +134,15 @@ class PretrainImages(Dataset):
         """Un-normalised, uncropped ``{modality: (C, H, W)}`` of record ``index`` (no repeat)."""
         return {m: self._read_modality(m, files) for m, files in self.records[index].items()}
 
-    def _resolve_stats(self, given, samples: int) -> dict[str, dict[str, list[float]]]:
+    def _resolve_stats(self, given, samples: int) -> Stats:
         if given is not None:
-            stats = {
-                m: {"mean": list(map(float, s["mean"])), "std": list(map(float, s["std"]))} for m, s in given.items()
-            }
-            for m, c in self.channels.items():
-                if m not in stats or len(stats[m]["mean"]) != c or len(stats[m]["std"]) != c:
-                    raise ValueError(f"stats for {m!r} must give {c} mean and std values, got {given.get(m)}")
-            return stats
-        key = hashlib.sha1(
-            json.dumps(
-                [
-                    type(self).__name__,
-                    self.sar_scale,
-                    samples,
-                    [{m: [(str(p), b) for p, b in f] for m, f in r.items()} for r in self.records[:samples]],
-                ],
-                default=str,
-            ).encode()
-        ).hexdigest()[:16]
-        path = cache_dir() / "stats" / f"{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        total: dict[str, np.ndarray] = {}
-        total_sq: dict[str, np.ndarray] = {}
-        count: dict[str, int] = {}
-        picks = np.linspace(0, len(self.records) - 1, min(samples, len(self.records))).round().astype(int)
-        for i in sorted(set(picks.tolist())):
-            try:
-                raw = self.read_raw(i)
-            except ImageReadError:
-                if not self.skip_bad:
-                    raise
-                continue
-            for m, data in raw.items():
-                flat = data.reshape(data.shape[0], -1).astype(np.float64)
-                total[m] = total.get(m, 0) + flat.sum(1)
-                total_sq[m] = total_sq.get(m, 0) + (flat**2).sum(1)
-                count[m] = count.get(m, 0) + flat.shape[1]
-        stats = {}
-        for m in self.channels:
-            mean = total[m] / count[m]
-            std = np.sqrt(np.maximum(total_sq[m] / count[m] - mean**2, 0.0))
-            stats[m] = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(stats, f)
-        os.replace(tmp, path)
-        return stats
+            return check_stats(given, self.channels)
+        identity = [
+            type(self).__name__,
+            self.sar_scale,
+            [{m: [(str(p), b) for p, b in f] for m, f in r.items()} for r in self.records],
+        ]
+        return band_stats(self.read_raw, len(self.records), self.channels, identity, samples, self.skip_bad)
 
     # -- Dataset protocol ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -1,0 +1,77 @@
+"""Per-band normalisation statistics: given by the user, or computed from a sample of the data and cached as JSON
+under ``$RSVHEAT_CACHE/stats`` (default ``~/.cache/rsvheat``), keyed by the files sampled and the reading options."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rsvheat.data.io import ImageReadError
+
+Stats = dict[str, dict[str, list[float]]]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RSVHEAT_CACHE", Path.home() / ".cache" / "rsvheat"))
+
+
+def check_stats(given: Mapping[str, Mapping[str, Sequence[float]]], channels: Mapping[str, int]) -> Stats:
+    """``{modality: {"mean": [...], "std": [...]}}`` with one value per band of every modality, as floats."""
+    stats = {m: {"mean": list(map(float, s["mean"])), "std": list(map(float, s["std"]))} for m, s in given.items()}
+    for m, c in channels.items():
+        if m not in stats or len(stats[m]["mean"]) != c or len(stats[m]["std"]) != c:
+            raise ValueError(f"stats for {m!r} must give {c} mean and std values, got {given.get(m)}")
+        if min(stats[m]["std"]) <= 0:
+            raise ValueError(f"stats for {m!r}: std must be positive, got {stats[m]['std']}")
+    return stats
+
+
+def band_stats(
+    read: Callable[[int], Mapping[str, np.ndarray]],
+    count: int,
+    channels: Mapping[str, int],
+    identity: object,
+    samples: int = 256,
+    skip_bad: bool = False,
+) -> Stats:
+    """Mean and std per band of every modality over up to ``samples`` items ``read(i) -> {modality: (C, H, W)}``
+    spread evenly over ``range(count)``. ``identity`` (JSON-able: file names, options) keys the cache."""
+    picks = sorted(set(np.linspace(0, count - 1, min(samples, count)).round().astype(int).tolist()))
+    key = hashlib.sha1(json.dumps([identity, picks], default=str).encode()).hexdigest()[:16]
+    path = cache_dir() / "stats" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    total: dict[str, np.ndarray] = {}
+    total_sq: dict[str, np.ndarray] = {}
+    pixels: dict[str, int] = {}
+    for i in picks:
+        try:
+            raw = read(i)
+        except ImageReadError:
+            if not skip_bad:
+                raise
+            continue
+        for m, data in raw.items():
+            flat = data.reshape(data.shape[0], -1).astype(np.float64)
+            total[m] = total.get(m, 0) + flat.sum(1)
+            total_sq[m] = total_sq.get(m, 0) + (flat**2).sum(1)
+            pixels[m] = pixels.get(m, 0) + flat.shape[1]
+    stats = {}
+    for m in channels:
+        if m not in pixels:
+            raise ImageReadError(f"no readable {m!r} image to compute normalisation statistics from")
+        mean = total[m] / pixels[m]
+        std = np.sqrt(np.maximum(total_sq[m] / pixels[m] - mean**2, 0.0))
+        stats[m] = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(stats, f)
+    os.replace(tmp, path)
+    return stats
