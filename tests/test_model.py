@@ -50,6 +50,25 @@ def test_folded_inference_equals_unfolded_and_is_reused():
         torch.testing.assert_close(model(x[..., :40, :48]), model.train().eval()(x[..., :40, :48]))
 
 
+def test_inference_mode_at_another_size_and_after_a_weight_change():
+    """Lightning's test/predict run under ``torch.inference_mode``: the resized FVE is then an inference tensor (no
+    version counter), and the cached filters must still follow the weights."""
+    model = micro_model().eval()
+    x = torch.randn(1, 3, 72, 56)
+    with torch.inference_mode():
+        first, again = model(x), model(x)
+    expected = model.train().eval()(x).detach()  # grad mode: nothing cached
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.freq_embed.mul_(3.0)
+        changed = model.train().eval()(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), changed, rtol=0, atol=0)
+    assert not torch.equal(changed, expected)
+
+
 def test_gradients_reach_fve_sce_to_k_and_stems():
     model = micro_model(modalities={"optical": 3, "sar": 1})
     loss = (

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rsvheat.operators.dct import DctImpl
-from rsvheat.operators.heat import HeatConduction
+from rsvheat.operators.heat import HeatConduction, tensor_version
 
 __all__ = ["RSVHeat", "VARIANTS"]
 
@@ -191,7 +191,7 @@ class HeatStage(nn.Module):
         """FVE and SCE resized to the feature-map ``size``, cached in eval mode without autograd."""
         params = [p for p in (self.freq_embed, self.heat_capacity) if p is not None]
         cacheable = not self.training and not torch.is_grad_enabled()
-        key = (tuple(size),) + tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        key = (tuple(size),) + tuple((p.data_ptr(), tensor_version(p), p.device, p.dtype) for p in params)
         if cacheable and key in self._embed_cache:
             return self._embed_cache[key]
         fve = resize_embedding(self.freq_embed, size)
@@ -372,8 +372,19 @@ class RSVHeat(nn.Module):
         if self.check_inputs and not torch.isfinite(x).all():
             raise ValueError("input contains NaN or Inf values")
 
-    def stem(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
-        """``(B, C_in, H, W)`` image -> ``(B, H/4, W/4, dims[0])`` channels-last tokens in the shared heat space."""
+    def stem(self, x: torch.Tensor | Mapping[str, torch.Tensor], modality: str | None = None) -> torch.Tensor:
+        """``(B, C_in, H, W)`` image -> ``(B, H/4, W/4, dims[0])`` channels-last tokens in the shared heat space.
+
+        ``x`` may also be a mapping ``{modality: (B, C_m, H, W)}`` of co-registered images (e.g. optical + SAR of one
+        scene): each goes through its own stem and the tokens are summed, a fusion in the shared heat space.
+        """
+        if isinstance(x, Mapping):
+            if not x or modality is not None:
+                raise ValueError("a fused input is a non-empty {modality: image} mapping, without modality=")
+            sizes = {name: tuple(image.shape[-2:]) for name, image in x.items()}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(f"fused inputs must be co-registered (same H, W), got {sizes}")
+            return sum(self.stem(image, name) for name, image in x.items())
         if x.ndim != 4:
             raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D with shape {tuple(x.shape)}")
         modality = self._resolve_modality(x, modality)
@@ -468,7 +479,7 @@ class RSVHeat(nn.Module):
             else [
                 (r"^stages\.(\d+)\.downsample", (0,)),
                 (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-                (r"^stages\.(\d+)\.(freq_embed|heat_capacity|out_norm)", (0,)),
+                (r"^stages\.(\d+)\.(?:freq_embed|heat_capacity|out_norm)", (0,)),
             ],
         )
 

@@ -26,6 +26,7 @@ FFT_MIN_SIZE = 256
 
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached for later autograd use: never an inference tensor
 def _dct_basis_cached(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # Built in float64 so that float32/bfloat16 bases are correctly rounded, not accumulated rounding.
     pos = (torch.arange(n, dtype=torch.float64) + 0.5) / n

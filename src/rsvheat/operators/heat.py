@@ -27,6 +27,7 @@ from rsvheat.operators.dct import DctImpl, _fft_dct_last, dct2d, dct_basis
 
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached for later autograd use: never an inference tensor
 def _frequency_sq_cached(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     wn = torch.arange(h, dtype=torch.float64) * (math.pi / h)
     wm = torch.arange(w, dtype=torch.float64) * (math.pi / w)
@@ -107,6 +108,11 @@ def heat_conduct_reference(x: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nh,mw,bnmc->bhwc", dh, dw, spectrum)
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place modification counter; inference tensors have none (and cannot be modified outside inference mode)."""
+    return -1 if t.is_inference() else t._version
+
+
 class HeatConduction(nn.Module):
     """The HCO token mixer of one block, channels-last ``(B, H, W, C) -> (B, H, W, C)``.
 
@@ -141,14 +147,16 @@ class HeatConduction(nn.Module):
         """
         if self.training or torch.is_grad_enabled():
             return heat_filter(self.kt(freq_embed))
-        params = (freq_embed, self.to_k.weight, self.to_k.bias)
-        key = (tuple(freq_embed.shape), freq_embed.device, freq_embed.dtype) + tuple(
-            (p.data_ptr(), p._version) for p in params
+        key = (tuple(freq_embed.shape), freq_embed.device, freq_embed.dtype, tensor_version(freq_embed)) + tuple(
+            (p.data_ptr(), tensor_version(p)) for p in (self.to_k.weight, self.to_k.bias)
         )
-        cached = self._filter_cache.get(key)
-        if cached is None:
+        # The FVE is matched by identity (the cache holds it, so its id cannot be recycled): a resized FVE made under
+        # inference_mode has no version counter, and a fresh one may reuse a freed one's address.
+        source, cached = self._filter_cache.get(key, (None, None))
+        if source is not freq_embed:
             self._filter_cache.clear()
-            cached = self._filter_cache[key] = heat_filter(self.kt(freq_embed))
+            cached = heat_filter(self.kt(freq_embed))
+            self._filter_cache[key] = (freq_embed, cached)
         return cached
 
     def forward(
