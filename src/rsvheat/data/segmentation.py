@@ -1,0 +1,151 @@
+"""Semantic segmentation data: an image folder and a mask folder with matching names, optionally a co-registered SAR
+folder (WHU-OPT-SAR style optical + SAR fusion).
+
+Masks are either index maps (LoveDA, iSAID converted masks, WHU-OPT-SAR, AIR-PolSAR-Seg: one class id per pixel) or
+RGB-coded (ISPRS Potsdam/Vaihingen: one colour per class, mapped to ids through ``palette``). ``ignore_index`` pixels
+are left out of the loss and the metrics; in RGB masks ``ignore_colors`` (default black, the eroded-boundary colour of
+the ISPRS ``*_noBoundary`` labels) map to it.
+
+Names are matched after removing ``image_suffix`` / ``mask_suffix`` / ``sar_suffix`` from the file stems, e.g.
+Potsdam ``top_potsdam_2_10_RGB.tif`` ↔ ``top_potsdam_2_10_label.tif`` with ``image_suffix="_RGB"``,
+``mask_suffix="_label"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from rsvheat.data.io import ImageReadError, image_header, list_images, read_image
+from rsvheat.data.transforms import crop_and_flip, normalise
+
+# ISPRS Potsdam / Vaihingen: impervious surfaces, building, low vegetation, tree, car, clutter.
+ISPRS_CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
+ISPRS_PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
+
+
+def _key(path: Path, suffix: str) -> str:
+    stem = path.stem
+    return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
+
+
+def match_files(folders: dict[str, Path], suffixes: dict[str, str], required: Sequence[str]) -> list[dict[str, Path]]:
+    """Group files of several folders by name (stem minus the folder's suffix). Every name of the first folder must
+    have a partner in each other folder: an error names the file without one."""
+    listed = {k: {_key(p, suffixes.get(k, "")): p for p in list_images(folder)} for k, folder in folders.items()}
+    first = next(iter(folders))
+    if not listed[first]:
+        raise ValueError(f"no images in {folders[first]}")
+    records = []
+    for name, path in sorted(listed[first].items()):
+        record = {first: path}
+        for k in folders:
+            if k == first:
+                continue
+            if name not in listed[k]:
+                if k in required:
+                    raise ImageReadError(f"{path}: no {k} file named like it in {folders[k]}")
+                continue
+            record[k] = listed[k][name]
+        records.append(record)
+    return records
+
+
+def rgb_to_index(
+    mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_colors: Sequence[Sequence[int]], ignore_index: int, path
+) -> np.ndarray:
+    """``(3, H, W)`` colour mask -> ``(H, W)`` int64 class ids; an unknown colour raises, naming the file."""
+    if mask.shape[0] < 3:
+        raise ImageReadError(f"{path}: an RGB-coded mask needs 3 bands, got {mask.shape[0]}")
+    code = (mask[0].astype(np.int64) << 16) | (mask[1].astype(np.int64) << 8) | mask[2].astype(np.int64)
+    out = np.full(code.shape, -1, dtype=np.int64)
+    for value, (r, g, b) in enumerate(palette):
+        out[code == (r << 16 | g << 8 | b)] = value
+    for r, g, b in ignore_colors:
+        out[code == (r << 16 | g << 8 | b)] = ignore_index
+    if (out < 0).any():
+        y, x = np.argwhere(out < 0)[0]
+        colour = tuple(int(c) for c in mask[:3, y, x])
+        raise ImageReadError(f"{path}: colour {colour} at (row {y}, col {x}) is not in the palette {list(palette)}")
+    return out
+
+
+class SegmentationFolder(Dataset):
+    """``{"image": (C, H, W), ["sar": (C_s, H, W),] "mask": (H, W) int64}`` samples.
+
+    Args:
+        images, masks, sar: folders (``sar`` optional: co-registered SAR, fused with the optical image in the stem).
+        num_classes: ids must lie in ``[0, num_classes)`` or equal ``ignore_index``; others raise naming the file.
+        channels: ``{"optical": C, "sar": C_s}`` band counts after ``bands`` selection.
+        stats: ``{modality: {"mean": [...], "std": [...]}}``.
+        crop_size: random crops for training (``None``: whole images, for evaluation).
+        palette: RGB colours of classes 0..K-1 for RGB-coded masks; ``None`` for index masks.
+    """
+
+    def __init__(
+        self,
+        images: str | Path,
+        masks: str | Path,
+        num_classes: int,
+        channels: dict[str, int],
+        stats: dict[str, dict[str, list[float]]],
+        sar: str | Path | None = None,
+        crop_size: int | None = None,
+        train: bool = False,
+        ignore_index: int = 255,
+        palette: Sequence[Sequence[int]] | None = None,
+        ignore_colors: Sequence[Sequence[int]] = ((0, 0, 0),),
+        image_suffix: str = "",
+        mask_suffix: str = "",
+        sar_suffix: str = "",
+        bands: dict[str, Sequence[int]] | None = None,
+    ) -> None:
+        folders = {"optical": Path(images), "mask": Path(masks)}
+        if sar is not None:
+            folders["sar"] = Path(sar)
+        suffixes = {"optical": image_suffix, "mask": mask_suffix, "sar": sar_suffix}
+        self.records = match_files(folders, suffixes, required=list(folders))
+        for record in self.records:
+            sizes = {k: image_header(p)[1:] for k, p in record.items()}
+            if len(set(sizes.values())) > 1:
+                detail = ", ".join(f"{record[k]}: {h}×{w}" for k, (h, w) in sizes.items())
+                raise ImageReadError(f"image and mask sizes differ ({detail})")
+        if palette is not None and len(palette) != num_classes:
+            raise ValueError(f"the palette has {len(palette)} colours for {num_classes} classes")
+        self.num_classes, self.channels, self.stats = num_classes, dict(channels), stats
+        self.crop_size, self.train, self.ignore_index = crop_size, train, ignore_index
+        self.palette, self.ignore_colors = palette, ignore_colors
+        self.bands = dict(bands or {})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def read_raw(self, index: int) -> dict[str, np.ndarray]:
+        record = self.records[index]
+        return {m: read_image(record[m], self.bands.get(m), c) for m, c in self.channels.items()}
+
+    def read_mask(self, index: int) -> np.ndarray:
+        path = self.records[index]["mask"]
+        raw = read_image(path)
+        if self.palette is not None:
+            return rgb_to_index(raw, self.palette, self.ignore_colors, self.ignore_index, path)
+        mask = raw[0].astype(np.int64)
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
+        if bad.any():
+            values = sorted(set(np.unique(mask[bad]).tolist()))[:5]
+            raise ImageReadError(
+                f"{path}: label values {values} are outside [0, {self.num_classes}) and are not the ignore index "
+                f"{self.ignore_index}"
+            )
+        return mask
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = {m: normalise(x, **self.stats[m]) for m, x in self.read_raw(index).items()}
+        sample["mask"] = torch.from_numpy(self.read_mask(index))
+        sample = crop_and_flip(sample, self.crop_size if self.train else None, self.train)
+        sample["name"] = self.records[index]["optical"].stem
+        return sample

@@ -1,0 +1,42 @@
+"""Tensor transforms shared by the task datasets: normalisation, joint random crops and flips of co-registered
+images and label maps (the same window and flip for every array of a sample)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+
+def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(C, H, W)`` array -> float32 tensor with per-band ``(x - mean) / std``."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def random_window(height: int, width: int, size: int, generator: torch.Generator | None = None) -> tuple[int, int]:
+    """Top-left corner of a random ``size × size`` window inside ``height × width`` (0 on a side that is smaller)."""
+    top = int(torch.randint(0, max(height - size, 0) + 1, (), generator=generator))
+    left = int(torch.randint(0, max(width - size, 0) + 1, (), generator=generator))
+    return top, left
+
+
+def crop_and_flip(arrays: Mapping[str, torch.Tensor], size: int | None, flip: bool) -> dict[str, torch.Tensor]:
+    """The same random crop (if ``size``) and random horizontal/vertical flips and 90° rotation (if ``flip``) of every
+    ``(..., H, W)`` tensor in ``arrays``. Images smaller than ``size`` are kept whole (the collate pads nothing, so
+    crop sizes should not exceed the smallest image)."""
+    first = next(iter(arrays.values()))
+    height, width = first.shape[-2:]
+    out = dict(arrays)
+    if size is not None:
+        top, left = random_window(height, width, size)
+        out = {k: v[..., top : top + size, left : left + size] for k, v in out.items()}
+    if flip:
+        if torch.rand(()) < 0.5:
+            out = {k: v.flip(-1) for k, v in out.items()}
+        if torch.rand(()) < 0.5:
+            out = {k: v.flip(-2) for k, v in out.items()}
+        if out[next(iter(out))].shape[-1] == out[next(iter(out))].shape[-2] and torch.rand(()) < 0.5:
+            out = {k: v.transpose(-1, -2) for k, v in out.items()}
+    return {k: v.contiguous() for k, v in out.items()}

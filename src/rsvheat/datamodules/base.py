@@ -1,0 +1,130 @@
+"""What the downstream data modules share: loaders, normalisation statistics, unlabelled prediction inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rsvheat.data.io import read_image
+from rsvheat.data.stats import Stats, band_stats, check_stats
+from rsvheat.data.transforms import normalise
+
+
+class TaskDataModule(pl.LightningDataModule):
+    """Loaders for ``train``/``val``/``test``/``predict`` datasets built by :meth:`build`; per-band statistics
+    ``stats`` given (``{modality: {"mean": [...], "std": [...]}}``) or computed from up to ``stats_samples`` training
+    images (cached, see :mod:`rsvheat.data.stats`)."""
+
+    def __init__(
+        self,
+        batch_size: int = 8,
+        eval_batch_size: int = 1,
+        num_workers: int = 2,
+        stats: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        stats_samples: int = 256,
+    ) -> None:
+        super().__init__()
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.given_stats, self.stats_samples = stats, stats_samples
+        self.datasets: dict[str, Dataset] = {}
+        self.stats: Stats | None = None
+
+    # subclasses ------------------------------------------------------------------------------------------------------
+    @property
+    def channels(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def build(self, split: str, stats: Stats) -> Dataset | None:
+        """The dataset of ``split`` (``None`` when not configured)."""
+        raise NotImplementedError
+
+    def stats_source(self) -> tuple[Callable[[int], Mapping[str, np.ndarray]], int, object]:
+        """``(read(i) -> {modality: (C, H, W)}, count, identity)`` of the un-normalised training images."""
+        raise NotImplementedError
+
+    def collate(self, split: str) -> Callable | None:
+        """The loader's ``collate_fn`` for ``split`` (``None``: PyTorch's default, stacking)."""
+        return None
+
+    # shared ----------------------------------------------------------------------------------------------------------
+    def resolve_stats(self) -> Stats:
+        if self.stats is None:
+            if self.given_stats is not None:
+                self.stats = check_stats(self.given_stats, self.channels)
+            else:
+                read, count, identity = self.stats_source()
+                self.stats = band_stats(read, count, self.channels, identity, self.stats_samples)
+        return self.stats
+
+    def setup(self, stage: str | None = None) -> None:
+        stats = self.resolve_stats()
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in wanted.get(stage, ("train", "val", "test", "predict")):
+            if split not in self.datasets and (ds := self.build(split, stats)) is not None:
+                self.datasets[split] = ds
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(f"no {split} data configured for {type(self).__name__}")
+        ds = self.datasets[split]
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=train and len(ds) > self.batch_size,  # a last batch of 1 breaks the decoders' BatchNorm
+            collate_fn=self.collate(split),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # no validation data (e.g. a classification split with nothing left over): Lightning skips validation
+        return self._loader("val", False) if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", False)
+
+
+class UnlabelledImages(Dataset):
+    """Images to predict: ``{"<key>": (C, H, W), ..., "name": str, "path": str}`` from one folder per key (e.g.
+    ``{"image": dir}``, ``{"optical": dir, "sar": dir}`` or ``{"before": A, "after": B}``), matched by file name."""
+
+    def __init__(
+        self,
+        folders: Mapping[str, str | Path],
+        channels: Mapping[str, int],
+        stats: Stats,
+        modality_of: Mapping[str, str] | None = None,
+        bands: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
+        from rsvheat.data.segmentation import match_files
+
+        self.records = match_files({k: Path(v) for k, v in folders.items()}, {}, list(folders))
+        self.modality_of = dict(modality_of or {k: k for k in folders})
+        self.channels, self.stats, self.bands = channels, stats, dict(bands or {})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        sample: dict = {}
+        for key, path in record.items():
+            modality = self.modality_of[key]
+            raw = read_image(path, self.bands.get(modality), self.channels[modality])
+            sample[key] = normalise(raw, **self.stats[modality])
+        first = next(iter(record.values()))
+        sample.update(name=first.stem, path=str(first))
+        return sample

@@ -1,0 +1,117 @@
+"""Scene classification data module: class folders (UC Merced, AID, NWPU-RESISC45, EuroSAT) with a seeded,
+stratified train/val/test split written to (and read back from) a JSON split file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from rsvheat.data.classification import (
+    SceneClassification,
+    resolve_root,
+    scan_class_folders,
+    stratified_split,
+    write_json_atomic,
+)
+from rsvheat.data.stats import Stats
+from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
+
+
+class ClassificationDataModule(TaskDataModule):
+    """
+    Args:
+        root: the dataset folder (``root/<class>/<image>``).
+        classes: class names in label order; must equal the class folders (default: the folders, sorted).
+        train_ratio, val_ratio: per-class shares (AID: 0.2 or 0.5; NWPU-RESISC45: 0.1 or 0.2); the rest is the test
+            split. ``val_ratio=0`` (the papers' protocol) validates on the test split.
+        seed: of the split.
+        split_file: JSON split (written if missing, read if present). Default ``splits/<root name>_tr<ratio>_seed<seed>
+            .json`` in the working directory.
+        img_size: images are resized to ``img_size × img_size``.
+        channels, bands, modality: band count after selecting the 1-based ``bands``; the backbone stem to use.
+        predict_dir: a folder of unlabelled images for ``rsvheat predict``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        classes: Sequence[str] | None = None,
+        train_ratio: float = 0.2,
+        val_ratio: float = 0.0,
+        seed: int = 0,
+        split_file: str | None = None,
+        img_size: int = 224,
+        channels: int = 3,
+        bands: Sequence[int] | None = None,
+        modality: str = "optical",
+        predict_dir: str | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 2,
+        stats: dict | None = None,
+        stats_samples: int = 256,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples)
+        self.root = resolve_root(root) if Path(root).is_dir() else Path(root)
+        self.classes, samples = scan_class_folders(self.root, classes)
+        self.samples = samples
+        self.img_size, self.bands, self.modality, self._channels = img_size, bands, modality, channels
+        self.predict_dir = predict_dir
+        self.split_file = Path(split_file or f"splits/{self.root.name}_tr{train_ratio:g}_seed{seed}.json")
+        self.split = self._load_or_write_split(train_ratio, val_ratio, seed)
+
+    @property
+    def channels(self) -> dict[str, int]:
+        return {self.modality: self._channels}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _load_or_write_split(self, train_ratio: float, val_ratio: float, seed: int) -> dict[str, list[str]]:
+        paths = [p for p, _ in self.samples]
+        if self.split_file.is_file():
+            split = json.loads(self.split_file.read_text())
+            if split.get("classes") != self.classes:
+                raise ValueError(f"{self.split_file}: written for classes {split.get('classes')}, not {self.classes}")
+            missing = sorted(set(sum((split[k] for k in ("train", "val", "test")), [])) - set(paths))[:3]
+            if missing:
+                raise ValueError(f"{self.split_file}: lists files that are not in {self.root}, e.g. {missing}")
+            return split
+        indices = stratified_split([label for _, label in self.samples], train_ratio, val_ratio, seed)
+        split = {
+            "root": str(self.root),
+            "classes": self.classes,
+            "train_ratio": train_ratio,
+            "val_ratio": val_ratio,
+            "seed": seed,
+            **{k: [paths[i] for i in v] for k, v in indices.items()},
+        }
+        write_json_atomic(split, self.split_file)
+        return split
+
+    def _dataset(self, files: list[str], stats: Stats, train: bool) -> SceneClassification:
+        label = dict(self.samples)
+        return SceneClassification(
+            self.root,
+            [(f, label[f]) for f in files],
+            self._channels,
+            **stats[self.modality],
+            size=self.img_size,
+            bands=self.bands,
+            train=train,
+        )
+
+    def stats_source(self):
+        ds = self._dataset(self.split["train"], {self.modality: {"mean": [0.0], "std": [1.0]}}, False)
+        identity = ["classification", str(self.root), self.bands, self.split["train"]]
+        return (lambda i: {self.modality: ds.read_raw(i)}), len(ds), identity
+
+    def build(self, split: str, stats: Stats):
+        if split == "predict":
+            if self.predict_dir is None:
+                return None
+            return UnlabelledImages({"image": self.predict_dir}, self.channels, stats, {"image": self.modality})
+        files = self.split["test"] if split == "val" and not self.split["val"] else self.split[split]
+        return self._dataset(files, stats, train=split == "train") if files else None

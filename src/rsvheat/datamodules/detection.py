@@ -1,0 +1,88 @@
+"""Object detection data module: Pascal VOC XML (DIOR) or COCO JSON annotations, images of any size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from rsvheat.data.detection import DetectionDataset, collate_detection
+from rsvheat.data.stats import Stats
+from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
+
+
+def _collate_unlabelled(batch: list[dict]) -> dict:
+    return {k: [b[k] for b in batch] for k in batch[0]}
+
+
+class DetectionDataModule(TaskDataModule):
+    """
+    Args:
+        format: ``"voc"`` (each split: ``{images, annotations, ids?}``) or ``"coco"`` (``{images, annotation_file}``).
+        train, val, test: the split specifications; ``predict_dir``: a folder of images to detect on.
+        classes: names in label order (labels 1..K). Default: the COCO categories, or the sorted VOC names of the
+            training annotations; val/test must use the same list.
+        channels, bands, modality: band count (e.g. 1 for SAR-AIRcraft), 1-based band selection, stem.
+    """
+
+    def __init__(
+        self,
+        train: dict,
+        val: dict,
+        test: dict | None = None,
+        format: Literal["voc", "coco"] = "voc",
+        classes: Sequence[str] | None = None,
+        predict_dir: str | None = None,
+        channels: int = 3,
+        bands: list[int] | None = None,
+        modality: str = "optical",
+        batch_size: int = 4,
+        eval_batch_size: int = 4,
+        num_workers: int = 2,
+        stats: dict | None = None,
+        stats_samples: int = 256,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples)
+        if format not in ("voc", "coco"):
+            raise ValueError(f"format must be 'voc' or 'coco', got {format!r}")
+        self.specs = {"train": train, "val": val, "test": test}
+        self.format, self.predict_dir = format, predict_dir
+        self._channels, self.bands, self.modality = channels, bands, modality
+        # The class list is fixed by the training split and imposed on the others.
+        self.classes = list(self._dataset("train", None, classes).classes)
+
+    @property
+    def channels(self) -> dict[str, int]:
+        return {self.modality: self._channels}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _dataset(self, split: str, stats: Stats | None, classes=None) -> DetectionDataset:
+        s = (stats or {}).get(self.modality, {"mean": [0.0] * self._channels, "std": [1.0] * self._channels})
+        kwargs = dict(
+            classes=classes if classes is not None else getattr(self, "classes", None),
+            channels=self._channels,
+            mean=s["mean"],
+            std=s["std"],
+            train=split == "train",
+            bands=self.bands,
+        )
+        spec = self.specs[split]
+        if self.format == "voc":
+            return DetectionDataset.from_voc(**spec, **kwargs)
+        return DetectionDataset.from_coco(**spec, **kwargs)
+
+    def stats_source(self):
+        ds = self._dataset("train", None)
+        return (lambda i: {self.modality: ds.read_raw(i)}), len(ds), ["detection", [str(p) for p, *_ in ds.items]]
+
+    def build(self, split: str, stats: Stats):
+        if split == "predict":
+            if self.predict_dir is None:
+                return None
+            return UnlabelledImages({"image": self.predict_dir}, self.channels, stats, {"image": self.modality})
+        return self._dataset(split, stats) if self.specs[split] is not None else None
+
+    def collate(self, split: str):
+        return _collate_unlabelled if split == "predict" else collate_detection

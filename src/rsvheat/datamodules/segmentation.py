@@ -1,0 +1,98 @@
+"""Semantic segmentation data module: per split, a folder with an image folder, a mask folder and optionally a
+co-registered SAR folder (``<split_root>/{images,masks,sar}`` by default; LoveDA: ``images_png``/``masks_png``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from rsvheat.data.segmentation import ISPRS_PALETTE, SegmentationFolder
+from rsvheat.data.stats import Stats
+from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
+
+PALETTES = {"isprs": ISPRS_PALETTE}
+
+
+class SegmentationDataModule(TaskDataModule):
+    """
+    Args:
+        train_root, val_root, test_root, predict_root: split folders (``test``/``predict`` optional; ``predict``
+            needs only images, and SAR when the model fuses it).
+        num_classes: class ids ``0..num_classes-1``; ``ignore_index`` pixels are not scored.
+        images_dir, masks_dir, sar_dir: sub-folder names; ``sar_dir=None`` for optical-only data.
+        image_suffix, mask_suffix, sar_suffix: removed from file stems before matching (Potsdam: ``_RGB``/``_label``).
+        palette: ``"isprs"`` (Potsdam/Vaihingen colours), a list of RGB triplets, or ``None`` for index masks.
+        channels: ``{"optical": 3}``, or ``{"optical": 4, "sar": 1}`` to fuse SAR; ``bands``: 1-based band lists.
+        crop_size: random training crops; evaluation runs on whole images (sliding window in the task).
+    """
+
+    def __init__(
+        self,
+        train_root: str,
+        val_root: str,
+        num_classes: int,
+        test_root: str | None = None,
+        predict_root: str | None = None,
+        images_dir: str = "images",
+        masks_dir: str = "masks",
+        sar_dir: str | None = None,
+        image_suffix: str = "",
+        mask_suffix: str = "",
+        sar_suffix: str = "",
+        palette: str | Sequence[Sequence[int]] | None = None,
+        ignore_index: int = 255,
+        channels: dict[str, int] | None = None,
+        bands: dict[str, list[int]] | None = None,
+        crop_size: int = 512,
+        batch_size: int = 8,
+        eval_batch_size: int = 1,
+        num_workers: int = 2,
+        stats: dict | None = None,
+        stats_samples: int = 256,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples)
+        self.roots = {"train": train_root, "val": val_root, "test": test_root, "predict": predict_root}
+        self.num_classes, self.ignore_index, self.crop_size = num_classes, ignore_index, crop_size
+        self.dirs = {"images": images_dir, "masks": masks_dir, "sar": sar_dir}
+        self.suffixes = {"image_suffix": image_suffix, "mask_suffix": mask_suffix, "sar_suffix": sar_suffix}
+        self.palette = PALETTES[palette] if isinstance(palette, str) else palette
+        self._channels = dict(channels or {"optical": 3})
+        if ("sar" in self._channels) != (sar_dir is not None):
+            raise ValueError(f"channels {self._channels} and sar_dir {sar_dir!r}: give both or neither for SAR fusion")
+        self.bands = bands
+
+    @property
+    def channels(self) -> dict[str, int]:
+        return self._channels
+
+    def _dataset(self, split: str, stats: Stats) -> SegmentationFolder:
+        root = Path(self.roots[split])
+        return SegmentationFolder(
+            root / self.dirs["images"],
+            root / self.dirs["masks"],
+            self.num_classes,
+            self._channels,
+            stats,
+            sar=root / self.dirs["sar"] if self.dirs["sar"] else None,
+            crop_size=self.crop_size,
+            train=split == "train",
+            ignore_index=self.ignore_index,
+            palette=self.palette,
+            bands=self.bands,
+            **self.suffixes,
+        )
+
+    def stats_source(self):
+        ds = self._dataset("train", {})
+        return ds.read_raw, len(ds), ["segmentation", [str(r["optical"]) for r in ds.records], self.bands]
+
+    def build(self, split: str, stats: Stats):
+        if self.roots[split] is None:
+            return None
+        if split == "predict":
+            root = Path(self.roots[split])
+            folders = {"optical": root / self.dirs["images"]}
+            if self.dirs["sar"]:
+                folders["sar"] = root / self.dirs["sar"]
+            return UnlabelledImages(folders, self._channels, stats, bands=self.bands)
+        return self._dataset(split, stats)
