@@ -1,10 +1,13 @@
-"""The ``rsvheat`` command line: ``demo``, ``info``, ``bench``, ``pretrain``, ``export-encoder``."""
+"""The ``rsvheat`` command line: ``demo``, ``info``, ``bench``, ``pretrain``, ``export-encoder``, and the downstream
+tasks' ``fit``, ``validate``, ``test``, ``predict``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+TASK_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -39,11 +42,20 @@ def main(argv: list[str] | None = None) -> None:
 
     sub.add_parser("bench", help="efficiency benchmark vs Swin / ViT / official structure (see --help)", add_help=False)
     sub.add_parser("pretrain", help="self-supervised pre-training (LightningCLI: --config, see --help)", add_help=False)
+    for command in TASK_COMMANDS:
+        sub.add_parser(command, help=f"downstream tasks: {command} (--config, see --help)", add_help=False)
+    samples = sub.add_parser("make-samples", help="write small task datasets cut from the embedded Landsat scene")
+    samples.add_argument("out", type=Path, nargs="?", default=Path("data/samples"), help="default data/samples")
     export = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
     export.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
     export.add_argument("out", type=Path, help="output .safetensors file")
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TASK_COMMANDS:
+        from rsvheat.trainers.cli import task_cli
+
+        task_cli(argv)
+        return
     if argv and argv[0] in ("bench", "pretrain"):
         if argv[0] == "bench":
             from rsvheat.bench import main as passthrough
@@ -58,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         run_demo(args.out, args.image, args.model, args.weights, args.bench_size)
     elif args.command == "info":
         _info(args)
+    elif args.command == "make-samples":
+        from rsvheat.data.samples import write_all
+
+        for task, path in write_all(args.out).items():
+            print(f"{task:15s} {path}")
     elif args.command == "export-encoder":
         from rsvheat.trainers.pretrain import export_encoder
 

@@ -39,3 +39,41 @@ class RSVHeatCLI(LightningCLI):
                 )
                 for name in classes
             ]
+
+
+def task_cli(argv: list[str] | None = None) -> None:
+    """``rsvheat fit|validate|test|predict --config configs/<task>/<name>.yaml [--section.option value ...]``.
+
+    The config names the task (``model.class_path: rsvheat.trainers.SegmentationTask``) and its data module
+    (``data.class_path: rsvheat.datamodules.SegmentationDataModule``); see ``configs/``.
+    """
+    from rsvheat.datamodules.base import TaskDataModule
+    from rsvheat.trainers.base import PredictionWriter, TaskModule
+
+    class TaskCLI(RSVHeatCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            super().add_arguments_to_parser(parser)
+            # fine-tuning runs are short epochs over fixed datasets: a checkpoint (last.ckpt) per epoch
+            parser.set_defaults({"checkpoint.every_n_train_steps": 0, "checkpoint.every_n_epochs": 1})
+            parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            config = self.config[self.subcommand]
+            # a new process has no memory of the best model: "best" names the file the best checkpoint writes
+            if self.subcommand != "fit" and config.get("ckpt_path") == "best":
+                best = Path(config.checkpoint.dirpath) / "best.ckpt"
+                if not best.is_file():
+                    raise FileNotFoundError(f"--ckpt_path best: no {best} (run `rsvheat fit` with this config first)")
+                config.ckpt_path = str(best)
+
+    TaskCLI(
+        TaskModule,
+        TaskDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "runs/task"},
+    )

@@ -1,0 +1,192 @@
+"""What the downstream tasks share: building the backbone from weights at the task resolution, freezing, AdamW with
+layer-wise learning-rate decay and a warm-up + cosine schedule, the best-checkpoint callback, prediction writing."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+import rsvheat
+from rsvheat.models.checkpoint import load_checkpoint
+from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.trainers.optim import warmup_cosine
+
+
+def build_backbone(
+    variant: str,
+    modalities: dict[str, int],
+    img_size: int,
+    weights: str | None = None,
+    drop_path_rate: float = 0.1,
+    num_classes: int = 0,
+    encoder_kwargs: dict | None = None,
+) -> RSVHeat:
+    """An RS-vHeat backbone for a task: stems for ``modalities``, FVE/SCE stored at ``img_size`` (the task resolution;
+    weights made at another resolution are resized bilinearly), loaded from ``weights`` (rsvheat ``.safetensors``,
+    an ``rsvheat pretrain`` encoder, or an official vHeat/RS-vHeat ``.pth``; see :func:`load_checkpoint`)."""
+    model = rsvheat.create_model(
+        variant,
+        modalities=dict(modalities),
+        img_size=img_size,
+        num_classes=num_classes,
+        drop_path_rate=drop_path_rate,
+        **dict(encoder_kwargs or {}),
+    )
+    if weights:
+        load_checkpoint(model, weights)
+    return model
+
+
+def write_atomic(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+class TaskModule(pl.LightningModule):
+    """Base of the downstream tasks. Subclasses build ``self.backbone`` (via :meth:`init_backbone`) and their head,
+    and set ``monitor`` (metric name, ``"max"``/``"min"``) for the best checkpoint.
+
+    Optimisation hyper-parameters every task takes: ``lr``, ``weight_decay`` (none on norms, biases, FVE and SCE),
+    ``layer_decay`` (< 1: the backbone's learning rate shrinks by this factor per block from the top, as in BEiT and
+    the vHeat detection/segmentation recipes), ``warmup_fraction``, ``min_lr_ratio``; ``freeze_backbone`` (linear
+    probe: the backbone is frozen and kept in eval mode) and ``freeze_stages`` (stems and the first N stages frozen).
+    """
+
+    monitor: tuple[str, str] = ("val/loss", "min")
+
+    @property
+    def modalities(self) -> dict[str, int]:
+        """The backbone's stems (``{"optical": 3}`` unless configured)."""
+        return dict(self.hparams.modalities or {"optical": 3})
+
+    def init_backbone(self, num_classes: int = 0) -> None:
+        h = self.hparams
+        self.backbone = build_backbone(
+            h.backbone, self.modalities, h.img_size, h.weights, h.drop_path_rate, num_classes, h.get("encoder_kwargs")
+        )
+        if num_classes == 0:
+            self.backbone.head.requires_grad_(False)  # dense tasks do not use the classifier's norm
+        if h.freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.head.requires_grad_(num_classes > 0)  # the linear probe trains the classifier
+        elif h.freeze_stages:
+            self.backbone.stems.requires_grad_(False)
+            for stage in self.backbone.stages[: h.freeze_stages]:
+                stage.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.hparams.get("freeze_backbone"):
+            self.backbone.eval()  # a linear probe reads fixed features: no drop path
+        return self
+
+    def head_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        backbone = {id(p) for p in self.backbone.parameters()}
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in backbone]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        skip = self.backbone.no_weight_decay()
+        if h.layer_decay < 1:
+            groups = param_groups_layer_decay(self.backbone, h.weight_decay, skip, layer_decay=h.layer_decay)
+        else:
+            groups = param_groups_weight_decay(self.backbone, h.weight_decay, skip)
+        for group in groups:
+            group["lr"] = h.lr * group.pop("lr_scale", 1.0)
+            group.pop("param_names", None)
+        head = self.head_parameters()
+        groups += [
+            {"params": [p for n, p in head if p.ndim > 1], "weight_decay": h.weight_decay, "lr": h.lr},
+            {"params": [p for n, p in head if p.ndim <= 1], "weight_decay": 0.0, "lr": h.lr},
+        ]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=h.lr)
+        schedule = warmup_cosine(
+            optimizer, int(self.trainer.estimated_stepping_batches), h.warmup_fraction, h.min_lr_ratio
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_callbacks(self):
+        """One checkpoint callback keeping ``best.ckpt`` (on ``monitor``) and ``last.ckpt``. It takes the place of an
+        unmonitored ``ModelCheckpoint`` the trainer already has (the CLI's ``checkpoint`` section), keeping that one's
+        folder and period; a trainer with a monitored checkpoint of its own is left as it is."""
+        if self._trainer is None:
+            return []
+        present = [c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+        if any(c.monitor for c in present):
+            return []
+        base = present[0] if present else None
+        name, mode = self.monitor
+        return [
+            ModelCheckpoint(
+                dirpath=(base.dirpath if base else None) or Path(self.trainer.default_root_dir) / "checkpoints",
+                filename="best",
+                monitor=name,
+                mode=mode,
+                save_top_k=1,
+                save_last=True,
+                every_n_train_steps=base._every_n_train_steps if base else None,
+                every_n_epochs=base._every_n_epochs if base else None,
+            )
+        ]
+
+    def check_classes(self, classes: Sequence[str] | None, data_classes: Sequence[str] | None, source: str) -> None:
+        """The model's class list (config) against the data's: a mismatch is an error that names both."""
+        if classes is not None and data_classes is not None and list(classes) != list(data_classes):
+            raise ValueError(
+                f"class list mismatch: the model has {list(classes)}, the data ({source}) {list(data_classes)}"
+            )
+
+    def class_names(self) -> list[str]:
+        """From the config (``classes``), else from the data module, else ``"0".."K-1"``."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        names = self.hparams.get("classes") or getattr(dm, "classes", None)
+        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
+
+    def run_dir(self) -> Path:
+        """Folder of this run's logs (``<default_root_dir>/logs/version_N``), without a collective call."""
+        trainer = self.trainer
+        log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+        return Path(log_dir or trainer.default_root_dir)
+
+    # prediction writing (called by PredictionWriter) -----------------------------------------------------------------
+    def write_batch(self, prediction, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def finish_writing(self, out_dir: Path) -> None:
+        """Write what is collected over the whole prediction run (tables)."""
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes what ``predict_step`` returns through the task's ``write_batch`` (per batch: maps are streamed to disk)
+    and ``finish_writing`` (tables), into ``output_dir`` (default ``<default_root_dir>/predictions``)."""
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        return Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        pl_module.write_batch(prediction, self._dir(trainer))
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.finish_writing(self._dir(trainer))
+        print(f"predictions written to {self._dir(trainer)}")

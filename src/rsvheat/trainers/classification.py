@@ -1,0 +1,184 @@
+"""Scene classification: RS-vHeat + its classifier head; linear probe or full fine-tuning."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torchmetrics import MetricCollection  # noqa: E402
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix  # noqa: E402
+
+from rsvheat.trainers.base import TaskModule, write_atomic  # noqa: E402
+
+
+class ClassificationTask(TaskModule):
+    """
+    Args:
+        num_classes, classes: the classes (``classes`` optional, checked against the data's class folders).
+        backbone: variant (``rsvheat_base`` = the paper's model); ``weights``: checkpoint to start from;
+            ``modalities``: stems, e.g. ``{"optical": 3}``; ``img_size``: training resolution (FVE/SCE resized to it).
+        label_smoothing: of the cross-entropy.
+        (optimisation and freezing: see :class:`TaskModule`; ``freeze_backbone=True`` is the linear probe)
+
+    Metrics: overall accuracy (``OA``, the papers' metric), mean per-class accuracy (``AA``); the test run also writes
+    per-class accuracy (CSV) and the confusion matrix (CSV and PNG) into the log folder.
+    """
+
+    monitor = ("val/OA", "max")
+
+    def __init__(
+        self,
+        num_classes: int,
+        classes: list[str] | None = None,
+        backbone: str = "rsvheat_base",
+        weights: str | None = None,
+        modalities: dict[str, int] | None = None,
+        img_size: int = 224,
+        drop_path_rate: float = 0.1,
+        label_smoothing: float = 0.1,
+        freeze_backbone: bool = False,
+        freeze_stages: int = 0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.9,
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        encoder_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f"num_classes is {num_classes} but {len(classes)} class names are given")
+        self.save_hyperparameters()
+        self.init_backbone(num_classes)
+        metrics = MetricCollection(
+            {"OA": MulticlassAccuracy(num_classes, average="micro"), "AA": MulticlassAccuracy(num_classes)}
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.per_class = MulticlassAccuracy(num_classes, average="none")
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+        self.predictions: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "classes"):
+            if len(dm.classes) != self.hparams.num_classes:
+                raise ValueError(
+                    f"class list mismatch: the model has num_classes={self.hparams.num_classes}, the data "
+                    f"({dm.root}) has {len(dm.classes)} classes {dm.classes}"
+                )
+            self.check_classes(self.hparams.classes, dm.classes, str(dm.root))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        self.log("train/acc", (logits.argmax(1) == labels).float().mean(), batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(labels))
+        self.val_metrics.update(logits, labels)
+        self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(labels))
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        self.test_metrics.update(logits, labels)
+        self.per_class.update(logits, labels)
+        self.confusion.update(logits, labels)
+        self.log_dict(self.test_metrics, batch_size=len(labels))
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.per_class.compute().cpu()
+        matrix = self.confusion.compute().cpu()
+        self.per_class.reset()
+        self.confusion.reset()
+        if self.trainer.is_global_zero:
+            self.write_test_report(per_class, matrix, self.run_dir())
+
+    def write_test_report(self, per_class: torch.Tensor, matrix: torch.Tensor, out: Path) -> None:
+        names = self.class_names()
+
+        def table(path: Path) -> None:
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["class", "accuracy", "samples"])
+                for name, acc, row in zip(names, per_class.tolist(), matrix.sum(1).tolist(), strict=True):
+                    writer.writerow([name, f"{acc:.4f}", row])
+
+        def confusion_csv(path: Path) -> None:
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["true \\ predicted", *names])
+                for name, row in zip(names, matrix.tolist(), strict=True):
+                    writer.writerow([name, *row])
+
+        def confusion_png(path: Path) -> None:
+            share = matrix.float() / matrix.sum(1, keepdim=True).clamp_min(1)
+            size = max(4.0, 0.35 * len(names) + 2)
+            fig, ax = plt.subplots(figsize=(size + 1, size))
+            im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+            ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted", ylabel="true")
+            ax.set_xticklabels(names, rotation=90, fontsize=7)
+            ax.set_yticklabels(names, fontsize=7)
+            if len(names) <= 15:
+                for i in range(len(names)):
+                    for j in range(len(names)):
+                        ax.text(
+                            j,
+                            i,
+                            int(matrix[i, j]),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black",
+                        )
+            fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+
+        write_atomic(out / "per_class_accuracy.csv", table)
+        write_atomic(out / "confusion_matrix.csv", confusion_csv)
+        write_atomic(out / "confusion_matrix.png", confusion_png)
+
+    def predict_step(self, batch, batch_idx):
+        images = batch["image"]
+        size = self.hparams.img_size
+        if tuple(images.shape[-2:]) != (size, size):
+            images = F.interpolate(images, (size, size), mode="bilinear", align_corners=False)
+        probs = self(images).softmax(1)
+        score, label = probs.max(1)
+        return [
+            {"path": p, "label": int(c), "score": float(s)}
+            for p, c, s in zip(batch["path"], label.tolist(), score.tolist(), strict=True)
+        ]
+
+    def write_batch(self, prediction, out_dir: Path) -> None:
+        self.predictions += prediction
+
+    def finish_writing(self, out_dir: Path) -> None:
+        names = self.class_names()
+
+        def table(path: Path) -> None:
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "class", "label", "score"])
+                for p in self.predictions:
+                    writer.writerow([p["path"], names[p["label"]], p["label"], f"{p['score']:.4f}"])
+
+        write_atomic(Path(out_dir) / "classification.csv", table)
+        self.predictions = []
