@@ -24,6 +24,13 @@ def _info(args: argparse.Namespace) -> None:
     print(f"  GMACs   train {c.gmacs_train:8.2f}     folded (paper) {c.gmacs_folded:8.2f}")
 
 
+def _bands(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bands are 1-based integers separated by commas, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rsvheat", description="RS-vHeat: heat-conduction remote-sensing backbone")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +53,26 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_parser(command, help=f"downstream tasks: {command} (--config, see --help)", add_help=False)
     samples = sub.add_parser("make-samples", help="write small task datasets cut from the embedded Landsat scene")
     samples.add_argument("out", type=Path, nargs="?", default=Path("data/samples"), help="default data/samples")
+    scene = sub.add_parser(
+        "predict-scene",
+        help="run a fine-tuned checkpoint over whole GeoTIFF scenes (tiled, bounded memory, georeferenced output)",
+    )
+    scene.add_argument("checkpoint", type=Path, help="a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)")
+    scene.add_argument(
+        "images",
+        type=Path,
+        nargs="+",
+        help="segmentation: one raster per stem (optical [sar]); change detection: before after; detection: one",
+    )
+    scene.add_argument("-o", "--output", type=Path, required=True, help="class/change map .tif, or boxes .geojson")
+    scene.add_argument("--probabilities", type=Path, default=None, help="also write per-class probabilities (.tif)")
+    scene.add_argument("--bands", type=_bands, nargs="+", default=None, help="1-based bands per image, e.g. 3,2,1")
+    scene.add_argument("--tile", type=int, default=512, help="tile size in pixels (default 512)")
+    scene.add_argument("--overlap", type=int, default=None, help="overlap between tiles (default tile / 4)")
+    scene.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    scene.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    scene.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    scene.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
     export = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
     export.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
     export.add_argument("out", type=Path, help="output .safetensors file")
@@ -75,6 +102,23 @@ def main(argv: list[str] | None = None) -> None:
 
         for task, path in write_all(args.out).items():
             print(f"{task:15s} {path}")
+    elif args.command == "predict-scene":
+        from rsvheat.inference.tasks import predict_scene
+
+        written = predict_scene(
+            args.checkpoint,
+            args.images,
+            args.output,
+            probabilities=args.probabilities,
+            bands=args.bands,
+            tile=args.tile,
+            overlap=args.tile // 4 if args.overlap is None else args.overlap,
+            batch_size=args.batch_size,
+            device=args.device,
+            overwrite=args.overwrite,
+            cog=not args.no_cog,
+        )
+        print("written:", *written, sep="\n  ")
     elif args.command == "export-encoder":
         from rsvheat.trainers.pretrain import export_encoder
 

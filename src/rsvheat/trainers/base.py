@@ -146,6 +146,16 @@ class TaskModule(pl.LightningModule):
             )
         ]
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What inference needs besides the weights (``rsvheat predict-scene``): the task class, the normalisation
+        statistics of the training data, the class names."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        checkpoint["rsvheat"] = {
+            "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "stats": getattr(dm, "stats", None),
+            "classes": self.class_names() if "num_classes" in self.hparams else None,
+        }
+
     def check_classes(self, classes: Sequence[str] | None, data_classes: Sequence[str] | None, source: str) -> None:
         """The model's class list (config) against the data's: a mismatch is an error that names both."""
         if classes is not None and data_classes is not None and list(classes) != list(data_classes):

@@ -1,0 +1,383 @@
+"""Whole-scene inference on georeferenced rasters of any size, in bounded memory.
+
+The scene is read in strips of ``tile`` rows (rasterio windowed reads). Each strip is cut into overlapping tiles that
+are predicted in batches and blended with the weights of :mod:`rsvheat.inference.sliding`; rows that no later strip
+touches are final and are written out at once. Memory therefore grows with ``tile × scene width``, never with the
+scene's height or area. Maps are written as tiled, compressed GeoTIFFs (converted to Cloud Optimized GeoTIFF when
+GDAL has the COG driver) with the input's CRS and transform; boxes as GeoJSON in longitude/latitude. Outputs are
+written to a temporary file in the destination folder and renamed at the end, so a crash or a full disk never leaves
+a half-written result under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rsvheat.data.io import ImageReadError
+from rsvheat.inference.sliding import blend_weights, tile_starts
+
+#: Smallest tile the backbone accepts: its four stages downsample by 32 in total.
+MIN_TILE = 32
+
+
+@dataclass(frozen=True)
+class Input:
+    """One raster of a scene: ``path`` read through the stem of ``modality`` (bands ``bands``, 1-based, or all)."""
+
+    path: Path
+    modality: str
+    bands: tuple[int, ...] | None = None
+
+
+class Scene:
+    """Co-registered rasters read window by window: ``{role: Input}`` (roles: the modality names for segmentation,
+    ``before``/``after`` for change detection). Checks that they share size, CRS and transform, and that each has
+    the bands its stem expects; a raster without CRS is accepted with a warning (outputs then have none either)."""
+
+    def __init__(self, inputs: Mapping[str, Input], channels: Mapping[str, int], stats: Mapping[str, Mapping]) -> None:
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+        self.inputs = dict(inputs)
+        self._stack = ExitStack()
+        self.sources = {}
+        for role, item in self.inputs.items():
+            if not Path(item.path).is_file():
+                raise ImageReadError(f"{role} raster not found: {item.path}")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    src = self._stack.enter_context(rasterio.open(item.path))
+            except RasterioError as err:
+                self.close()
+                raise ImageReadError(f"cannot read {role} raster {item.path}: {err}") from err
+            self.sources[role] = src
+            count = len(item.bands) if item.bands else src.count
+            if item.bands and max(item.bands) > src.count:
+                raise ImageReadError(f"{item.path}: bands {list(item.bands)} requested, the file has {src.count}")
+            if count != channels[item.modality]:
+                raise ImageReadError(
+                    f"{item.path}: {count} band(s), the model's {item.modality} stem takes {channels[item.modality]}"
+                    " (select bands with --bands)"
+                )
+        first_role, first = next(iter(self.sources.items()))
+        for role, src in self.sources.items():
+            if (src.height, src.width) != (first.height, first.width):
+                raise ImageReadError(
+                    f"{first_role} and {role} rasters differ in size: {first.name} is {first.height}×{first.width}, "
+                    f"{src.name} is {src.height}×{src.width} (resample one onto the other's grid first)"
+                )
+            if src.crs != first.crs:
+                raise ImageReadError(
+                    f"{first_role} and {role} rasters are in different CRS: {first.name} is {first.crs}, "
+                    f"{src.name} is {src.crs} (reproject one onto the other's grid first, e.g. gdalwarp)"
+                )
+            if not src.transform.almost_equals(first.transform):
+                raise ImageReadError(
+                    f"{first_role} and {role} rasters are on different grids (same size and CRS, different "
+                    f"transform): {first.name} vs {src.name}"
+                )
+        self.height, self.width = first.height, first.width
+        self.crs, self.transform = first.crs, first.transform
+        if self.crs is None:
+            warnings.warn(f"{first.name} is not georeferenced: the outputs will have no CRS", stacklevel=2)
+        self.stats = {
+            role: (
+                np.asarray(stats[item.modality]["mean"], np.float32)[:, None, None],
+                np.asarray(stats[item.modality]["std"], np.float32)[:, None, None],
+            )
+            for role, item in self.inputs.items()
+        }
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Scene:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, top: int, left: int, height: int, width: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Normalised ``{role: (C, h, w)}`` float32 and the valid-pixel mask ``(h, w)``: False where any raster has
+        nodata (its nodata value, alpha band or mask) or a non-finite value. Invalid pixels read as 0 (the mean)."""
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window
+
+        window = Window(left, top, width, height)
+        arrays, valid = {}, np.ones((height, width), bool)
+        for role, src in self.sources.items():
+            bands = list(self.inputs[role].bands) if self.inputs[role].bands else None
+            try:
+                data = src.read(bands, window=window).astype(np.float32, copy=False)
+                valid &= src.dataset_mask(window=window) > 0
+            except RasterioError as err:
+                raise ImageReadError(f"cannot read {src.name} at rows {top}-{top + height}: {err}") from err
+            valid &= np.isfinite(data).all(0)
+            mean, std = self.stats[role]
+            data = (data - mean) / std
+            data[:, ~valid] = 0.0
+            arrays[role] = data
+        for data in arrays.values():
+            data[:, ~valid] = 0.0  # a pixel missing in one raster is missing in all
+        return arrays, valid
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def _cleanup(*paths: Path) -> None:
+    for p in paths:
+        for leftover in (p, p.with_name(p.name + ".aux.xml"), p.with_name(p.name + ".ovr")):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _windows(height: int, width: int, tile: int, overlap: int) -> tuple[int, int, int, list[int], list[int]]:
+    if tile < MIN_TILE:
+        raise ValueError(f"tile ({tile}) is smaller than the model's output stride ({MIN_TILE} pixels)")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
+    th, tw = min(tile, height), min(tile, width)
+    overlap = min(overlap, th - 1, tw - 1)
+    return th, tw, overlap, tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _to_batch(arrays: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
+    return {role: torch.from_numpy(np.stack([a[role] for a in arrays])).to(device) for role in arrays[0]}
+
+
+def dense_strips(
+    scene: Scene,
+    predict: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    outputs: int,
+    tile: int = 512,
+    overlap: int = 128,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(top, values (outputs, rows, W), valid (rows, W))`` for consecutive row blocks covering the scene,
+    where ``values`` blends ``predict({role: (B, C, t, t)}) -> (B, outputs, t, t)`` over overlapping tiles. Tiles
+    without a single valid pixel are not predicted."""
+    device = torch.device(device)
+    th, tw, overlap, ys, xs = _windows(scene.height, scene.width, tile, overlap)
+    width = scene.width
+    acc = np.zeros((outputs, th, width), np.float32)
+    norm = np.zeros((th, width), np.float32)
+    wx = [blend_weights(tw, x, width, overlap).numpy() for x in xs]
+    bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", disable=not progress)
+    try:
+        for i, top in enumerate(ys):
+            strip, valid = scene.read(top, 0, th, width)
+            wy = blend_weights(th, top, scene.height, overlap).numpy()
+            tiles = [(x, w) for x, w in zip(xs, wx, strict=True) if valid[:, x : x + tw].any()]
+            for chunk in _batches(tiles, batch_size):
+                batch = _to_batch([{r: a[:, :, x : x + tw] for r, a in strip.items()} for x, _ in chunk], device)
+                with torch.inference_mode():
+                    out = predict(batch).float().cpu().numpy()
+                for (x, w), pred in zip(chunk, out, strict=True):
+                    weight = wy[:, None] * w[None, :]
+                    acc[:, :, x : x + tw] += pred * weight
+                    norm[:, x : x + tw] += weight
+            bar.update(len(xs))
+            # rows above the next strip are final; the rows it overlaps are carried over
+            done = (ys[i + 1] - top) if i + 1 < len(ys) else th
+            covered = norm[:done] > 0
+            yield top, acc[:, :done] / np.where(covered, norm[:done], 1.0), valid[:done] & covered
+            keep = th - done
+            acc[:, :keep], norm[:keep] = acc[:, done:].copy(), norm[done:].copy()
+            acc[:, keep:], norm[keep:] = 0.0, 0.0
+    finally:
+        bar.close()
+
+
+def _has_driver(name: str) -> bool:
+    import rasterio
+
+    with rasterio.Env() as env:
+        return name in env.drivers()
+
+
+#: One map written from the blended values: ``(path, encode(values) -> (bands, rows, W), bands, dtype, nodata,
+#: band descriptions or None)``.
+MapTarget = tuple[Path, Callable[[np.ndarray], np.ndarray], int, str, float, "list[str] | None"]
+
+
+def write_dense(
+    scene: Scene,
+    strips: Iterator[tuple[int, np.ndarray, np.ndarray]],
+    targets: list[MapTarget],
+    overwrite: bool = False,
+    cog: bool = True,
+) -> list[Path]:
+    """Write each target's ``encode(values)`` of every strip into its GeoTIFF (``nodata`` where the input is invalid),
+    all from one pass over the scene; tiled and deflate-compressed, converted to COG when ``cog`` and GDAL has the
+    driver. Each file appears under its name only when complete."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.windows import Window
+
+    paths = [Path(t[0]) for t in targets]
+    for path in paths:
+        _check_output(path, overwrite)
+    partials = [_partial(p) for p in paths]
+    cogs = [p.with_name(f".{p.name}.cog.partial") for p in paths]
+    try:
+        with warnings.catch_warnings(), ExitStack() as stack:
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            outs = []
+            for tmp, (_, _, bands, dtype, nodata, _) in zip(partials, targets, strict=True):
+                profile = {
+                    "driver": "GTiff",
+                    "count": bands,
+                    "height": scene.height,
+                    "width": scene.width,
+                    "dtype": dtype,
+                    "nodata": nodata,
+                    "compress": "deflate",
+                    "tiled": True,
+                    "blockxsize": 256,
+                    "blockysize": 256,
+                    "BIGTIFF": "IF_SAFER",
+                }
+                if scene.crs is not None:
+                    profile.update(crs=scene.crs, transform=scene.transform)
+                outs.append(stack.enter_context(rasterio.open(tmp, "w", **profile)))
+            for top, values, valid in strips:
+                for dst, (_, encode, _, dtype, nodata, _) in zip(outs, targets, strict=True):
+                    out = encode(values).astype(dtype, copy=False)
+                    out[:, ~valid] = nodata
+                    dst.write(out, window=Window(0, top, scene.width, out.shape[1]))
+            for dst, target in zip(outs, targets, strict=True):
+                for i, name in enumerate(target[5] or [], start=1):
+                    dst.set_band_description(i, name)
+        for path, tmp, tmp_cog, target in zip(paths, partials, cogs, targets, strict=True):
+            if cog and _has_driver("COG"):
+                from rasterio.shutil import copy as raster_copy
+
+                resampling = "NEAREST" if np.issubdtype(np.dtype(target[3]), np.integer) else "AVERAGE"
+                raster_copy(tmp, tmp_cog, driver="COG", compress="DEFLATE", overview_resampling=resampling)
+                os.replace(tmp_cog, path)
+            else:
+                os.replace(tmp, path)
+    finally:
+        _cleanup(*partials, *cogs)
+    return paths
+
+
+def detect_scene(
+    scene: Scene,
+    detect: Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]],
+    tile: int = 800,
+    overlap: int = 200,
+    batch_size: int = 2,
+    iou_threshold: float = 0.5,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Boxes over the whole scene: ``detect([(C, t, t), ...]) -> [{boxes, labels, scores}]`` on overlapping tiles,
+    shifted to scene pixels, boxes centred on nodata dropped, duplicates across tiles removed by per-class NMS.
+    Returns ``{boxes (N, 4) xyxy pixels, labels (N,), scores (N,)}`` sorted by score."""
+    from torchvision.ops import batched_nms
+
+    device = torch.device(device)
+    th, tw, overlap, ys, xs = _windows(scene.height, scene.width, tile, overlap)
+    (role,) = scene.inputs
+    found = {"boxes": [], "labels": [], "scores": []}
+    bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", disable=not progress)
+    try:
+        for top in ys:
+            strip, valid = scene.read(top, 0, th, scene.width)
+            tiles = [x for x in xs if valid[:, x : x + tw].any()]
+            for chunk in _batches(tiles, batch_size):
+                images = [torch.from_numpy(strip[role][:, :, x : x + tw]).to(device) for x in chunk]
+                with torch.inference_mode():
+                    outputs = detect(images)
+                for x, out in zip(chunk, outputs, strict=True):
+                    boxes = out["boxes"].float().cpu() + torch.tensor([x, top, x, top], dtype=torch.float32)
+                    cx = ((boxes[:, 0] + boxes[:, 2]) / 2 - x).long().clamp(0, tw - 1)
+                    cy = ((boxes[:, 1] + boxes[:, 3]) / 2 - top).long().clamp(0, th - 1)
+                    keep = torch.from_numpy(valid[cy.numpy(), (cx + x).numpy()])
+                    found["boxes"].append(boxes[keep])
+                    found["labels"].append(out["labels"].cpu()[keep])
+                    found["scores"].append(out["scores"].float().cpu()[keep])
+            bar.update(len(xs))
+    finally:
+        bar.close()
+    if not found["boxes"]:
+        return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
+    result = {k: torch.cat(v) for k, v in found.items()}
+    keep = batched_nms(result["boxes"], result["scores"], result["labels"], iou_threshold)
+    return {k: v[keep] for k, v in result.items()}
+
+
+def write_geojson(
+    scene: Scene,
+    detections: Mapping[str, torch.Tensor],
+    class_names: list[str],
+    path: str | Path,
+    overwrite: bool = False,
+) -> Path:
+    """Boxes as a GeoJSON FeatureCollection of polygons in longitude/latitude (RFC 7946; reprojected from the
+    scene's CRS), with ``class``, ``label``, ``score`` and the pixel box ``bbox_xyxy``; a scene without CRS gets
+    pixel coordinates (and a warning at opening)."""
+    from rasterio.warp import transform_geom
+
+    path = Path(path)
+    _check_output(path, overwrite)
+    features = []
+    for box, label, score in zip(
+        detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist(), strict=True
+    ):
+        x1, y1, x2, y2 = box
+        corners = [(x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1)]
+        if scene.crs is not None:
+            ring = [tuple(scene.transform * c) for c in corners]
+            geometry = transform_geom(scene.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]})
+        else:
+            geometry = {"type": "Polygon", "coordinates": [corners]}
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": geometry,
+                "properties": {
+                    "class": class_names[label - 1],
+                    "label": label,
+                    "score": round(score, 4),
+                    "bbox_xyxy": [round(v, 2) for v in box],
+                },
+            }
+        )
+    collection = {"type": "FeatureCollection", "features": features}
+    if scene.crs is None:
+        collection["note"] = "pixel coordinates: the scene is not georeferenced"
+    tmp = _partial(path)
+    try:
+        tmp.write_text(json.dumps(collection))
+        os.replace(tmp, path)
+    finally:
+        _cleanup(tmp)
+    return path
