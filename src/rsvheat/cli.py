@@ -24,6 +24,28 @@ def _info(args: argparse.Namespace) -> None:
     print(f"  GMACs   train {c.gmacs_train:8.2f}     folded (paper) {c.gmacs_folded:8.2f}")
 
 
+def _explain(args: argparse.Namespace) -> None:
+    import rsvheat
+    from rsvheat.data.io import image_header
+    from rsvheat.explain import explain_scene
+
+    stats = None
+    if args.checkpoint is not None:
+        from rsvheat.inference.tasks import load_task
+
+        task, meta = load_task(args.checkpoint)
+        model, stats = task.backbone, meta["stats"].get(args.modality)
+    else:
+        channels = args.channels or (len(args.bands) if args.bands else image_header(args.image)[0])
+        model = rsvheat.create_model(args.model, modalities={args.modality: channels})
+        if args.weights is not None:
+            missing = rsvheat.load_checkpoint(model, args.weights, strict=False).missing_keys
+            if missing:
+                print(f"warning: {len(missing)} tensors not in {args.weights} kept at random init, e.g. {missing[0]}")
+    written = explain_scene(model, args.image, args.out, args.modality, stats, args.bands, args.tile)
+    print(f"heat maps written to {args.out} ({len(written)} figures; overview: {written['summary']})")
+
+
 def _bands(text: str) -> list[int]:
     try:
         return [int(b) for b in text.split(",")]
@@ -73,6 +95,16 @@ def main(argv: list[str] | None = None) -> None:
     scene.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     scene.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     scene.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
+    explain = sub.add_parser("explain", help="heat maps: how each HCO diffuses the features of an image (PNGs)")
+    explain.add_argument("image", type=Path, help="a raster (GeoTIFF, PNG, ...) of any size")
+    explain.add_argument("--out", type=Path, default=Path("outputs/explain"), help="default outputs/explain")
+    explain.add_argument("--modality", default="optical", help="the stem to run the image through (optical, sar)")
+    explain.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
+    explain.add_argument("--weights", type=Path, default=None, help="or backbone weights (.safetensors, official .pth)")
+    explain.add_argument("--model", default="rsvheat_tiny", help="variant for --weights or random init")
+    explain.add_argument("--channels", type=int, default=None, help="bands of the stem (default: the image's)")
+    explain.add_argument("--bands", type=_bands, default=None, help="1-based bands to read, e.g. 4,3,2")
+    explain.add_argument("--tile", type=int, default=1024, help="scenes larger than this are explained per tile")
     export = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
     export.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
     export.add_argument("out", type=Path, help="output .safetensors file")
@@ -119,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
             cog=not args.no_cog,
         )
         print("written:", *written, sep="\n  ")
+    elif args.command == "explain":
+        _explain(args)
     elif args.command == "export-encoder":
         from rsvheat.trainers.pretrain import export_encoder
 

@@ -1,0 +1,214 @@
+"""Heat maps: what each Heat Conduction Operator does to an image (``rsvheat explain``).
+
+For every stage and block, the HCO's fields are recorded on the way through the backbone and reduced over channels:
+
+* ``corrected``: the block input after the spatial correction embedding, ``LN(ReLU(x + SCE))`` (RS-vHeat);
+* ``source``: the heat source ``u`` (after the depth-wise conv and input projection) whose diffusion the HCO computes;
+* ``conducted``: ``u`` after conduction, ``IDCT(DCT(u) · exp(-k·t·ω²))``, where features have spread;
+* ``spectrum``: ``log(1 + |DCT(u)|)``, the source's frequency content (DC at the top-left);
+* ``kt``: the learned diffusivity × time ``k·t`` per frequency (high = that frequency is damped hard).
+
+Spatial fields are mean absolute values over channels; spectra are channel means. Scenes larger than ``tile`` are
+explained tile by tile (no overlap): spatial fields are stitched, spectra averaged over tiles. Each tile is its own
+conduction domain (the DCT's insulated borders), so tile edges can show as seams: a tile as large as memory allows
+shows the field closest to a whole-scene pass. Figures are drawn at a
+display size of at most ``max_side`` pixels, so a 10 000² scene costs one tile's activations plus the small canvases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsvheat.inference.scene import Input, Scene
+from rsvheat.inference.sliding import tile_starts
+
+SPATIAL = ("corrected", "source", "conducted")
+SPECTRAL = ("spectrum", "kt")
+TITLES = {
+    "corrected": "SCE-corrected input",
+    "source": "heat source u",
+    "conducted": "after conduction",
+    "spectrum": "log |DCT(u)|",
+    "kt": "learned k·t",
+}
+
+
+@torch.no_grad()
+def heat_fields(model, x: torch.Tensor | Mapping[str, torch.Tensor], modality: str | None = None) -> dict:
+    """Channel-reduced HCO fields of one forward pass: ``{(stage, block): {name: (B, h, w) or (h, w)}}``.
+
+    ``x``: ``(B, C, H, W)`` normalised image (or a ``{modality: image}`` mapping, as the model's ``stem`` takes).
+    """
+    fields: dict = {}
+    hooks = []
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage.blocks):
+
+            def record(module, args, output, key=(s, b)):
+                _, states = module.forward(*args, return_states=True)
+                fields[key] = {
+                    "corrected": states["corrected"].abs().mean(-1),
+                    "source": states["source"].abs().mean(-1),
+                    "conducted": states["conducted"].abs().mean(-1),
+                    "spectrum": states["spectrum"].abs().log1p().mean(-1),
+                    "kt": module.kt(args[1]).mean(-1),
+                }
+
+            hooks.append(block.hco.register_forward_hook(record))
+    try:
+        model.forward_features(x, modality) if not isinstance(x, Mapping) else model.forward_features(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return fields
+
+
+def image_stats(path: str | Path, bands: Sequence[int] | None = None, max_side: int = 1024) -> dict:
+    """Per-band mean/std over the valid pixels of a decimated read: normalisation when no training statistics are
+    known (e.g. an encoder without its data)."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    with rasterio.open(path) as src:
+        scale = min(1.0, max_side / max(src.height, src.width))
+        shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+        data = src.read(list(bands) if bands else None, out_shape=shape, resampling=Resampling.nearest)
+        valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+    data = data.astype(np.float64)
+    valid &= np.isfinite(data).all(0)
+    if not valid.any():
+        raise ValueError(f"{path}: no valid pixel (all nodata or non-finite)")
+    pixels = data[:, valid]
+    return {"mean": pixels.mean(1).tolist(), "std": (pixels.std(1) + 1e-6).tolist()}
+
+
+def _overview(path: Path, bands: Sequence[int] | None, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Display image ``(h, w, 3)`` in [0, 1] (first three bands, or grey for one band) and its valid mask."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    with rasterio.open(path) as src:
+        data = src.read(list(bands) if bands else None, out_shape=shape, resampling=Resampling.bilinear)
+        valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+    data = data[:3].astype(np.float64) if data.shape[0] >= 3 else np.repeat(data[:1].astype(np.float64), 3, 0)
+    valid &= np.isfinite(data).all(0)
+    rgb = np.zeros((*shape, 3))
+    for c in range(3):
+        lo, hi = np.percentile(data[c][valid], (2, 98)) if valid.any() else (0.0, 1.0)
+        rgb[..., c] = np.clip((data[c] - lo) / max(hi - lo, 1e-9), 0, 1)
+    rgb[~valid] = 1.0
+    return rgb, valid
+
+
+def explain_scene(
+    model,
+    image: str | Path,
+    out_dir: str | Path,
+    modality: str = "optical",
+    stats: Mapping | None = None,
+    bands: Sequence[int] | None = None,
+    tile: int = 1024,
+    max_side: int = 768,
+    device: str | torch.device = "cpu",
+) -> dict[str, Path]:
+    """Write ``stage{S}_block{B}.png`` for every block and ``summary.png`` (last block of each stage) for ``image``
+    through ``model`` (an :class:`~rsvheat.models.rsvheat.RSVHeat`), and return their paths (``"summary"`` first).
+
+    ``stats``: ``{"mean": [...], "std": [...]}`` of the model's training data; computed from the image if ``None``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image, out_dir = Path(image), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if modality not in model.modalities:
+        raise ValueError(f"the model has no {modality!r} stem (it has {list(model.modalities)})")
+    stats = dict(stats) if stats is not None else image_stats(image, bands)
+    model = model.eval().to(device)
+    with Scene(
+        {modality: Input(image, modality, tuple(bands) if bands else None)}, model.modalities, {modality: stats}
+    ) as scene:
+        height, width = scene.height, scene.width
+        scale = min(1.0, max_side / max(height, width))
+        shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+        th, tw = min(tile, height), min(tile, width)
+        canvases: dict = {}
+        spectra: dict = {}
+        count = 0
+        for top in tile_starts(height, th, 0):
+            for left in tile_starts(width, tw, 0):
+                arrays, _ = scene.read(top, left, th, tw)
+                x = torch.from_numpy(arrays[modality])[None].to(device)
+                fields = heat_fields(model, x, modality)
+                count += 1
+                y0, x0 = round(top * scale), round(left * scale)
+                y1, x1 = round((top + th) * scale), round((left + tw) * scale)
+                for key, maps in fields.items():
+                    for name in SPATIAL:
+                        field = F.interpolate(
+                            maps[name][:, None].float(),
+                            (max(1, y1 - y0), max(1, x1 - x0)),
+                            mode="bilinear",
+                            align_corners=False,
+                        )[0, 0]
+                        canvas = canvases.setdefault((key, name), np.zeros(shape, np.float32))
+                        canvas[y0:y1, x0:x1] = field.cpu().numpy()[: shape[0] - y0, : shape[1] - x0]
+                    for name in SPECTRAL:
+                        value = maps[name][0] if maps[name].ndim == 3 else maps[name]
+                        spectra[(key, name)] = spectra.get((key, name), 0) + value.float().cpu().numpy()
+    spectra = {k: v / count for k, v in spectra.items()}
+    rgb, valid = _overview(image, bands, shape)
+    blocks = sorted({key for key, _ in canvases})
+
+    def draw(axes_row, key, with_image: bool) -> None:
+        axes = list(axes_row)
+        if with_image:
+            axes.pop(0).imshow(rgb)
+        for ax, name in zip(axes, SPATIAL + SPECTRAL, strict=True):
+            if name in SPATIAL:
+                field = canvases[(key, name)]
+                lo, hi = np.percentile(field[valid], (1, 99)) if valid.any() else (0, 1)
+                shown = np.where(valid, np.clip((field - lo) / max(hi - lo, 1e-9), 0, 1), np.nan)
+                ax.imshow(rgb.mean(-1), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(shown, cmap="inferno", alpha=0.7)
+            else:
+                spectrum = spectra[(key, name)]
+                lo, hi = np.percentile(spectrum, (1, 99))
+                ax.imshow(spectrum, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9))
+        for ax in axes_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+
+    written: dict[str, Path] = {}
+    columns = 1 + len(SPATIAL) + len(SPECTRAL)
+    last = [max(k for k in blocks if k[0] == s) for s in sorted({s for s, _ in blocks})]
+    fig, axes = plt.subplots(len(last), columns, figsize=(2.6 * columns, 2.6 * len(last)), squeeze=False)
+    for row, key in zip(axes, last, strict=True):
+        draw(row, key, True)
+        row[0].set_ylabel(f"stage {key[0] + 1}, block {key[1] + 1}")
+    for ax, name in zip(axes[0], ("input", *SPATIAL, *SPECTRAL), strict=True):
+        ax.set_title(TITLES.get(name, name), fontsize=9)
+    fig.suptitle(f"Heat conduction in {type(model).__name__} ({modality}, {height}×{width} px)", fontsize=10)
+    fig.tight_layout()
+    written["summary"] = out_dir / "summary.png"
+    fig.savefig(written["summary"], dpi=90)
+    plt.close(fig)
+    for key in blocks:
+        fig, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 2.9), squeeze=False)
+        draw(axes[0], key, True)
+        for ax, name in zip(axes[0], ("input", *SPATIAL, *SPECTRAL), strict=True):
+            ax.set_title(TITLES.get(name, name), fontsize=9)
+        fig.suptitle(f"stage {key[0] + 1}, block {key[1] + 1}", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"stage{key[0] + 1}_block{key[1] + 1}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written[path.stem] = path
+    return written

@@ -1,0 +1,76 @@
+"""Heat maps: the recorded fields obey the physics (no diffusion at k = 0, only the mean survives at large k), and
+``explain_scene`` / ``rsvheat explain`` draw every block for optical and SAR rasters, whole or tiled."""
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from rsvheat.explain import explain_scene, heat_fields
+from tests.conftest import micro_model
+from tests.rasters import ramp, write
+
+
+def test_fields_shapes_and_kt_match_the_model():
+    model = micro_model().eval()
+    x = torch.randn(2, 3, 70, 90)
+    fields = heat_fields(model, x)
+    assert sorted(fields) == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0)]
+    assert fields[(0, 0)]["source"].shape == (2, 18, 23)  # stage 1 at stride 4: ceil(70/4), ceil(90/4)
+    assert fields[(3, 0)]["conducted"].shape == (2, 3, 3)
+    stage = model.stages[1]
+    fve, _ = stage.embeddings((9, 12))
+    expected = torch.relu(stage.blocks[0].hco.to_k(fve)).mean(-1)
+    torch.testing.assert_close(fields[(1, 0)]["kt"], expected)
+
+
+def test_no_diffusion_at_zero_k_and_only_the_mean_at_large_k():
+    model = micro_model().eval()
+    hco = model.stages[0].blocks[0].hco
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        hco.to_k.weight.zero_()
+        hco.to_k.bias.zero_()
+    model.train().eval()  # drop the folded filter
+    still = heat_fields(model, x)[(0, 0)]
+    torch.testing.assert_close(still["conducted"], still["source"], rtol=1e-5, atol=1e-6)
+    assert still["kt"].abs().max() == 0
+
+    with torch.no_grad():
+        hco.to_k.bias.fill_(1e4)
+    model.train().eval()
+    captured = {}
+    handle = hco.register_forward_hook(lambda m, a, o: captured.update(u=m.forward(*a, return_states=True)[1]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    conducted = captured["u"]["conducted"][0]  # (H, W, C): every channel flattened to its spatial mean
+    source = captured["u"]["source"][0]
+    torch.testing.assert_close(conducted, source.mean((0, 1), keepdim=True).expand_as(conducted), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("modality, channels", [("optical", 3), ("sar", 1)])
+def test_explain_scene_optical_and_sar_whole_and_tiled(tmp_path, modality, channels):
+    data = ramp(channels, 150, 110, np.float32, 0.1) - 20.0  # SAR-like dB values
+    data[:, :20, :20] = -9999
+    path = write(tmp_path / "scene.tif", data)
+    with rasterio.open(path, "r+") as dst:
+        dst.nodata = -9999
+    model = micro_model(modalities={"optical": 3, "sar": 1})
+    whole = explain_scene(model, path, tmp_path / "whole", modality, tile=1024)
+    tiled = explain_scene(model, path, tmp_path / "tiled", modality, tile=64)
+    names = ["summary", "stage1_block1", "stage2_block1", "stage3_block1", "stage3_block2", "stage4_block1"]
+    assert list(whole) == names and list(tiled) == names
+    for figure in (*whole.values(), *tiled.values()):
+        assert figure.stat().st_size > 5000
+    with pytest.raises(ValueError, match=r"no 'thermal' stem"):
+        explain_scene(model, path, tmp_path / "x", "thermal")
+
+
+def test_explain_cli_with_random_weights(tmp_path):
+    from rsvheat.cli import main
+
+    path = write(tmp_path / "s.tif", ramp(4, 96, 80, np.uint8))
+    main(["explain", str(path), "--out", str(tmp_path / "out"), "--bands", "3,2,1", "--tile", "64"])
+    assert (tmp_path / "out/summary.png").stat().st_size > 5000
+    assert len(list((tmp_path / "out").glob("stage*_block*.png"))) == 12  # rsvheat_tiny: 2 + 2 + 6 + 2 blocks
