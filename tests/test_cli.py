@@ -3,7 +3,6 @@ import pytest
 
 from rsvheat.cli import main
 from rsvheat.data import read_raster, sample_scene_path
-from rsvheat.demo import normalise_bands
 
 
 def test_sample_scene_is_the_georeferenced_cc0_landsat_tile():
@@ -20,16 +19,6 @@ def test_bad_rasters_are_named(tmp_path):
         read_raster(tmp_path / "corrupt.tif")
 
 
-def test_band_normalisation_ignores_nodata():
-    image = np.zeros((2, 4, 4), np.uint8)
-    image[:, 1:3, 1:3] = [[[10, 20], [30, 40]], [[1, 1], [3, 3]]]
-    x, valid = normalise_bands(image, nodata=0)
-    assert valid.sum() == 4
-    np.testing.assert_allclose(x[:, valid].mean(1).numpy(), 0, atol=1e-6)
-    np.testing.assert_allclose(x[:, valid].std(1, unbiased=False).numpy(), 1, atol=1e-4)
-    assert x[:, ~valid].eq(0).all()
-
-
 def test_info_prints_both_conventions(capsys):
     main(["info", "--model", "vheat_tiny", "--img-size", "224", "--num-classes", "1000"])
     out = capsys.readouterr().out
@@ -37,9 +26,18 @@ def test_info_prints_both_conventions(capsys):
 
 
 @pytest.mark.slow
-def test_demo_writes_a_report(tmp_path):
-    main(["demo", "--out", str(tmp_path), "--bench-size", "128"])
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    """The README's main job, shortened: pre-train, fine-tune, whole-scene map, heat maps, efficiency, report."""
+    import rasterio
+
+    main(["demo", "--out", str(tmp_path), "--pretrain-steps", "4", "--epochs", "2", "--bench-size", "128"])
     report = (tmp_path / "report.md").read_text()
+    for section in ("Pre-training", "Fine-tuning", "Whole-scene inference", "Heat maps", "Efficiency"):
+        assert f". {section}" in report
     assert "max |difference| = 0.0e+00" in report
     assert "| rsvheat_base | 1024² | 148.40 | 148.4 |" in report
-    assert (tmp_path / "feature_fields.png").stat().st_size > 10_000
+    with rasterio.open(sample_scene_path()) as src, rasterio.open(tmp_path / "scene/land_cover.tif") as out:
+        assert out.crs == src.crs and out.transform == src.transform and out.shape == src.shape
+        assert set(np.unique(out.read(1))) <= {0, 1, 2, 255}
+    assert (tmp_path / "heat_maps/summary.png").stat().st_size > 20_000
+    assert (tmp_path / "configs/segmentation.yaml").is_file() and (tmp_path / "pretrain").is_dir()

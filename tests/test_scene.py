@@ -206,7 +206,7 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path):
     from rsvheat.trainers.cli import task_cli
     from tests.test_task_training import COMMON, LIGHT, write_config
 
-    scene = samples.scene_path()
+    scene = samples.sample_scene_path()
     samples.write_segmentation(tmp_path / "seg", tile=64, stride=160)
     samples.write_change(tmp_path / "cd", tile=64, stride=192)
     classes = samples.write_detection(tmp_path / "det", tile=64, count=4)

@@ -57,11 +57,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rsvheat", description="RS-vHeat: heat-conduction remote-sensing backbone")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the backbone end to end on the embedded Landsat scene; writes a report")
+    demo = sub.add_parser(
+        "demo", help="the whole pipeline on a real scene: pre-train, fine-tune, whole-scene map, heat maps, report"
+    )
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
-    demo.add_argument("--image", type=Path, default=None, help="a GeoTIFF of your own instead of the sample")
+    demo.add_argument("--image", type=Path, default=None, help="a GeoTIFF of your own instead of the embedded scene")
+    demo.add_argument("--train-root", type=Path, default=None, help="your segmentation data (train/, val/ folders)")
+    demo.add_argument("--num-classes", type=int, default=None, help="classes of --train-root")
     demo.add_argument("--model", default="rsvheat_tiny", help="variant (default rsvheat_tiny)")
-    demo.add_argument("--weights", type=Path, default=None, help="checkpoint (official .pth or our .safetensors)")
+    demo.add_argument("--weights", type=Path, default=None, help="an encoder to fine-tune instead of pre-training")
+    demo.add_argument("--pretrain-steps", type=int, default=40, help="pre-training steps (default 40)")
+    demo.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (default 8)")
     demo.add_argument("--bench-size", type=int, default=512, help="image size of the speed comparison")
 
     info = sub.add_parser("info", help="parameters and GMACs of a variant in both counting conventions")
@@ -105,6 +111,15 @@ def main(argv: list[str] | None = None) -> None:
     explain.add_argument("--channels", type=int, default=None, help="bands of the stem (default: the image's)")
     explain.add_argument("--bands", type=_bands, default=None, help="1-based bands to read, e.g. 4,3,2")
     explain.add_argument("--tile", type=int, default=1024, help="scenes larger than this are explained per tile")
+    onnx = sub.add_parser(
+        "export", help="export a folded backbone or a task model to ONNX (.onnx) or torch.export (.pt2)"
+    )
+    onnx.add_argument("out", type=Path, help="output file: .onnx (checked with ONNX Runtime) or .pt2")
+    onnx.add_argument("--size", type=int, nargs="+", default=[512], help="input H [W] the graph is folded for")
+    onnx.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
+    onnx.add_argument("--model", default="rsvheat_tiny", help="backbone variant when no checkpoint is given")
+    onnx.add_argument("--weights", type=Path, default=None, help="backbone weights (.safetensors, official .pth)")
+    onnx.add_argument("--channels", type=int, default=3, help="input bands of the backbone variant")
     export = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
     export.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
     export.add_argument("out", type=Path, help="output .safetensors file")
@@ -126,7 +141,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         from rsvheat.demo import run_demo
 
-        run_demo(args.out, args.image, args.model, args.weights, args.bench_size)
+        run_demo(
+            args.out,
+            args.image,
+            args.model,
+            args.weights,
+            args.bench_size,
+            args.train_root,
+            args.num_classes,
+            args.pretrain_steps,
+            args.epochs,
+        )
     elif args.command == "info":
         _info(args)
     elif args.command == "make-samples":
@@ -153,6 +178,14 @@ def main(argv: list[str] | None = None) -> None:
         print("written:", *written, sep="\n  ")
     elif args.command == "explain":
         _explain(args)
+    elif args.command == "export":
+        from rsvheat.export import export_checkpoint
+
+        result = export_checkpoint(args.out, args.size, args.checkpoint, args.model, args.weights, args.channels)
+        print(
+            f"{result['path']}: max |exported - PyTorch| = {result['max_abs_diff']:.2e} "
+            f"(outputs up to {result['reference_max_abs']:.2f})"
+        )
     elif args.command == "export-encoder":
         from rsvheat.trainers.pretrain import export_encoder
 

@@ -15,7 +15,6 @@ Every tile is a GeoTIFF georeferenced on the scene's grid (EPSG:32618), except t
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -23,19 +22,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsvheat.data import sample_scene_path
+
 LAND_COVER = ("dark", "shallow_water", "cloud")
 IGNORE = 255
 
 
-def scene_path() -> Path:
-    return Path(str(files("rsvheat.data") / "RGB.byte.tif"))
-
-
-def read_scene():
-    """``(image (3, H, W) uint8, rasterio profile)`` of the embedded scene."""
+def read_scene(path: str | Path | None = None):
+    """``(image (C, H, W), rasterio profile)`` of ``path``, by default the embedded scene."""
     import rasterio
 
-    with rasterio.open(scene_path()) as src:
+    with rasterio.open(path or sample_scene_path()) as src:
         return src.read(), src.profile
 
 
@@ -104,9 +101,13 @@ def write_classification(root: str | Path, tile: int = 32, stride: int = 16, per
     return sorted(name for name, n in counts.items() if n)  # the class folders, in the order a data module reads them
 
 
-def write_segmentation(root: str | Path, tile: int = 96, stride: int = 96, val_every: int = 4) -> list[str]:
-    """``root/{train,val}/{images,masks}/<name>.tif`` scene tiles with land-cover index masks (255 = nodata)."""
-    image, profile = read_scene()
+def write_segmentation(
+    root: str | Path, tile: int = 96, stride: int = 96, val_every: int = 4, scene: str | Path | None = None
+) -> list[str]:
+    """``root/{train,val}/{images,masks}/<name>.tif`` tiles of ``scene`` (default: the embedded one; its first three
+    bands are clustered) with land-cover index masks (255 = nodata); returns the class names."""
+    image, profile = read_scene(scene)
+    image = image[:3]
     labels = land_cover(image)
     for i, (top, left) in enumerate(_tiles(labels.shape, tile, stride)):
         mask = labels[top : top + tile, left : left + tile]

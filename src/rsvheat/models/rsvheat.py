@@ -190,16 +190,19 @@ class HeatStage(nn.Module):
     def embeddings(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """FVE and SCE resized to the feature-map ``size``, cached in eval mode without autograd."""
         params = [p for p in (self.freq_embed, self.heat_capacity) if p is not None]
-        cacheable = not self.training and not torch.is_grad_enabled()
+
+        def resized() -> tuple[torch.Tensor, torch.Tensor | None]:
+            sce = resize_embedding(self.heat_capacity, size) if self.heat_capacity is not None else None
+            return resize_embedding(self.freq_embed, size), sce
+
+        # traced (torch.compile/export): computed in the graph, where exporters fold them into constants
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return resized()
         key = (tuple(size),) + tuple((p.data_ptr(), tensor_version(p), p.device, p.dtype) for p in params)
-        if cacheable and key in self._embed_cache:
-            return self._embed_cache[key]
-        fve = resize_embedding(self.freq_embed, size)
-        sce = resize_embedding(self.heat_capacity, size) if self.heat_capacity is not None else None
-        if cacheable:
+        if key not in self._embed_cache:
             self._embed_cache.clear()
-            self._embed_cache[key] = (fve, sce)
-        return fve, sce
+            self._embed_cache[key] = resized()
+        return self._embed_cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)

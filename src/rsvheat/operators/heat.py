@@ -145,7 +145,7 @@ class HeatConduction(nn.Module):
         In eval mode without autograd the result is cached per size and weight version: that is the inference folding
         of the official code (``k_exp``), without its fixed input size.
         """
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return heat_filter(self.kt(freq_embed))
         key = (tuple(freq_embed.shape), freq_embed.device, freq_embed.dtype, tensor_version(freq_embed)) + tuple(
             (p.data_ptr(), tensor_version(p)) for p in (self.to_k.weight, self.to_k.bias)
