@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--num-classes", type=int, default=None, help="classes of --train-root")
     demo.add_argument("--model", default="rsvheat_tiny", help="variant (default rsvheat_tiny)")
     demo.add_argument("--weights", type=Path, default=None, help="an encoder to fine-tune instead of pre-training")
-    demo.add_argument("--pretrain-steps", type=int, default=40, help="pre-training steps (default 40)")
-    demo.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs (default 8)")
+    demo.add_argument("--pretrain-steps", type=int, default=120, help="pre-training steps (default 120)")
+    demo.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs (default 12)")
     demo.add_argument("--bench-size", type=int, default=512, help="image size of the speed comparison")
 
     info = sub.add_parser("info", help="parameters and GMACs of a variant in both counting conventions")

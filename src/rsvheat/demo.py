@@ -26,6 +26,7 @@ import yaml
 
 import rsvheat
 from rsvheat.data import sample_scene_path
+from rsvheat.files import write_atomic
 from rsvheat.models.counting import count_gmacs, count_params
 from rsvheat.testing.official_structure import OfficialStructureHeat
 
@@ -66,8 +67,11 @@ def _trainer(root: Path, **kwargs) -> dict:
 
 
 def _last_metrics(root: Path, prefix: str) -> dict[str, float]:
-    newest = max(root.glob("logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    files = sorted(root.glob("logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
     values: dict[str, float] = {}
+    if not files:
+        return values
+    newest = files[-1]
     for row in csv.DictReader(newest.open()):
         values.update({k: float(v) for k, v in row.items() if k.startswith(prefix) and v})
     return values
@@ -116,8 +120,8 @@ def run_demo(
     bench_size: int = 512,
     train_root: Path | None = None,
     num_classes: int | None = None,
-    pretrain_steps: int = 40,
-    epochs: int = 8,
+    pretrain_steps: int = 120,
+    epochs: int = 12,
 ) -> Path:
     """Run the pipeline above into ``out_dir`` and return the report's path.
 
@@ -169,7 +173,9 @@ def run_demo(
     if weights is None:
         config = {
             "seed_everything": 0,
-            "trainer": _trainer(out_dir / "pretrain", max_steps=pretrain_steps),
+            "trainer": _trainer(
+                out_dir / "pretrain", max_steps=pretrain_steps, log_every_n_steps=max(1, min(5, pretrain_steps))
+            ),
             "model": {"variant": variant, "lr": 5e-4, "drop_path_rate": 0.0, "decoder_width": 96},
             "data": {
                 "optical_dirs": [str(pretrain_dir)],
@@ -353,9 +359,6 @@ def run_demo(
         "`benchmarks/results/efficiency.md`.",
         "",
     ]
-    report = out_dir / "report.md"
-    tmp = report.with_name(".report.md.partial")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, report)
+    report = write_atomic(out_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
     print(f"[demo] done in {total / 60:.1f} min; report: {report}")
     return report

@@ -11,8 +11,6 @@ to a JSON split file that later runs read back, so every run of an experiment se
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from torch.utils.data import Dataset
 
 from rsvheat.data.io import list_images, read_image
 from rsvheat.data.transforms import crop_and_flip, normalise
+from rsvheat.files import write_atomic
 
 Samples = list[tuple[str, int]]  # (path relative to the root, label)
 
@@ -80,13 +79,7 @@ def stratified_split(
 
 
 def write_json_atomic(data: object, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 class SceneClassification(Dataset):

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rsvheat.data.io import ImageReadError
+from rsvheat.files import write_atomic
 from rsvheat.inference.sliding import blend_weights, tile_starts
 
 #: Smallest tile the backbone accepts: its four stages downsample by 32 in total.
@@ -374,10 +375,4 @@ def write_geojson(
     collection = {"type": "FeatureCollection", "features": features}
     if scene.crs is None:
         collection["note"] = "pixel coordinates: the scene is not georeferenced"
-    tmp = _partial(path)
-    try:
-        tmp.write_text(json.dumps(collection))
-        os.replace(tmp, path)
-    finally:
-        _cleanup(tmp)
-    return path
+    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(collection)))

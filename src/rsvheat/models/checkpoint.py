@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rsvheat.files import write_atomic
 from rsvheat.models.rsvheat import RSVHeat, resize_embedding
 
 _PREFIXES = ("module.", "encoder.", "backbone.", "model.", "_orig_mod.")
@@ -275,15 +275,7 @@ def save_weights(model: RSVHeat, path: str | os.PathLike, extra: Mapping[str, st
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": "rsvheat", "config": json.dumps(model.arch_config), **(extra or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path

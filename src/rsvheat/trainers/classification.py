@@ -14,7 +14,8 @@ import torch.nn.functional as F  # noqa: E402
 from torchmetrics import MetricCollection  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix  # noqa: E402
 
-from rsvheat.trainers.base import TaskModule, write_atomic  # noqa: E402
+from rsvheat.files import write_atomic  # noqa: E402
+from rsvheat.trainers.base import TaskModule  # noqa: E402
 
 
 class ClassificationTask(TaskModule):

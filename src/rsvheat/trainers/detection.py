@@ -7,8 +7,9 @@ from pathlib import Path
 
 from torchmetrics.detection import MeanAveragePrecision
 
+from rsvheat.files import write_atomic
 from rsvheat.models.tasks import faster_rcnn
-from rsvheat.trainers.base import TaskModule, write_atomic
+from rsvheat.trainers.base import TaskModule
 
 
 class DetectionTask(TaskModule):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torchvision.utils import make_grid, save_image
 
+from rsvheat.files import write_atomic
 from rsvheat.models.checkpoint import save_weights
 from rsvheat.pretraining.model import FrequencyPretrainer
 from rsvheat.trainers.optim import warmup_cosine
@@ -146,17 +146,8 @@ def preview_grid(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, recon: 
 
 
 def save_png_atomic(image: torch.Tensor, path: Path) -> Path:
-    """Write a ``(3, H, W)`` ``[0, 1]`` image as PNG via a temporary file, so no half-written file is ever visible."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            save_image(image, f, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write a ``(3, H, W)`` ``[0, 1]`` image as PNG, atomically."""
+    return write_atomic(path, lambda tmp: save_image(image, tmp, format="png"))
 
 
 class ReconstructionPreviews(pl.Callback):

@@ -12,9 +12,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from rsvheat.data.io import write_raster
+from rsvheat.files import write_atomic
 from rsvheat.inference.sliding import sliding_window
 from rsvheat.models.tasks import SegmentationModel
-from rsvheat.trainers.base import TaskModule, write_atomic
+from rsvheat.trainers.base import TaskModule
 
 
 def split_inputs(batch: dict, modalities: dict[str, int]) -> torch.Tensor | dict[str, torch.Tensor]:
