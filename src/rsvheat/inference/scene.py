@@ -27,6 +27,10 @@ from rsvheat.data.io import ImageReadError
 from rsvheat.files import write_atomic
 from rsvheat.inference.sliding import blend_weights, tile_starts
 
+#: GDAL's block cache for whole-scene runs (MB). Its default, 5 % of RAM, would grow with the scene's width as
+#: partly written output blocks pile up; the strips are written in order, so a small cache costs nothing.
+GDAL_CACHE_MB = 128
+
 #: Smallest tile the backbone accepts: its four stages downsample by 32 in total.
 MIN_TILE = 32
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsvheat.inference.scene import Input, Scene, dense_strips, detect_scene, write_dense, write_geojson
+from rsvheat.inference.scene import GDAL_CACHE_MB, Input, Scene, dense_strips, detect_scene, write_dense, write_geojson
 
 
 def load_task(checkpoint: str | Path, device: str | torch.device = "cpu"):
@@ -59,6 +59,8 @@ def predict_scene(
       ``probabilities`` the change probability.
     * detection: ``images`` = one raster; ``output`` a GeoJSON of boxes (per-class NMS across tiles).
     """
+    import rasterio
+
     from rsvheat.trainers import ChangeDetectionTask, DetectionTask, SegmentationTask
 
     for path in (output, probabilities):
@@ -107,7 +109,7 @@ def predict_scene(
 
     elif isinstance(task, DetectionTask):
         inputs = spec([only], lambda role: only)
-        with Scene(inputs, modalities, meta["stats"]) as scene:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, modalities, meta["stats"]) as scene:
             found = detect_scene(scene, task.model, tile, overlap, batch_size, device=device, progress=progress)
             return [write_geojson(scene, found, list(meta["classes"]), output, overwrite)]
     else:
@@ -116,6 +118,6 @@ def predict_scene(
     targets = [(Path(output), encode, 1, "uint8", 255, None)]
     if probabilities is not None:
         targets.append((Path(probabilities), lambda v: v, outputs, "float32", -1.0, names))
-    with Scene(inputs, modalities, meta["stats"]) as scene:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, modalities, meta["stats"]) as scene:
         strips = dense_strips(scene, predict, outputs, tile, overlap, batch_size, device, progress)
         return write_dense(scene, strips, targets, overwrite=overwrite, cog=cog)
