@@ -141,8 +141,9 @@ def test_change_detection_learns_pasted_changes(tmp_path):
     samples.write_change(tmp_path / "cd", tile=64, stride=192)
     root = tmp_path / "cd" / "train"
     dm = ChangeDetectionDataModule(str(root), str(root), crop_size=64, batch_size=4, num_workers=0)
-    task = ChangeDetectionTask(img_size=64, lr=2e-3, decoder_width=32, eval_tile=64, eval_overlap=16, **COMMON)
-    assert fit_and_score(tmp_path, task, dm, 60, "val/F1") > 0.8
+    # eval_tile < image: the score goes through several blended sliding windows, as on 1024² LEVIR tiles
+    task = ChangeDetectionTask(img_size=64, lr=2e-3, decoder_width=32, eval_tile=48, eval_overlap=16, **COMMON)
+    assert fit_and_score(tmp_path, task, dm, 200, "val/F1") > 0.9
 
 
 @pytest.mark.slow
