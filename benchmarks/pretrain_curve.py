@@ -43,6 +43,11 @@ def smooth(values: list[float], window: int) -> list[float]:
     ]
 
 
+def change_row(label: str, source: str, values: list[float]) -> str:
+    first, last = sum(values[:10]) / len(values[:10]), sum(values[-10:]) / len(values[-10:])
+    return f"| {label} | {source} | {first:.4f} | {last:.4f} | {100 * (last - first) / first:+.1f} % |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/pretrain/rsvheat_tiny_bigearthnet_landsat.yaml")
@@ -62,11 +67,12 @@ def main() -> None:
         f"Command: `python benchmarks/pretrain_curve.py --config {args.config} {' '.join(overrides)}`".rstrip() + "",
         f"Machine: {machine_description('cpu')}. Wall time: {minutes:.1f} min.",
         "",
-        "Loss terms averaged over the sources (Landsat optical crops, BigEarthNet S2/S1 pairs); first and last = mean "
-        "of the first and last 10 logged steps.",
+        "Each loss term per source (`optical`: Landsat crops; `bigearthnet`: BigEarthNet S2/S1 pairs, whose L_con also "
+        "holds the cross-modal term) and averaged over the sources; first and last = mean of the first and last 10 "
+        "logged steps.",
         "",
-        "| term | first | last | change |",
-        "| --- | ---: | ---: | ---: |",
+        "| term | source | first | last | change |",
+        "| --- | --- | ---: | ---: | ---: |",
     ]
     for ax, (term, label) in zip(axes, TERMS.items(), strict=True):
         points = series.get(f"train/{term}", [])
@@ -80,10 +86,10 @@ def main() -> None:
             if sub:
                 s_steps, s_values = zip(*sub, strict=True)
                 ax.plot(s_steps, smooth(list(s_values), 10), lw=1, ls="--", label=source)
+                lines.append(change_row(label, source, s_values))
         ax.set(title=label, xlabel="step", yscale="log")
         ax.legend(fontsize=8)
-        first, last = sum(values[:10]) / len(values[:10]), sum(values[-10:]) / len(values[-10:])
-        lines.append(f"| {label} | {first:.4f} | {last:.4f} | {100 * (last - first) / first:+.1f} % |")
+        lines.append(change_row(label, "**mean**", values))
     fig.suptitle("RS-vHeat-T pre-training on BigEarthNet S1/S2 pairs + Landsat (CPU)")
     fig.tight_layout()
     args.out_dir.mkdir(parents=True, exist_ok=True)

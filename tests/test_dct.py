@@ -42,3 +42,15 @@ def test_half_precision_input_is_transformed_in_float32():
 def test_unknown_impl_is_rejected():
     with pytest.raises(ValueError, match="unknown DCT implementation 'cuda'"):
         dct2d(torch.randn(4, 4), impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["matmul", "fft"])
+def test_float32_input_stays_float32_under_autocast(impl):
+    x = torch.randn(2, 3, 24, 40)
+    reference = torch.from_numpy(scipy.fft.dctn(x.double().numpy(), type=2, norm="ortho", axes=(-2, -1)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dct2d(x, impl)
+        back = idct2d(out, impl)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)

@@ -1,13 +1,21 @@
 """Pre-training data: every on-disk layout (unpaired folders, SEN1-2-like pairs, BigEarthNet) and every failure."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import ConcatDataset, DataLoader
 
 from rsvheat.data.io import ImageReadError, read_image
-from rsvheat.data.pretrain import BigEarthNetPretrain, ImageFolderPretrain, PairedFolderPretrain, random_crop
+from rsvheat.data.pretrain import (
+    BigEarthNetPretrain,
+    ImageFolderPretrain,
+    PairedFolderPretrain,
+    random_crop,
+    skipped_count,
+)
 from rsvheat.datamodules.pretrain import PretrainDataModule
 from tests.rasters import ramp, write
 
@@ -157,6 +165,15 @@ def test_truncated_file_is_named_when_read(tmp_path):
     lenient = ImageFolderPretrain(tmp_path / "opt", crop_size=32, stats=IDENTITY, skip_bad=True)
     with pytest.warns(UserWarning, match="b.tif"):
         assert lenient[1]["optical"].shape == (3, 32, 32)  # another image instead
+    assert skipped_count(ConcatDataset([lenient, lenient])) == 2  # remembered, counted per dataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not read (nor warned about) again
+        for _ in range(3):
+            assert lenient[1]["optical"].shape == (3, 32, 32)
+    # workers mark it in shared memory: a DataLoader worker's skip is counted in the main process
+    fresh = ImageFolderPretrain(tmp_path / "opt", crop_size=32, stats=IDENTITY, skip_bad=True)
+    next(iter(DataLoader(fresh, batch_size=2, num_workers=1)))  # (the worker's warning stays in the worker)
+    assert skipped_count(fresh) == 1
 
 
 def test_wrong_band_count_is_named(tmp_path):
@@ -191,6 +208,17 @@ def test_missing_partner_and_mismatched_pair(tmp_path):
         PairedFolderPretrain(tmp_path / "pairs", crop_size=32)
 
 
+def test_optical_without_sar_partner_is_named(tmp_path):
+    write(tmp_path / "pairs/s2/a.tif", ramp(3, 32, 32))
+    write(tmp_path / "pairs/s1/a.tif", ramp(1, 32, 32))
+    write(tmp_path / "pairs/s2/sub/alone.tif", ramp(3, 32, 32))
+    with pytest.raises(ImageReadError, match=r"sub/alone.tif: no SAR partner in .*pairs/s1"):
+        PairedFolderPretrain(tmp_path / "pairs", crop_size=32)
+    with pytest.warns(UserWarning, match="skipped 1 bad file"):
+        ds = PairedFolderPretrain(tmp_path / "pairs", crop_size=32, skip_bad=True)
+    assert len(ds) == 1 and skipped_count(ds) == 1
+
+
 def test_bigearthnet_missing_partner(tmp_path):
     s1, s2 = write_bigearthnet(tmp_path)
     for f in (s2 / "S2A_MSIL2A_2017_1_1").iterdir():
@@ -198,6 +226,27 @@ def test_bigearthnet_missing_partner(tmp_path):
     (s2 / "S2A_MSIL2A_2017_1_1").rmdir()
     with pytest.raises(ImageReadError, match="S1A_IW_GRDH_2017_1_1: its S2 partner .* is missing"):
         BigEarthNetPretrain(s1, s2, crop_size=16)
+
+
+def test_bigearthnet_sar_is_always_decibels(tmp_path):
+    s1, s2 = write_bigearthnet(tmp_path)
+    with pytest.raises(ValueError, match="stored in dB: sar_scale must be 'db'"):
+        BigEarthNetPretrain(s1, s2, crop_size=16, sar_scale="linear")
+    # a linear-power SAR folder next to BigEarthNet converts that folder only
+    write(tmp_path / "sar/a.tif", np.full((1, 32, 32), 0.01, np.float32))
+    dm = PretrainDataModule(
+        sar_dirs=[str(tmp_path / "sar")],
+        bigearthnet_s1=str(s1),
+        bigearthnet_s2=str(s2),
+        sar_scale="linear",
+        crop_size=16,
+        num_workers=0,
+    )
+    datasets = dm.build_datasets()
+    assert datasets["sar"].read_raw(0)["sar"].max() == pytest.approx(-20.0)
+    ben = datasets["bigearthnet"]
+    vv = read_image(s1 / "S1A_IW_GRDH_2017_0_1/S1A_IW_GRDH_2017_0_1_VV.tif")
+    assert ben.sar_scale == "db" and np.array_equal(ben.read_raw(0)["sar"], vv)  # as stored, not "converted"
 
 
 def test_channel_mismatch_between_data_and_model(tmp_path):

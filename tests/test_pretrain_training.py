@@ -83,11 +83,17 @@ def run_cli(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedPr
     )
 
 
-def test_pretrain_run_logs_previews_checkpoints_and_export(tmp_path):
+def test_pretrain_run_logs_previews_checkpoints_and_export(tmp_path, monkeypatch):
+    import rsvheat.trainers.cli as cli
+
+    written = []
+    save = cli._save_synced
+    monkeypatch.setattr(cli, "_save_synced", lambda ckpt, path: written.append(path) or save(ckpt, path))
     config = make_config(tmp_path, steps=4)
     pretrain_cli(["--config", str(config)])
     run = tmp_path / "run"
     assert ckpt_step(run / "checkpoints/last.ckpt") == 4
+    assert written and all(p.parent == run / "checkpoints" for p in written)  # through SameFolderCheckpointIO
     rows = list(csv.DictReader((run / "logs/version_0/metrics.csv").open()))
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/spa", "train/fre", "train/con", "train/paired/con", "train/optical/spa"} <= logged
@@ -120,6 +126,21 @@ def test_resume_continues_from_last(tmp_path):
     assert min(resumed) >= 4  # continued, not restarted
 
 
+def test_bf16_autocast_and_gradient_accumulation(tmp_path):
+    config = make_config(tmp_path, steps=2)
+    args = ["--config", str(config), "--trainer.precision", "bf16-mixed", "--trainer.accumulate_grad_batches", "2"]
+    pretrain_cli(args)
+    run = tmp_path / "run"
+    assert ckpt_step(run / "checkpoints/last.ckpt") == 2
+    rows = list(csv.DictReader((run / "logs/version_0/metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    # 2 batches per epoch (4 images, batch 2): with 2 batches accumulated per step, each step is a whole epoch
+    assert [(r["step"], r["epoch"]) for r in rows if r.get("train/loss")] == [("0", "0"), ("1", "1")]
+    weights = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float32 for k, v in weights.items() if v.is_floating_point())  # fp32 master weights
+
+
 def test_shipped_configs_parse(capsys):
     for config in sorted((REPO / "configs/pretrain").glob("*.yaml")):
         with pytest.raises(SystemExit) as exit_info:
@@ -131,30 +152,64 @@ def test_shipped_configs_parse(capsys):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
-    config = make_config(tmp_path, steps=10_000, every=3)
+    every = 3
+    config = make_config(tmp_path, steps=10_000, every=every)
     last = tmp_path / "run/checkpoints/last.ckpt"
+    previews = tmp_path / "run/logs/version_0/previews"
+
+    def reached() -> int:  # a preview per step: the newest one is the step the run had reached
+        steps = [int(p.name.split("_")[1]) for p in previews.glob("step_*_optical_optical.png")]
+        return max(steps, default=0)
+
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rsvheat.cli", "pretrain", "--config", str(config)],
+        [sys.executable, "-m", "rsvheat.cli", "pretrain", "--config", str(config), "--previews.every_n_steps", "1"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not (last.exists() and ckpt_step(last) >= 6):
-            time.sleep(0.5)
+        while time.time() < deadline and reached() < 2 * every + 1:  # past a checkpoint, not on one
+            time.sleep(0.05)
         assert last.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint"
-        time.sleep(1.0)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    for ckpt in last.parent.glob("*.ckpt"):  # whatever was on disk at the kill is complete
+    killed_at = reached()
+    for ckpt in last.parent.glob("*.ckpt"):  # whatever was on disk under a checkpoint's name is complete
         ckpt_step(ckpt)
-    assert not [p for p in last.parent.iterdir() if p.suffix != ".ckpt"]
     saved = ckpt_step(last)
+    assert killed_at - every <= saved <= killed_at + 1, (killed_at, saved)
     done = run_cli("--config", str(config), "--trainer.max_steps", str(saved + 2), "--ckpt_path", "last")
     assert done.returncode == 0, done.stderr[-3000:]
     assert ckpt_step(last) == saved + 2
+    assert [p.name for p in last.parent.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+
+def test_checkpoints_are_written_next_to_their_target(tmp_path, monkeypatch):
+    """An interrupted write leaves the old checkpoint intact and no temporary; a killed run's orphaned temporary is
+    swept by the next run's first save."""
+    from rsvheat.trainers.cli import SameFolderCheckpointIO
+
+    target = tmp_path / "ckpts/last.ckpt"
+    SameFolderCheckpointIO().save_checkpoint({"global_step": 1}, target)
+    orphan = target.parent / ".last.abc123.ckpt"
+    orphan.write_bytes(b"half a checkpoint")
+    os.utime(orphan, (time.time() - 60, time.time() - 60))
+    seen = []
+
+    def interrupted(obj, path):
+        seen.append(Path(path))
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt  # stands for the kill
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        SameFolderCheckpointIO().save_checkpoint({"global_step": 2}, target)
+    monkeypatch.undo()
+    assert seen[0].parent == target.parent and seen[0].name.startswith(".last.")
+    assert ckpt_step(target) == 1 and not orphan.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
 @pytest.mark.slow

@@ -14,8 +14,9 @@ uint16 GRD) to dB first: ``10 log10(max(x, 1e-6))``. Normalisation then happens 
 
 **Bad files.** At construction every file's header is opened (missing, corrupt, wrong band count, a pair without its
 partner, mismatched pair sizes); pixel-level problems (truncated data, NaN/Inf) are found when a sample is read. Each
-raises :class:`ImageReadError` naming the file, or with ``skip_bad=True`` is skipped with a warning (the count of files
-skipped at construction is in ``dataset.skipped``).
+raises :class:`ImageReadError` naming the file, or with ``skip_bad=True`` is skipped with a warning; an image that
+fails to read is not tried again, in any DataLoader worker, and :func:`skipped_count` gives the total (construction
+and reading) that the pre-training run reports at its end.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from rsvheat.data.io import ImageReadError, image_header, list_images, read_image, to_decibels
 from rsvheat.data.stats import Stats, band_stats, check_stats
@@ -83,6 +84,8 @@ class PretrainImages(Dataset):
             )
         if self.skipped:
             warnings.warn(f"{origin}: skipped {self.skipped} bad file(s), {len(self.records)} usable", stacklevel=3)
+        # Shared memory: DataLoader workers mark what they could not read, the main process counts it.
+        self.unreadable = torch.zeros(len(self.records), dtype=torch.bool).share_memory_()
         self.stats = self._resolve_stats(self._stats_arg, self._stats_samples)
         self._mean = {m: torch.tensor(s["mean"], dtype=torch.float32)[:, None, None] for m, s in self.stats.items()}
         self._std = {m: torch.tensor(s["std"], dtype=torch.float32)[:, None, None] for m, s in self.stats.items()}
@@ -150,7 +153,12 @@ class PretrainImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index %= len(self.records)
-        for _ in range(len(self.records)):
+        while True:
+            if self.unreadable[index]:
+                readable = (~self.unreadable).nonzero().flatten()
+                if not len(readable):
+                    raise ImageReadError(f"every image failed to read ({len(self.records)} skipped)")
+                index = int(readable[torch.randint(len(readable), ())])
             try:
                 raw = self.read_raw(index)
                 break
@@ -158,11 +166,18 @@ class PretrainImages(Dataset):
                 if not self.skip_bad:
                     raise
                 warnings.warn(f"skipping: {err}", stacklevel=2)
-                index = int(torch.randint(len(self.records), ()).item())
-        else:
-            raise ImageReadError("every image failed to read")
+                self.unreadable[index] = True
         images = {m: (torch.from_numpy(d) - self._mean[m]) / self._std[m] for m, d in raw.items()}
         return random_crop(images, self.crop_size)
+
+
+def skipped_count(dataset: Dataset) -> int:
+    """Files (records) a pre-training dataset, or a ``ConcatDataset`` of them, skipped as bad so far."""
+    if isinstance(dataset, ConcatDataset):
+        return sum(skipped_count(d) for d in dataset.datasets)
+    if isinstance(dataset, PretrainImages):
+        return dataset.skipped + int(dataset.unreadable.sum())
+    return 0
 
 
 def random_crop(images: Mapping[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
@@ -236,15 +251,19 @@ class PairedFolderPretrain(PretrainImages):
         by_stem: dict[str, Path] = {}
         for p in list_images(optical_root):
             by_stem.setdefault(str(p.relative_to(optical_root).with_suffix("")).lower(), p)
+        paired: set[Path] = set()
         for sar in list_images(root / sar_dir):
             rel = str(sar.relative_to(root / sar_dir).with_suffix("")).lower()
             partner = by_stem.get(rel) or by_stem.get(_S1_TOKEN.sub("s2", rel))
             if partner is None:
                 self._problem(f"{sar}: no optical partner in {optical_root} (looked for {rel!r} and its s2 name)")
                 continue
+            paired.add(partner)
             self.records.append(
                 {"optical": [(partner, _as_bands(optical_bands))], "sar": [(sar, _as_bands(sar_bands))]}
             )
+        for optical in sorted(set(by_stem.values()) - paired):
+            self._problem(f"{optical}: no SAR partner in {root / sar_dir}")
         self._finish(str(root))
 
 
@@ -268,6 +287,10 @@ class BigEarthNetPretrain(PretrainImages):
         s1_bands: Sequence[str] = ("VV",),
         **kwargs,
     ) -> None:
+        if kwargs.setdefault("sar_scale", "db") != "db":
+            raise ValueError(
+                f"BigEarthNet S1 patches are stored in dB: sar_scale must be 'db', got {kwargs['sar_scale']!r}"
+            )
         super().__init__(**kwargs)
         s1_root, s2_root = Path(s1_root), Path(s2_root)
         for folder in (s1_root, s2_root):

@@ -37,7 +37,8 @@ class PretrainDataModule(pl.LightningDataModule):
         batch_size: per source and per device.
         repeat: visits of each image per epoch (new random crop each time), for small archives.
         stats: per-modality ``{"mean": [...], "std": [...]}``; computed and cached when not given.
-        sar_scale: ``"db"`` or ``"linear"`` SAR pixels (see :mod:`rsvheat.data.pretrain`).
+        sar_scale: ``"db"`` or ``"linear"`` SAR pixels of ``sar_dirs`` and ``paired_dirs`` (see
+            :mod:`rsvheat.data.pretrain`); BigEarthNet S1 is always read as dB.
         skip_bad: warn about and skip bad files instead of stopping.
     """
 
@@ -109,7 +110,11 @@ class PretrainDataModule(pl.LightningDataModule):
             )
         if h.bigearthnet_s1:
             ben = BigEarthNetPretrain(
-                h.bigearthnet_s1, h.bigearthnet_s2, h.bigearthnet_s2_bands, h.bigearthnet_s1_bands, **common
+                h.bigearthnet_s1,
+                h.bigearthnet_s2,
+                h.bigearthnet_s2_bands,
+                h.bigearthnet_s1_bands,
+                **{**common, "sar_scale": "db"},  # BigEarthNet S1 is dB whatever the folders' SAR is stored as
             )
             for modality, c in ben.channels.items():
                 if c != self._channels(modality):

@@ -13,6 +13,7 @@ Bases are cached per ``(size, device, dtype)`` because building them costs more 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import lru_cache
 from typing import Literal
 
@@ -91,15 +92,22 @@ def _transform_axis(x: torch.Tensor, dim: int, inverse: bool, impl: DctImpl) -> 
     return ((basis.T if inverse else basis) @ moved).movedim(-2, dim)
 
 
-def dct2d(x: torch.Tensor, impl: DctImpl = "auto") -> torch.Tensor:
-    """Orthonormal 2-D DCT-II over the last two axes of ``x``: ``(..., H, W)``, any H and W (no power-of-2 padding)."""
+def _transform_2d(x: torch.Tensor, inverse: bool, impl: DctImpl) -> torch.Tensor:
     dtype = x.dtype
-    x = x.to(_compute_dtype(x))
-    return _transform_axis(_transform_axis(x, -1, False, impl), -2, False, impl).to(dtype)
+    # Under autocast the GEMMs would run in bf16/fp16 whatever the input dtype: switch it off around the transform.
+    # (The meta device used for FLOP counting has no autocast.)
+    with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else nullcontext():
+        x = x.to(_compute_dtype(x))
+        return _transform_axis(_transform_axis(x, -1, inverse, impl), -2, inverse, impl).to(dtype)
+
+
+def dct2d(x: torch.Tensor, impl: DctImpl = "auto") -> torch.Tensor:
+    """Orthonormal 2-D DCT-II over the last two axes of ``x``: ``(..., H, W)``, any H and W (no power-of-2 padding).
+
+    Computed in float32 (or float64) even for half inputs and under autocast; returned in the input's dtype."""
+    return _transform_2d(x, False, impl)
 
 
 def idct2d(x: torch.Tensor, impl: DctImpl = "auto") -> torch.Tensor:
     """Inverse of :func:`dct2d` (orthonormal DCT-III) over the last two axes of ``x`` of shape ``(..., H, W)``."""
-    dtype = x.dtype
-    x = x.to(_compute_dtype(x))
-    return _transform_axis(_transform_axis(x, -1, True, impl), -2, True, impl).to(dtype)
+    return _transform_2d(x, True, impl)

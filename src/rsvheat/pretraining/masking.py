@@ -10,7 +10,9 @@ radius as a fraction of the padded diagonal. Here ``ratio`` is the **share of DC
 part**: exactly ``round(ratio * H * W)`` coefficients, drawn per sample uniformly in ``ratio_range`` (default
 0.2-0.3). The low region is a quarter disc around DC in normalised frequency, ``(n/H)^2 + (m/W)^2 < rho^2``, with
 ``rho`` set by the ratio (ties broken by coefficient index), so the region has the same shape for any ``H x W``.
-With ``sector_degrees`` the high part is further restricted to a random angular sector of that width (measured from
+``ratio_part="low"`` reads the ratio the other way (the share of coefficients kept in the low part; the digest's
+reading (b), closer to the official utility's small low-pass disc). With ``sector_degrees`` the high part is
+further restricted to a random angular sector of that width (measured from
 the vertical-frequency axis), so the low region is the disc plus everything outside the sector.
 
 Differences from the official ``masked_frequency.py`` (deliberate): no zero-padding to a power of two (the DCT works
@@ -46,24 +48,53 @@ def normalised_radius(h: int, w: int, device: torch.device | str | None = None) 
     return torch.sqrt(n**2 + m**2)
 
 
+def smallest_sector_share(degrees: float) -> float:
+    """Smallest share of the normalised spectrum ``[0, 1)^2`` that a sector of this width holds, over its start
+    angles: the sector touching an axis (a triangle of area ``tan(w) / 2``, or the square less one for ``w > 45``)."""
+    width = math.radians(degrees)
+    return 0.5 * math.tan(width) if degrees <= 45 else 1.0 - 0.5 * math.tan(math.pi / 2 - width)
+
+
+def smallest_sector_for(share: float) -> float:
+    """The narrowest sector (degrees) whose :func:`smallest_sector_share` is ``share``."""
+    return math.degrees(math.atan(2 * share) if share <= 0.5 else math.pi / 2 - math.atan(2 * (1 - share)))
+
+
 class FrequencyMasking(torch.nn.Module):
     """Split images into low- and high-frequency parts in the DCT domain (a transform usable on its own).
 
     Args:
         ratio_range: ``(min, max)`` share of coefficients in the high part, drawn uniformly per sample.
         sector_degrees: if given, the high part lies in a random angular sector of this width (0 < width <= 90).
+        ratio_part: ``"high"`` (default): ``ratio`` is the high part's share of coefficients; ``"low"``: the low part's.
         impl: DCT implementation (``"auto"`` picks the FFT from 256 px on).
     """
 
     def __init__(
-        self, ratio_range: tuple[float, float] = (0.2, 0.3), sector_degrees: float | None = None, impl: DctImpl = "auto"
+        self,
+        ratio_range: tuple[float, float] = (0.2, 0.3),
+        sector_degrees: float | None = None,
+        ratio_part: str = "high",
+        impl: DctImpl = "auto",
     ) -> None:
         super().__init__()
         lo, hi = ratio_range
         if not 0.0 <= lo <= hi < 1.0:
             raise ValueError(f"ratio_range must satisfy 0 <= min <= max < 1, got {ratio_range}")
+        if ratio_part not in ("high", "low"):
+            raise ValueError(f"ratio_part must be 'high' or 'low', got {ratio_part!r}")
+        self.ratio_part = ratio_part
         if sector_degrees is not None and not 0 < sector_degrees <= 90:
             raise ValueError(f"sector_degrees must be in (0, 90], got {sector_degrees}")
+        most_high = hi if ratio_part == "high" else 1.0 - lo  # the largest share the high part may have to hold
+        if sector_degrees is not None and smallest_sector_share(sector_degrees) < most_high:
+            # Refused here, not at some random step of a long run when a narrow draw cannot hold the ratio.
+            least = smallest_sector_share(sector_degrees)
+            raise ValueError(
+                f"a {sector_degrees} degree sector can hold as little as {least:.3f} of "
+                f"the coefficients (when it touches an axis), less than the high part's largest share {most_high:.3f}: "
+                f"use sector_degrees >= {smallest_sector_for(most_high):.1f} or change ratio_range"
+            )
         self.ratio_range = (float(lo), float(hi))
         self.sector_degrees = sector_degrees
         self.impl = impl
@@ -89,6 +120,8 @@ class FrequencyMasking(torch.nn.Module):
         total = h * w
         radius = normalised_radius(h, w, device).flatten()
         counts = torch.round(ratio.to(torch.float64) * total).long().to(radius.device)
+        if self.ratio_part == "low":
+            counts = total - counts
         # Rank by radius, ties by index: the k largest radii form the high part, exactly k coefficients.
         order = torch.argsort(radius, stable=True)
         if start is None:

@@ -94,7 +94,7 @@ class FrequencyPretrainer(nn.Module):
         variant: encoder architecture (a key of :data:`rsvheat.models.VARIANTS`, e.g. ``"rsvheat_base"``).
         modalities: stems by name and band count; ``"optical"`` and ``"sar"`` pair up for the cross-modal term.
         img_size: pre-training resolution (FVE/SCE are stored at it).
-        ratio_range, sector_degrees: frequency masking (see :class:`FrequencyMasking`).
+        ratio_range, sector_degrees, ratio_part: frequency masking (see :class:`FrequencyMasking`).
         loss_weights: ``{"spa": 1, "fre": 1, "con": 1}``; 0 switches a term off.
         decoder_width, proj_dim, temperature: decoder and contrastive head sizes.
         encoder_kwargs: more :class:`RSVHeat` arguments (e.g. ``drop_path_rate``).
@@ -107,6 +107,7 @@ class FrequencyPretrainer(nn.Module):
         img_size: int = 224,
         ratio_range: tuple[float, float] = (0.2, 0.3),
         sector_degrees: float | None = None,
+        ratio_part: str = "high",
         loss_weights: Mapping[str, float] | None = None,
         decoder_width: int = 256,
         proj_dim: int = 128,
@@ -131,7 +132,7 @@ class FrequencyPretrainer(nn.Module):
         # The classifier head's norm is not on the pre-training path; frozen so that DDP sees no unused parameters.
         self.encoder.head.requires_grad_(False)
         dims = self.encoder.dims
-        self.masking = FrequencyMasking(ratio_range, sector_degrees)
+        self.masking = FrequencyMasking(ratio_range, sector_degrees, ratio_part)
         self.fuse_frequency = nn.ModuleList(nn.Conv2d(2 * d, d, 1) for d in dims[-2:])
         self.decoder = ReconstructionDecoder((dims[-2], dims[-1]), decoder_width, modalities)
         self.projector = (

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
+from typing import Any
 
+import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+
+from rsvheat.files import write_atomic
 
 
 def _tensorboard_available() -> bool:
@@ -17,10 +24,43 @@ def _tensorboard_available() -> bool:
     return True
 
 
+class SameFolderCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a hidden temporary file in their own folder, then renamed onto the final name.
+
+    Lightning's default goes through fsspec, whose temporary file lives in the system temp folder: when that is
+    another filesystem, the final move is a copy onto ``last.ckpt`` that a kill can leave half-written, and a kill
+    mid-write leaves a checkpoint-sized orphan in ``/tmp``. Orphans this class leaves after a kill (``.<name>.*.ckpt``)
+    are removed by the next run's first save. Remote paths (``s3://`` ...) keep Lightning's behaviour.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started = time.time()
+        self._swept: set[Path] = set()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        if path.parent not in self._swept:
+            self._swept.add(path.parent)
+            for orphan in path.parent.glob(".*.ckpt"):  # hidden temporaries of a killed earlier run
+                if orphan.stat().st_mtime < self._started:
+                    orphan.unlink(missing_ok=True)
+        write_atomic(path, lambda tmp: _save_synced(checkpoint, tmp))
+
+
+def _save_synced(checkpoint: dict[str, Any], path: Path) -> None:
+    torch.save(checkpoint, path)
+    with open(path, "rb") as f:  # on disk before the rename makes it the checkpoint, also across a power cut
+        os.fsync(f.fileno())
+
+
 class RSVHeatCLI(LightningCLI):
     """Adds a ``checkpoint`` section (``ModelCheckpoint``: periodic, atomic, ``last.ckpt`` kept) whose folder defaults
     to ``<trainer.default_root_dir>/checkpoints`` (stable across runs, so ``--ckpt_path last`` resumes), and CSV logs
-    (plus TensorBoard when installed) under ``<default_root_dir>/logs/version_N``."""
+    (plus TensorBoard when installed) under ``<default_root_dir>/logs/version_N``; checkpoints are written through
+    :class:`SameFolderCheckpointIO` unless the config names another checkpoint plugin."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -39,6 +79,13 @@ class RSVHeatCLI(LightningCLI):
                 )
                 for name in classes
             ]
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, SameFolderCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def task_cli(argv: list[str] | None = None) -> None:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from timm.optim import param_groups_weight_decay
 from torchvision.utils import make_grid, save_image
 
+from rsvheat.data.pretrain import skipped_count
 from rsvheat.files import write_atomic
 from rsvheat.models.checkpoint import save_weights
 from rsvheat.pretraining.model import FrequencyPretrainer
@@ -22,8 +24,9 @@ ENCODER_FILE = "encoder.safetensors"
 class PretrainTask(pl.LightningModule):
     """Frequency-masking pre-training of an RS-vHeat encoder (see :mod:`rsvheat.pretraining.model`).
 
-    Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``loss_weights``,
-        ``decoder_width``, ``proj_dim``, ``temperature``, ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
+    Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``ratio_part``,
+        ``loss_weights``, ``decoder_width``, ``proj_dim``, ``temperature``, ``drop_path_rate`` as in
+        :class:`FrequencyPretrainer`.
     Args (optimisation): AdamW with ``lr``, ``weight_decay`` (none on norms, biases, FVE and SCE), ``betas``; linear
         warm-up over ``warmup_fraction`` of the steps, then cosine to ``min_lr_ratio * lr``.
         ``grad_checkpointing`` trades compute for activation memory. ``encoder_kwargs``: more :class:`RSVHeat`
@@ -37,6 +40,7 @@ class PretrainTask(pl.LightningModule):
         img_size: int = 224,
         ratio_range: tuple[float, float] = (0.2, 0.3),
         sector_degrees: float | None = None,
+        ratio_part: str = "high",
         loss_weights: dict[str, float] | None = None,
         decoder_width: int = 256,
         proj_dim: int = 128,
@@ -58,6 +62,7 @@ class PretrainTask(pl.LightningModule):
             img_size=img_size,
             ratio_range=ratio_range,
             sector_degrees=sector_degrees,
+            ratio_part=ratio_part,
             loss_weights=loss_weights,
             decoder_width=decoder_width,
             proj_dim=proj_dim,
@@ -99,6 +104,11 @@ class PretrainTask(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_train_end(self) -> None:
+        datasets = getattr(self.trainer.datamodule, "datasets", {}) or {}
+        skipped = {name: skipped_count(ds) for name, ds in datasets.items()}
+        if any(skipped.values()):
+            detail = ", ".join(f"{name}: {n}" for name, n in skipped.items() if n)
+            rank_zero_warn(f"skip_bad: {sum(skipped.values())} bad file(s) were skipped on this process ({detail})")
         if self.trainer.is_global_zero:
             path = save_weights(
                 self.model.encoder,
