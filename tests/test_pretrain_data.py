@@ -52,6 +52,9 @@ def test_stats_are_cached(tmp_path):
     json.dump({"optical": {"mean": [1, 2, 3], "std": [4, 5, 6]}}, cached[0].open("w"))
     second = ImageFolderPretrain(tmp_path / "opt", crop_size=32)  # reads the cache, does not recompute
     assert second.stats["optical"]["mean"] == [1, 2, 3] and first.stats != second.stats
+    write(tmp_path / "opt/a.tif", 2 * ramp(3, 40, 40))  # the file is replaced: its statistics are recomputed
+    third = ImageFolderPretrain(tmp_path / "opt", crop_size=32)
+    assert third.stats["optical"]["mean"] != [1, 2, 3] and len(list((tmp_path / "cache/stats").glob("*.json"))) == 2
 
 
 def test_small_images_are_upsampled_and_crops_are_random():

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -32,6 +33,17 @@ def check_stats(given: Mapping[str, Mapping[str, Sequence[float]]], channels: Ma
     return stats
 
 
+def _with_file_signatures(identity: object) -> object:
+    if isinstance(identity, str | os.PathLike) and os.path.isfile(identity):
+        info = os.stat(identity)
+        return [str(identity), info.st_size, info.st_mtime_ns]
+    if isinstance(identity, Mapping):
+        return {str(k): _with_file_signatures(v) for k, v in identity.items()}
+    if isinstance(identity, list | tuple):
+        return [_with_file_signatures(v) for v in identity]
+    return identity
+
+
 def band_stats(
     read: Callable[[int], Mapping[str, np.ndarray]],
     count: int,
@@ -41,9 +53,11 @@ def band_stats(
     skip_bad: bool = False,
 ) -> Stats:
     """Mean and std per band of every modality over up to ``samples`` items ``read(i) -> {modality: (C, H, W)}``
-    spread evenly over ``range(count)``. ``identity`` (JSON-able: file names, options) keys the cache."""
+    spread evenly over ``range(count)``. ``identity`` (JSON-able: file names, options) keys the cache; the files it
+    names are keyed with their size and modification time too, so replacing a file recomputes the statistics."""
     picks = sorted(set(np.linspace(0, count - 1, min(samples, count)).round().astype(int).tolist()))
-    key = hashlib.sha1(json.dumps([identity, picks], default=str).encode()).hexdigest()[:16]
+    signed = json.dumps([_with_file_signatures(identity), picks], default=str)
+    key = hashlib.sha1(signed.encode()).hexdigest()[:16]
     path = cache_dir() / "stats" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -53,9 +67,10 @@ def band_stats(
     for i in picks:
         try:
             raw = read(i)
-        except ImageReadError:
+        except ImageReadError as err:
             if not skip_bad:
                 raise
+            warnings.warn(f"normalisation statistics: skipping {err}", stacklevel=2)
             continue
         for m, data in raw.items():
             flat = data.reshape(data.shape[0], -1).astype(np.float64)
