@@ -2,6 +2,7 @@
 COCO JSON, LEVIR-CD) and every failure the issue lists."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -35,13 +36,23 @@ def class_folders(root, counts=None, size=40):
     return root
 
 
+def split_path(tmp_path):
+    return str(tmp_path / "split.json")
+
+
 def test_stratified_split_is_per_class_seeded_and_complete():
     labels = [0] * 10 + [1] * 50 + [2] * 7
     split = stratified_split(labels, 0.2, 0.1, seed=3)
     assert split == stratified_split(labels, 0.2, 0.1, seed=3) != stratified_split(labels, 0.2, 0.1, seed=4)
     assert sorted(sum(split.values(), [])) == list(range(len(labels)))
-    train = np.bincount(np.asarray(labels)[split["train"]])
-    assert train.tolist() == [2, 10, 1]  # round(0.2 n_c), at least one per class
+    train = np.bincount(np.asarray(labels)[split["train"]], minlength=3)
+    val = np.bincount(np.asarray(labels)[split["val"]], minlength=3)
+    # training shares round(0.2 n_c) = 2, 10, 1 (at least one per class); 10 % of each share validates, half up,
+    # leaving at least one training sample
+    assert train.tolist() == [2, 9, 1] and val.tolist() == [0, 1, 0]
+    # validation comes out of the training share: the test split is the one drawn without validation
+    no_val = stratified_split(labels, 0.2, 0.0, seed=3)
+    assert split["test"] == no_val["test"] and sorted(split["train"] + split["val"]) == no_val["train"]
 
 
 def test_classification_layout_split_file_and_descend(tmp_path):
@@ -49,23 +60,60 @@ def test_classification_layout_split_file_and_descend(tmp_path):
     dm = ClassificationDataModule(
         str(tmp_path / "UCMerced_LandUse"),
         train_ratio=0.5,
-        split_file=str(tmp_path / "split.json"),
+        split_file=split_path(tmp_path),
         img_size=32,
         num_workers=0,
         batch_size=4,
     )
     assert dm.classes == ["beach", "forest", "harbor"] and dm.num_classes == 3
     split = json.loads((tmp_path / "split.json").read_text())
-    assert len(split["train"]) == 3 + 5 + 2 and split["val"] == [] and split["classes"] == dm.classes
+    assert (split["train_ratio"], split["val_ratio"], split["seed"]) == (0.5, 0.1, 0)
+    # shares 3, 5, 2 of 5, 10, 4; the default val_ratio 0.1 holds out round(0.5) = 1 forest image
+    assert len(split["train"]) == 9 and len(split["val"]) == 1 and len(split["test"]) == 9
+    assert split["classes"] == dm.classes and not set(split["val"]) & set(split["test"])
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
-    assert len(dm.datasets["val"]) == 19 - 10  # no val share: validate on the test split
-    # a second module reads the written split back, whatever its ratio
+    assert [p for p, _ in dm.datasets["val"].samples] == split["val"] and dm.has_validation
+    # the same settings read the written split back
     again = ClassificationDataModule(
-        str(tmp_path / "UCMerced_LandUse"), train_ratio=0.9, split_file=str(tmp_path / "split.json")
+        str(tmp_path / "UCMerced_LandUse"), train_ratio=0.5, split_file=split_path(tmp_path)
     )
     assert again.split["train"] == split["train"]
+
+
+def test_classification_split_file_settings_mismatch_and_corrupt(tmp_path):
+    root = str(class_folders(tmp_path / "aid"))
+    ClassificationDataModule(root, train_ratio=0.5, seed=1, split_file=split_path(tmp_path))
+    for changed, shown in (
+        ({"train_ratio": 0.9, "seed": 1}, "'train_ratio': 0.9"),
+        ({"train_ratio": 0.5}, "'seed': 0"),
+    ):
+        with pytest.raises(
+            ValueError, match=r"split\.json: the split was drawn with \{'train_ratio': 0\.5, .*'seed': 1\}"
+        ) as err:
+            ClassificationDataModule(root, split_file=split_path(tmp_path), **changed)
+        assert shown in str(err.value) and "delete the file" in str(err.value)
+    (tmp_path / "split.json").write_text('{"train": [1, 2')
+    with pytest.raises(ValueError, match=r"split\.json: not a readable split file"):
+        ClassificationDataModule(root, train_ratio=0.5, seed=1, split_file=split_path(tmp_path))
+    (tmp_path / "split.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"split\.json: not a split file"):
+        ClassificationDataModule(root, train_ratio=0.5, seed=1, split_file=split_path(tmp_path))
+
+
+def test_classification_without_validation_share_never_validates_on_test(tmp_path):
+    dm = ClassificationDataModule(
+        str(class_folders(tmp_path / "aid")),
+        train_ratio=0.5,
+        val_ratio=0.0,
+        split_file=split_path(tmp_path),
+        stats={"optical": {"mean": [0] * 3, "std": [1] * 3}},
+        num_workers=0,
+    )
+    dm.setup("fit")
+    assert not dm.has_validation and "val" not in dm.datasets and dm.val_dataloader() == []
+    assert len(dm.split["train"]) == 10 and len(dm.split["test"]) == 9
 
 
 def test_classification_class_list_mismatch_and_empty(tmp_path):
@@ -181,6 +229,50 @@ def test_segmentation_failures_name_the_file(tmp_path):
         SegmentationDataModule(str(tmp_path / "a"), str(tmp_path / "a"), num_classes=3, num_workers=0).setup("fit")
 
 
+def one_tile(root, mask, name="t0"):
+    write(root / "images" / f"{name}.tif", ramp(3, *mask.shape))
+    write(root / "masks" / f"{name}.tif", mask[None].astype(np.uint8))
+    return str(root)
+
+
+def test_segmentation_reduce_zero_label_loveda(tmp_path):
+    # LoveDA: 0 = no data, classes 1..7 stored as 1..7
+    stored = np.arange(9 * 4).reshape(9, 4) % 8
+    stored[0, 0] = 255
+    root = one_tile(tmp_path / "loveda", stored)
+    stats = {"optical": {"mean": [0] * 3, "std": [1] * 3}}
+    dm = SegmentationDataModule(root, root, num_classes=7, reduce_zero_label=True, stats=stats, num_workers=0)
+    dm.setup("validate")
+    mask = dm.datasets["val"][0]["mask"].numpy()
+    expected = np.where(stored == 0, 255, stored - 1)
+    expected[0, 0] = 255  # the ignore index stays ignored, it does not become 254
+    np.testing.assert_array_equal(mask, expected)
+    assert set(np.unique(mask).tolist()) == {0, 1, 2, 3, 4, 5, 6, 255}
+    # without the option, 7 is out of range for 7 classes; with it, a stored 8 is: the error names the stored value
+    write(tmp_path / "loveda" / "masks" / "t0.tif", np.full((1, 9, 4), 8, np.uint8))
+    with pytest.raises(ImageReadError, match=r"t0\.tif: label values \[8\] \(with reduce_zero_label"):
+        dm.datasets["val"][0]
+
+
+def test_segmentation_label_map_whu_opt_sar(tmp_path):
+    # WHU-OPT-SAR: classes stored as 10..70, 0 unlabelled
+    stored = np.array([[10, 20, 30, 40], [50, 60, 70, 0], [15, 70, 10, 255]])
+    root = one_tile(tmp_path / "whu", stored)
+    label_map = {10 * (k + 1): k for k in range(7)}
+    stats = {"optical": {"mean": [0] * 3, "std": [1] * 3}}
+    dm = SegmentationDataModule(root, root, num_classes=7, label_map=label_map, stats=stats, num_workers=0)
+    dm.setup("validate")
+    mask = dm.datasets["val"][0]["mask"]
+    assert mask.tolist() == [[0, 1, 2, 3], [4, 5, 6, 255], [255, 6, 0, 255]]  # unmapped values are ignored
+    assert mask.dtype == torch.long
+    with pytest.raises(ValueError, match=r"label_map \{70: 7\}: class ids must lie in \[0, 7\)"):
+        SegmentationDataModule(root, root, num_classes=7, label_map={**label_map, 70: 7})
+    with pytest.raises(ValueError, match="label_map or reduce_zero_label, not both"):
+        SegmentationDataModule(root, root, num_classes=7, label_map=label_map, reduce_zero_label=True)
+    with pytest.raises(ValueError, match="apply to index masks"):
+        SegmentationDataModule(root, root, num_classes=6, palette="isprs", reduce_zero_label=True)
+
+
 # -- change detection -------------------------------------------------------------------------------------------------
 
 
@@ -242,12 +334,14 @@ def voc(root, boxes_by_image, size=64):
 
 def test_detection_voc_with_negatives_and_coco(tmp_path):
     spec = voc(tmp_path / "dior", {"a": [("ship", 5, 6, 20, 30), ("airplane", 30, 30, 60, 50)], "b": [], "c": None})
-    dm = DetectionDataModule(spec, spec, num_workers=0, batch_size=3, eval_batch_size=3)
+    with pytest.warns(UserWarning, match=r"Annotations: 1 of 3 images of .*JPEGImages have no XML; .* negatives"):
+        dm = DetectionDataModule(spec, spec, num_workers=0, batch_size=3, eval_batch_size=3)
+        dm.setup("fit")
     assert dm.classes == ["airplane", "ship"]
-    dm.setup("fit")
     images, targets = next(iter(dm.val_dataloader()))
     assert len(images) == 3 and images[0].shape == (3, 64, 64)
-    assert targets[0]["labels"].tolist() == [2, 1] and targets[0]["boxes"].shape == (2, 4)
+    assert targets[0]["labels"].tolist() == [2, 1]
+    assert targets[0]["boxes"].tolist() == [[4, 5, 20, 30], [29, 29, 60, 50]]  # VOC's 1-based corners moved by -1
     assert targets[1]["boxes"].shape == (0, 4) and targets[2]["labels"].numel() == 0  # negatives are valid
 
     coco = {
@@ -262,17 +356,123 @@ def test_detection_voc_with_negatives_and_coco(tmp_path):
     assert dm.classes == ["ship"] and dm.datasets["val"][0][1]["boxes"].tolist() == [[5, 6, 20, 30]]
 
 
+def pasted_square(root, left, top, side, size=(48, 64)):
+    """A PNG (exact pixels, unlike JPEG) with a bright ``side``² square at 0-based column ``left``, row ``top``, and
+    its VOC annotation as a labelling tool writes it (1-based inclusive pixel indices)."""
+    image = np.full((3, *size), 20, np.uint8)
+    image[:, top : top + side, left : left + side] = 200
+    write(root / "images" / "sq.png", image)
+    box = ("ship", left + 1, top + 1, left + side, top + side)
+    write_voc(root / "Annotations" / "sq.xml", "sq.png", size, [box])
+    return {"images": str(root / "images"), "annotations": str(root / "Annotations")}
+
+
+def test_detection_voc_box_is_exactly_the_pasted_pixels_also_flipped(tmp_path):
+    spec = pasted_square(tmp_path, left=10, top=30, side=10)  # written xmin=11 .. xmax=20, ymin=31 .. ymax=40
+    assert "<xmin>11</xmin>" in (tmp_path / "Annotations" / "sq.xml").read_text()
+    dm = DetectionDataModule(spec, spec, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}}, num_workers=0)
+    dm.setup("fit")
+
+    def covered(image, box):
+        x1, y1, x2, y2 = (int(v) for v in box)
+        inside = torch.zeros(image.shape[-2:], dtype=torch.bool)
+        inside[y1:y2, x1:x2] = True
+        return inside, image[0] > 100
+
+    image, target = dm.datasets["val"][0]
+    assert target["boxes"].tolist() == [[10, 30, 20, 40]]  # pixels 10..19 × 30..39 = [10, 20) × [30, 40)
+    inside, bright = covered(image, target["boxes"][0])
+    assert torch.equal(inside, bright)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(16):  # the training set flips half of the time; each draw must still box the square exactly
+        image, target = dm.datasets["train"][0]
+        inside, bright = covered(image, target["boxes"][0])
+        assert torch.equal(inside, bright)
+        seen.add(tuple(target["boxes"][0].tolist()))
+    assert seen == {(10.0, 30.0, 20.0, 40.0), (64 - 20.0, 30.0, 64 - 10.0, 40.0)}  # W - x2, W - x1
+
+
+def test_detection_voc_box_touching_the_image_border_is_valid(tmp_path):
+    spec = voc(tmp_path, {"a": [("ship", 1, 1, 64, 64)]})
+    dm = DetectionDataModule(spec, spec, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}})
+    dm.setup("validate")
+    assert dm.datasets["val"][0][1]["boxes"].tolist() == [[0, 0, 64, 64]]  # the whole 64×64 image
+
+
 @pytest.mark.parametrize(
     ("objects", "message"),
     [
-        ([("ship", 20, 5, 10, 30)], r"a\.xml: box \(20\.0, 5\.0, 10\.0, 30\.0\) has x2 <= x1"),
-        ([("ship", 5, 5, 90, 30)], r"a\.xml: box .* lies outside the 64×64 image"),
+        ([("ship", 20, 5, 10, 30)], r"a\.xml: box xmin=20 ymin=5 xmax=10 ymax=30 is empty"),
+        ([("ship", 5, 5, 90, 30)], r"a\.xml: box xmin=5 ymin=5 xmax=90 ymax=30 lies outside the 64×64 image"),
+        ([("ship", 5, 5, 65, 30)], r"a\.xml: box .*xmax=65 .* outside the 64×64 image \(boxes need 1 <= xmin"),
+        ([("ship", 0, 5, 10, 30)], r"a\.xml: box xmin=0 .* outside the 64×64 image"),  # VOC is 1-based
     ],
 )
 def test_detection_bad_boxes_name_the_file(tmp_path, objects, message):
     spec = voc(tmp_path, {"a": objects})
     with pytest.raises(ImageReadError, match=message):
         DetectionDataModule(spec, spec, num_workers=0)
+
+
+def test_detection_voc_annotation_folder_missing_or_without_xml(tmp_path):
+    spec = voc(tmp_path, {"a": None, "b": None})
+    with pytest.raises(FileNotFoundError, match=r"annotation folder not found: .*Annotations"):
+        DetectionDataModule(spec, spec, num_workers=0)
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "readme.txt").write_text("not an annotation")
+    with pytest.raises(ValueError, match=r"Annotations: no VOC XML files in the annotation folder"):
+        DetectionDataModule(spec, spec, num_workers=0)
+    write_voc(tmp_path / "Annotations" / "other.xml", "other.jpg", (64, 64), [("ship", 5, 5, 20, 20)])
+    with pytest.raises(ValueError, match=r"Annotations: no XML for any of the 2 images of .*JPEGImages"):
+        DetectionDataModule(spec, spec, num_workers=0)
+
+
+def coco_file(tmp_path, annotations, categories=({"id": 1, "name": "ship"},)):
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": annotations,
+        "categories": list(categories),
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(data))
+    return {"images": str(tmp_path / "JPEGImages"), "annotation_file": str(tmp_path / "coco.json")}
+
+
+def test_detection_coco_classes_follow_category_ids(tmp_path):
+    voc(tmp_path, {"a": None, "b": None})
+    # ids out of alphabetical order, one category ("airplane") without any box
+    categories = [{"id": 3, "name": "vehicle"}, {"id": 1, "name": "ship"}, {"id": 2, "name": "airplane"}]
+    boxes = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 64, 10]},
+        {"id": 2, "image_id": 2, "category_id": 1, "bbox": [3.5, 4, 10, 20]},
+    ]
+    spec = coco_file(tmp_path, boxes, categories)
+    dm = DetectionDataModule(spec, spec, format="coco", num_workers=0)
+    assert dm.classes == ["ship", "airplane", "vehicle"]  # category-id order, airplane kept
+    dm.setup("validate")
+    (_, a), (_, b) = dm.datasets["val"][0], dm.datasets["val"][1]
+    assert a["labels"].tolist() == [3] and a["boxes"].tolist() == [[0, 0, 64, 10]]  # x + w = W is inside
+    assert b["labels"].tolist() == [1] and b["boxes"].tolist() == [[3.5, 4, 13.5, 24]]
+
+
+@pytest.mark.parametrize(
+    ("annotation", "message"),
+    [
+        ({"id": 5, "image_id": 1, "category_id": 1}, r"coco\.json: annotation 5 has no 'bbox' of four numbers"),
+        ({"id": 5, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}, r"coco\.json: annotation 5 has no 'bbox'"),
+        ({"id": 5, "image_id": 9, "category_id": 1, "bbox": [1, 2, 3, 4]}, r"coco\.json: annotation 5 .* image_id 9"),
+        ({"id": 5, "image_id": 1, "category_id": 4, "bbox": [1, 2, 3, 4]}, r"coco\.json: .* unknown category_id 4"),
+        (
+            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [60, 2, 4.5, 4]},
+            r"coco\.json \(image a\.jpg\): box bbox \[x, y, w, h\] = \[60, 2, 4\.5, 4\] lies outside the 64×64",
+        ),
+    ],
+)
+def test_detection_coco_bad_annotations_name_the_file(tmp_path, annotation, message):
+    voc(tmp_path, {"a": None, "b": None})
+    spec = coco_file(tmp_path, [annotation])
+    with pytest.raises(ImageReadError, match=message):
+        DetectionDataModule(spec, spec, format="coco", num_workers=0)
 
 
 def test_detection_empty_annotation_file_and_class_mismatch(tmp_path):
@@ -290,3 +490,70 @@ def test_detection_empty_annotation_file_and_class_mismatch(tmp_path):
             format="coco",
             num_workers=0,
         )
+
+
+# -- checkpoints and task setup ---------------------------------------------------------------------------------------
+
+MICRO = dict(
+    backbone="rsvheat_tiny",
+    encoder_kwargs={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]},
+    drop_path_rate=0.0,
+    layer_decay=1.0,
+    warmup_fraction=0.0,
+)
+
+
+def fit_once(tmp_path, dm, lr):
+    import lightning.pytorch as pl
+
+    from rsvheat.trainers import ClassificationTask
+
+    task = ClassificationTask(num_classes=3, img_size=32, lr=lr, **MICRO)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path / "run",
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(task, dm)
+    load = lambda name: torch.load(tmp_path / "run/checkpoints" / name, weights_only=False)  # noqa: E731
+    return load("best.ckpt"), load("last.ckpt")
+
+
+def test_best_checkpoint_is_overwritten_and_is_last_without_validation(tmp_path):
+    root = str(class_folders(tmp_path / "cls", {"a": 4, "b": 4, "c": 4}, size=32))
+    kwargs = dict(train_ratio=1.0, img_size=32, batch_size=4, num_workers=0)
+    dm = ClassificationDataModule(root, val_ratio=0.25, split_file=str(tmp_path / "val.json"), **kwargs)
+    fit_once(tmp_path, dm, lr=1e-3)
+    best, _ = fit_once(tmp_path, dm, lr=2e-3)  # a second fit in the same folder
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no -v1
+    assert best["hyper_parameters"]["lr"] == 2e-3  # best.ckpt is this run's, not the stale one
+    # no validation share: nothing to rank on, best.ckpt is the latest model
+    dm = ClassificationDataModule(root, val_ratio=0.0, split_file=str(tmp_path / "none.json"), **kwargs)
+    (tmp_path / "run/checkpoints/best.ckpt").unlink()
+    best, last = fit_once(tmp_path, dm, lr=3e-3)
+    assert best["hyper_parameters"]["lr"] == 3e-3 and best["global_step"] == last["global_step"] > 0
+
+
+def test_task_setup_errors_name_the_data_folders(tmp_path):
+    import lightning.pytorch as pl
+
+    from rsvheat.trainers import DetectionTask, SegmentationTask
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    seg_split(tmp_path / "seg")
+    root = str(tmp_path / "seg")
+    dm = SegmentationDataModule(
+        root, root, num_classes=3, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}}
+    )
+    folders = re.escape(f"(train_root={root}, val_root={root})")
+    with pytest.raises(ValueError, match=rf"num_classes=4, the data module {folders} 3"):
+        trainer.fit(SegmentationTask(num_classes=4, img_size=32, **MICRO), dm)
+    spec = voc(tmp_path / "det", {"a": [("ship", 5, 5, 20, 20)]})
+    dm = DetectionDataModule(spec, spec, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}})
+    folders = re.escape(f"(images={spec['images']}, annotations={spec['annotations']})")
+    with pytest.raises(ValueError, match=rf"num_classes=2, the data {folders} 1 classes"):
+        trainer.fit(DetectionTask(num_classes=2, img_size=64, min_size=64, max_size=64, **MICRO), dm)

@@ -4,8 +4,9 @@
 that is not a class (UC Merced's ``UCMerced_LandUse/Images``, EuroSAT's ``2750``) is descended into automatically.
 
 The paper's protocols take a seeded, stratified share of every class for training (AID TR 20 %/50 %,
-NWPU-RESISC45 TR 10 %/20 %) and the rest for testing; :func:`stratified_split` draws it and the data module writes it
-to a JSON split file that later runs read back, so every run of an experiment sees the same split.
+NWPU-RESISC45 TR 10 %/20 %) and the rest for testing; :func:`stratified_split` draws it, holding out part of the
+training share for validation (model selection never looks at the test split), and the data module writes it to a
+JSON split file that later runs read back, so every run of an experiment sees the same split.
 """
 
 from __future__ import annotations
@@ -61,20 +62,22 @@ def resolve_root(root: str | Path) -> Path:
 def stratified_split(
     labels: Sequence[int], train_ratio: float, val_ratio: float = 0.0, seed: int = 0
 ) -> dict[str, list[int]]:
-    """Indices of a per-class random split: ``train_ratio·n_c`` (rounded half up, at least 1) of every class to train,
-    ``val_ratio·n_c`` (half up) for validation, the rest for testing."""
-    if not 0 < train_ratio <= 1 or not 0 <= val_ratio < 1 or train_ratio + val_ratio > 1:
-        raise ValueError(f"train_ratio {train_ratio} and val_ratio {val_ratio} must be shares that sum to ≤ 1")
+    """Indices of a seeded per-class random split. Of every class's ``n_c`` samples, a training share of
+    ``train_ratio·n_c`` (rounded half up, at least 1) is drawn and the rest is the test split; ``val_ratio`` of that
+    training share (half up, leaving at least one training sample) is held out for validation. The validation samples
+    therefore never come from the test split, which stays exactly the paper protocol's (``train_ratio`` → test)."""
+    if not 0 < train_ratio <= 1 or not 0 <= val_ratio < 1:
+        raise ValueError(f"train_ratio must be in (0, 1] and val_ratio in [0, 1), got {train_ratio} and {val_ratio}")
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     split: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_train = max(1, int(train_ratio * len(idx) + 0.5))  # half up: 2.5 -> 3
-        n_val = int(val_ratio * len(idx) + 0.5)
-        split["train"] += idx[:n_train].tolist()
-        split["val"] += idx[n_train : n_train + n_val].tolist()
-        split["test"] += idx[n_train + n_val :].tolist()
+        n_share = max(1, int(train_ratio * len(idx) + 0.5))  # half up: 2.5 -> 3
+        n_val = min(int(val_ratio * n_share + 0.5), n_share - 1)
+        split["val"] += idx[:n_val].tolist()
+        split["train"] += idx[n_val:n_share].tolist()
+        split["test"] += idx[n_share:].tolist()
     return {k: sorted(v) for k, v in split.items()}
 
 

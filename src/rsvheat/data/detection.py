@@ -2,22 +2,29 @@
 
 * VOC: ``images/<name>.<ext>`` and ``annotations/<name>.xml`` (DIOR: ``JPEGImages-trainval`` and
   ``Annotations/Horizontal Bounding Boxes``); an optional ``ids`` file (VOC ``ImageSets/Main/train.txt``: one name per
-  line) restricts the images. Images without an XML, or with an XML without objects, are valid negatives.
+  line) restricts the images. An XML without objects is a valid negative; an image without an XML is one too, as long
+  as the annotation folder holds XMLs for other images (a missing or XML-less folder is an error: a mistyped path
+  would otherwise train on negatives only), and their number is reported in a warning.
 * COCO: one JSON with ``images``, ``annotations`` (``bbox`` = x, y, w, h in pixels) and ``categories``.
 
-Boxes are returned as ``(x1, y1, x2, y2)`` pixel coordinates and labels as ``1..K`` (0 is the background in
-torchvision's detectors), the order of ``classes``. Every annotation is checked at construction: unknown class names,
-``x2 <= x1`` or ``y2 <= y1``, boxes outside the image, unreadable or empty annotation files raise an error naming the
-file. Oriented boxes (DOTA, FAIR1M) would add a ``"obb"`` entry per target; the loaders keep the parsing separate
-from the dataset so that a DOTA reader can be added the same way.
+Boxes are returned as ``(x1, y1, x2, y2)`` in torchvision's convention: 0-based, continuous pixel coordinates, the box
+covering ``[x1, x2) × [y1, y2)``, so that ``0 <= x1 < x2 <= W``. VOC's 1-based inclusive pixel indices are converted
+(``xmin - 1, ymin - 1, xmax, ymax``: a box written ``xmin=11 .. xmax=20`` covers pixel columns 10..19 and becomes
+``x1=10, x2=20``); COCO's ``x, y, w, h`` already is continuous (``x1=x, x2=x+w``). Labels are ``1..K`` (0 is the
+background in torchvision's detectors), the order of ``classes``. Every annotation is checked at construction: unknown
+class names, empty boxes, boxes outside the image, unreadable or empty annotation files raise an error naming the file
+and the box. Oriented boxes (DOTA, FAIR1M) would add a ``"obb"`` entry per target; the loaders keep the parsing
+separate from the dataset so that a DOTA reader can be added the same way.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,12 +33,15 @@ from torch.utils.data import Dataset
 from rsvheat.data.io import IMAGE_SUFFIXES, ImageReadError, image_header, list_images, read_image
 from rsvheat.data.transforms import normalise
 
-# One image's annotation: class names and (x1, y1, x2, y2) boxes.
+# One image's annotation: class names and (N, 4) boxes (x1, y1, x2, y2), 0-based continuous pixel coordinates.
 Annotation = tuple[list[str], np.ndarray]
+# How the boxes are written in the annotation file: error messages quote them that way.
+BoxFormat = Literal["voc", "coco", "xyxy"]
 
 
 def parse_voc(path: Path) -> Annotation:
-    """Class names and boxes of one VOC XML file. VOC's 1-based pixel indices are kept as given (DIOR's convention)."""
+    """Class names and ``(N, 4)`` boxes of one VOC XML file, converted from VOC's 1-based inclusive pixel indices
+    (DIOR's convention too) to 0-based continuous coordinates: ``(xmin - 1, ymin - 1, xmax, ymax)``."""
     try:
         text = path.read_text()
         if not text.strip():
@@ -45,9 +55,11 @@ def parse_voc(path: Path) -> Annotation:
         if name is None or box is None:
             raise ImageReadError(f"{path}: an <object> without <name> or <bndbox>")
         try:
-            boxes.append([float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+            xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (TypeError, ValueError) as err:
             raise ImageReadError(f"{path}: a <bndbox> without numeric xmin/ymin/xmax/ymax") from err
+        # pixel i (1-based) spans [i - 1, i) in continuous 0-based coordinates
+        boxes.append([xmin - 1, ymin - 1, xmax, ymax])
         names.append(name.strip())
     return names, np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
@@ -57,20 +69,43 @@ Item = tuple[Path, Annotation, str]
 
 
 def load_voc(images: Path, annotations: Path, ids: Path | None = None) -> list[Item]:
+    """One item per image of ``images`` (restricted to the names listed in ``ids``), annotated by
+    ``annotations/<name>.xml``. Images without an XML are negatives, but only when the folder annotates other
+    images: a missing folder, a folder without any XML, or one with no XML for any of these images raises."""
     files = list_images(images)
     if ids is not None:
         wanted = {line.strip() for line in Path(ids).read_text().splitlines() if line.strip()}
         files = [f for f in files if f.stem in wanted]
     if not files:
         raise ValueError(f"no images in {images}" + (f" listed in {ids}" if ids else ""))
-    items = []
+    if not annotations.is_dir():
+        raise FileNotFoundError(f"annotation folder not found: {annotations}")
+    if next(annotations.glob("*.xml"), None) is None:
+        raise ValueError(f"{annotations}: no VOC XML files in the annotation folder (expected <image name>.xml)")
+    items, unannotated = [], 0
     for f in files:
         xml = annotations / f"{f.stem}.xml"
-        items.append((f, parse_voc(xml) if xml.exists() else ([], None), str(xml)))
+        if xml.is_file():
+            items.append((f, parse_voc(xml), str(xml)))
+        else:
+            unannotated += 1
+            items.append((f, ([], np.zeros((0, 4), np.float32)), str(xml)))
+    if unannotated == len(files):
+        raise ValueError(
+            f"{annotations}: no XML for any of the {len(files)} images of {images} (is it the annotation folder of "
+            "these images?)"
+        )
+    if unannotated:
+        warnings.warn(
+            f"{annotations}: {unannotated} of {len(files)} images of {images} have no XML; they are used as negatives "
+            "(images without objects)",
+            stacklevel=2,
+        )
     return items
 
 
 def load_coco(images: Path, annotation_file: Path) -> tuple[list[Item], list[str]]:
+    """Items of the images listed in ``annotation_file`` and the category names in category-id order."""
     if not Path(annotation_file).is_file():
         raise FileNotFoundError(f"annotation file not found: {annotation_file}")
     try:
@@ -79,31 +114,47 @@ def load_coco(images: Path, annotation_file: Path) -> tuple[list[Item], list[str
         raise ImageReadError(f"{annotation_file}: not a valid COCO JSON file ({err})") from err
     if not isinstance(data, dict) or not data.get("images"):
         raise ImageReadError(f"{annotation_file}: no 'images' in the annotation file")
-    categories = {c["id"]: c["name"] for c in data.get("categories", [])}
-    per_image: dict[int, tuple[list[str], list[list[float]]]] = {im["id"]: ([], []) for im in data["images"]}
+    try:
+        categories = {c["id"]: c["name"] for c in data.get("categories", [])}
+        per_image: dict[int, tuple[list[str], list[list[float]]]] = {im["id"]: ([], []) for im in data["images"]}
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+    except (KeyError, TypeError) as err:
+        raise ImageReadError(
+            f"{annotation_file}: a category without 'id'/'name' or an image without 'id'/'file_name' ({err!r})"
+        ) from err
     for ann in data.get("annotations", []):
-        if ann["category_id"] not in categories:
-            raise ImageReadError(f"{annotation_file}: annotation {ann.get('id')} has unknown category_id")
-        x, y, w, h = ann["bbox"]
+        where = f"{annotation_file}: annotation {ann.get('id')}"
+        if ann.get("category_id") not in categories:
+            raise ImageReadError(f"{where} has unknown category_id {ann.get('category_id')!r}")
+        if ann.get("image_id") not in per_image:
+            raise ImageReadError(f"{where} has unknown image_id {ann.get('image_id')!r} (not in 'images')")
+        bbox = ann.get("bbox")
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except (TypeError, ValueError) as err:
+            raise ImageReadError(f"{where} has no 'bbox' of four numbers [x, y, w, h] (got {bbox!r})") from err
         names, boxes = per_image[ann["image_id"]]
         names.append(categories[ann["category_id"]])
         boxes.append([x, y, x + w, y + h])
     items = [
         (
-            images / im["file_name"],
-            (per_image[im["id"]][0], np.asarray(per_image[im["id"]][1], np.float32)),
-            f"{annotation_file} (image {im['file_name']})",
+            images / files[key],
+            (names, np.asarray(boxes, np.float32).reshape(-1, 4)),
+            f"{annotation_file} (image {files[key]})",
         )
-        for im in data["images"]
+        for key, (names, boxes) in per_image.items()
     ]
     return items, [categories[k] for k in sorted(categories)]
 
 
 class DetectionDataset(Dataset):
-    """``(image (C, H, W), {"boxes": (N, 4) float32, "labels": (N,) int64, "name": str})`` samples.
+    """``(image (C, H, W), {"boxes": (N, 4) float32, "labels": (N,) int64, "name": str})`` samples; boxes are
+    ``(x1, y1, x2, y2)``, 0-based continuous pixel coordinates (torchvision's convention).
 
-    Build with :meth:`from_voc` or :meth:`from_coco`. ``classes``: the class names in label order (``None``: sorted
-    names found in the annotations); a name in the data that is not in ``classes`` raises naming the file.
+    Build with :meth:`from_voc` or :meth:`from_coco`. ``classes``: the class names in label order (``None``: for
+    COCO the categories in id order, for VOC the sorted names found in the annotations); a name in the data that is
+    not in ``classes`` raises naming the file. ``train``: random horizontal flips (boxes flipped with the image).
+    ``box_format`` only says how error messages quote a bad box (as written in the file).
     """
 
     def __init__(
@@ -115,6 +166,7 @@ class DetectionDataset(Dataset):
         std: Sequence[float],
         train: bool = False,
         bands: Sequence[int] | None = None,
+        box_format: BoxFormat = "xyxy",
     ) -> None:
         found = sorted({n for _, (names, _), _ in items for n in names})
         self.classes = list(classes) if classes is not None else found
@@ -127,21 +179,27 @@ class DetectionDataset(Dataset):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise ImageReadError(f"{path}: not an image file")
             _, height, width = image_header(path)
-            boxes = np.zeros((0, 4), np.float32) if boxes is None or not len(names) else boxes
-            _check_boxes(boxes, width, height, origin)
+            check_boxes(boxes, width, height, origin, box_format)
             labels = np.asarray([self.classes.index(n) + 1 for n in names], dtype=np.int64)
             self.items.append((path, boxes, labels))
         self.channels, self.mean, self.std, self.train, self.bands = channels, mean, std, train, bands
 
     @classmethod
-    def from_voc(cls, images: str | Path, annotations: str | Path, ids: str | Path | None = None, **kwargs):
-        return cls(load_voc(Path(images), Path(annotations), ids and Path(ids)), **kwargs)
+    def from_voc(
+        cls, images: str | Path, annotations: str | Path, ids: str | Path | None = None, **kwargs
+    ) -> DetectionDataset:
+        """``images``: image folder; ``annotations``: folder of ``<image name>.xml``; ``ids``: optional name list."""
+        items = load_voc(Path(images), Path(annotations), ids and Path(ids))
+        return cls(items, box_format="voc", **kwargs)
 
     @classmethod
-    def from_coco(cls, images: str | Path, annotation_file: str | Path, **kwargs):
+    def from_coco(cls, images: str | Path, annotation_file: str | Path, **kwargs) -> DetectionDataset:
+        """``classes`` not given (or ``None``): the JSON's categories in category-id order, including categories
+        without any box, so that label ``k`` is the ``k``-th category whatever the data holds."""
         items, categories = load_coco(Path(images), Path(annotation_file))
-        kwargs.setdefault("classes", categories)
-        return cls(items, **kwargs)
+        if kwargs.get("classes") is None:
+            kwargs["classes"] = categories
+        return cls(items, box_format="coco", **kwargs)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -154,18 +212,43 @@ class DetectionDataset(Dataset):
         image = normalise(self.read_raw(index), self.mean, self.std)
         boxes = torch.from_numpy(boxes.copy())
         if self.train and torch.rand(()) < 0.5:
-            width = image.shape[-1]
             image = image.flip(-1)
-            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+            boxes = hflip_boxes(boxes, image.shape[-1])
         return image, {"boxes": boxes, "labels": torch.from_numpy(labels), "name": path.stem}
 
 
-def _check_boxes(boxes: np.ndarray, width: int, height: int, path: str) -> None:
-    for x1, y1, x2, y2 in boxes:
-        if x2 <= x1 or y2 <= y1:
-            raise ImageReadError(f"{path}: box ({x1}, {y1}, {x2}, {y2}) has x2 <= x1 or y2 <= y1")
-        if x1 < 0 or y1 < 0 or x2 > width + 1 or y2 > height + 1:  # +1: VOC's 1-based inclusive coordinates
-            raise ImageReadError(f"{path}: box ({x1}, {y1}, {x2}, {y2}) lies outside the {width}×{height} image")
+def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """``(N, 4)`` 0-based continuous ``(x1, y1, x2, y2)`` boxes of an image flipped left-right: the interval
+    ``[x1, x2)`` becomes ``[W - x2, W - x1)`` (pixel column ``i`` goes to ``W - 1 - i``)."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def _quote(box: np.ndarray, box_format: BoxFormat) -> str:
+    """A box as the annotation file writes it, for error messages."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if box_format == "voc":
+        return f"xmin={x1 + 1:g} ymin={y1 + 1:g} xmax={x2:g} ymax={y2:g}"
+    if box_format == "coco":
+        return f"bbox [x, y, w, h] = [{x1:g}, {y1:g}, {x2 - x1:g}, {y2 - y1:g}]"
+    return f"({x1:g}, {y1:g}, {x2:g}, {y2:g})"
+
+
+def check_boxes(boxes: np.ndarray, width: int, height: int, origin: str, box_format: BoxFormat = "xyxy") -> None:
+    """Every ``(N, 4)`` 0-based continuous box must be non-empty and inside the ``width × height`` image:
+    ``0 <= x1 < x2 <= W`` and ``0 <= y1 < y2 <= H``; an error names ``origin`` (the annotation file) and the box."""
+    rule = {
+        "voc": "1 <= xmin <= xmax <= width and 1 <= ymin <= ymax <= height",
+        "coco": "x >= 0, y >= 0, w > 0, h > 0, x + w <= width and y + h <= height",
+        "xyxy": "0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height",
+    }[box_format]
+    for box in boxes:
+        x1, y1, x2, y2 = box
+        if not (x1 < x2 and y1 < y2):
+            raise ImageReadError(f"{origin}: box {_quote(box, box_format)} is empty (boxes need {rule})")
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise ImageReadError(
+                f"{origin}: box {_quote(box, box_format)} lies outside the {width}×{height} image (boxes need {rule})"
+            )
 
 
 def collate_detection(batch):

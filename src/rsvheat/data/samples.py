@@ -183,7 +183,9 @@ def write_detection(root: str | Path, tile: int = 128, count: int = 12, seed: in
             cy, cx = sources[c][rng.integers(len(sources[c]))]
             cy, cx = min(cy, image.shape[1] - size), min(cx, image.shape[2] - size)
             canvas[:, y : y + size, x : x + size] = image[:, cy : cy + size, cx : cx + size]
-            objects.append((c, x + 1, y + 1, x + size, y + size))  # VOC: 1-based inclusive pixel box
+            # VOC: 1-based inclusive pixel indices; the pasted pixels x .. x + size - 1 (0-based) are written as
+            # xmin = x + 1 .. xmax = x + size (the loader turns them back into [x, x + size))
+            objects.append((c, x + 1, y + 1, x + size, y + size))
         name = f"{n:05d}"
         (Path(root) / "JPEGImages").mkdir(parents=True, exist_ok=True)
         Image.fromarray(canvas.transpose(1, 2, 0)).save(Path(root) / "JPEGImages" / f"{name}.jpg", quality=95)

@@ -4,7 +4,13 @@ folder (WHU-OPT-SAR style optical + SAR fusion).
 Masks are either index maps (LoveDA, iSAID converted masks, WHU-OPT-SAR, AIR-PolSAR-Seg: one class id per pixel) or
 RGB-coded (ISPRS Potsdam/Vaihingen: one colour per class, mapped to ids through ``palette``). ``ignore_index`` pixels
 are left out of the loss and the metrics; in RGB masks ``ignore_colors`` (default black, the eroded-boundary colour of
-the ISPRS ``*_noBoundary`` labels) map to it.
+the ISPRS ``*_noBoundary`` labels) map to it. Index masks whose stored values are not the class ids are remapped while
+reading, so the files stay as distributed:
+
+* ``reduce_zero_label=True`` (LoveDA: 0 = no data, classes 1..7): 0 becomes ``ignore_index``, ``v`` becomes ``v - 1``
+  (``ignore_index`` itself stays ignored);
+* ``label_map={raw value: class id}`` (WHU-OPT-SAR: ``{10: 0, 20: 1, ..., 70: 6}``): every value not in the map
+  (WHU-OPT-SAR's 0 background) becomes ``ignore_index``.
 
 Names are matched after removing ``image_suffix`` / ``mask_suffix`` / ``sar_suffix`` from the file stems, e.g.
 Potsdam ``top_potsdam_2_10_RGB.tif`` ↔ ``top_potsdam_2_10_label.tif`` with ``image_suffix="_RGB"``,
@@ -13,7 +19,7 @@ Potsdam ``top_potsdam_2_10_RGB.tif`` ↔ ``top_potsdam_2_10_label.tif`` with ``i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +80,45 @@ def rgb_to_index(
     return out
 
 
+def check_label_map(
+    label_map: Mapping[int, int] | None,
+    reduce_zero_label: bool,
+    palette: Sequence[Sequence[int]] | None,
+    num_classes: int,
+    ignore_index: int,
+) -> dict[int, int] | None:
+    """``label_map`` as ``{int: int}`` after checking it and its combination with the other label options."""
+    if label_map is not None and reduce_zero_label:
+        raise ValueError("give label_map or reduce_zero_label, not both (fold the -1 into the label_map)")
+    if palette is not None and (label_map is not None or reduce_zero_label):
+        raise ValueError("label_map and reduce_zero_label apply to index masks; RGB masks (palette) map colours")
+    if label_map is None:
+        return None
+    mapping = {int(k): int(v) for k, v in label_map.items()}
+    bad = {k: v for k, v in mapping.items() if not (0 <= v < num_classes or v == ignore_index)}
+    if bad:
+        raise ValueError(
+            f"label_map {bad}: class ids must lie in [0, {num_classes}) or be the ignore index {ignore_index}"
+        )
+    return mapping
+
+
+def remap_labels(mask: np.ndarray, label_map: Mapping[int, int], ignore_index: int) -> np.ndarray:
+    """``(H, W)`` stored values -> class ids through ``label_map``; values not in it become ``ignore_index``."""
+    out = np.full(mask.shape, ignore_index, dtype=np.int64)
+    for stored, class_id in label_map.items():
+        out[mask == stored] = class_id
+    return out
+
+
+def reduce_zero(mask: np.ndarray, ignore_index: int) -> np.ndarray:
+    """``(H, W)`` masks whose 0 means "no data" (LoveDA): 0 -> ``ignore_index``, ``v`` -> ``v - 1``; pixels already
+    at ``ignore_index`` stay there."""
+    out = mask - 1
+    out[(mask == 0) | (mask == ignore_index)] = ignore_index
+    return out
+
+
 class SegmentationFolder(Dataset):
     """``{"image": (C, H, W), ["sar": (C_s, H, W),] "mask": (H, W) int64}`` samples.
 
@@ -84,6 +129,8 @@ class SegmentationFolder(Dataset):
         stats: ``{modality: {"mean": [...], "std": [...]}}``.
         crop_size: random crops for training (``None``: whole images, for evaluation).
         palette: RGB colours of classes 0..K-1 for RGB-coded masks; ``None`` for index masks.
+        label_map: index masks only: ``{stored value: class id}``; values not in it become ``ignore_index``.
+        reduce_zero_label: index masks only: 0 becomes ``ignore_index`` and ``v`` becomes ``v - 1``.
     """
 
     def __init__(
@@ -103,7 +150,11 @@ class SegmentationFolder(Dataset):
         mask_suffix: str = "",
         sar_suffix: str = "",
         bands: dict[str, Sequence[int]] | None = None,
+        label_map: Mapping[int, int] | None = None,
+        reduce_zero_label: bool = False,
     ) -> None:
+        self.label_map = check_label_map(label_map, reduce_zero_label, palette, num_classes, ignore_index)
+        self.reduce_zero_label = reduce_zero_label
         folders = {"optical": Path(images), "mask": Path(masks)}
         if sar is not None:
             folders["sar"] = Path(sar)
@@ -133,13 +184,18 @@ class SegmentationFolder(Dataset):
         raw = read_image(path)
         if self.palette is not None:
             return rgb_to_index(raw, self.palette, self.ignore_colors, self.ignore_index, path)
-        mask = raw[0].astype(np.int64)
+        stored = raw[0].astype(np.int64)
+        if self.label_map is not None:
+            # every class id of the map is valid (checked at construction): nothing left to check
+            return remap_labels(stored, self.label_map, self.ignore_index)
+        mask = reduce_zero(stored, self.ignore_index) if self.reduce_zero_label else stored
         bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
         if bad.any():
-            values = sorted(set(np.unique(mask[bad]).tolist()))[:5]
+            values = sorted(set(np.unique(stored[bad]).tolist()))[:5]
+            how = " (with reduce_zero_label: 0 is ignored, v becomes v - 1)" if self.reduce_zero_label else ""
             raise ImageReadError(
-                f"{path}: label values {values} are outside [0, {self.num_classes}) and are not the ignore index "
-                f"{self.ignore_index}"
+                f"{path}: label values {values}{how} are outside [0, {self.num_classes}) and are not the ignore "
+                f"index {self.ignore_index}"
             )
         return mask
 

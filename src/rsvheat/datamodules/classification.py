@@ -23,11 +23,15 @@ class ClassificationDataModule(TaskDataModule):
     Args:
         root: the dataset folder (``root/<class>/<image>``).
         classes: class names in label order; must equal the class folders (default: the folders, sorted).
-        train_ratio, val_ratio: per-class shares (AID: 0.2 or 0.5; NWPU-RESISC45: 0.1 or 0.2); the rest is the test
-            split. ``val_ratio=0`` (the papers' protocol) validates on the test split.
+        train_ratio: per-class training share (AID: 0.2 or 0.5; NWPU-RESISC45: 0.1 or 0.2); the rest is the test
+            split, never used for validation.
+        val_ratio: share of each class's training share held out for validation, which picks ``best.ckpt``.
+            ``0``: train on the whole training share (the papers' protocol) without validation; ``best.ckpt`` is
+            then the last epoch's model.
         seed: of the split.
-        split_file: JSON split (written if missing, read if present). Default ``splits/<root name>_tr<ratio>_seed<seed>
-            .json`` in the working directory.
+        split_file: JSON split (written if missing, read if present; it records ``train_ratio``, ``val_ratio`` and
+            ``seed``, and other values than the file's are an error). Default
+            ``splits/<root name>_tr<train_ratio>_val<val_ratio>_seed<seed>.json`` in the working directory.
         img_size: images are resized to ``img_size × img_size``.
         channels, bands, modality: band count after selecting the 1-based ``bands``; the backbone stem to use.
         predict_dir: a folder of unlabelled images for ``rsvheat predict``.
@@ -38,7 +42,7 @@ class ClassificationDataModule(TaskDataModule):
         root: str,
         classes: Sequence[str] | None = None,
         train_ratio: float = 0.2,
-        val_ratio: float = 0.0,
+        val_ratio: float = 0.1,
         seed: int = 0,
         split_file: str | None = None,
         img_size: int = 224,
@@ -58,7 +62,8 @@ class ClassificationDataModule(TaskDataModule):
         self.samples = samples
         self.img_size, self.bands, self.modality, self._channels = img_size, bands, modality, channels
         self.predict_dir = predict_dir
-        self.split_file = Path(split_file or f"splits/{self.root.name}_tr{train_ratio:g}_seed{seed}.json")
+        default_file = f"splits/{self.root.name}_tr{train_ratio:g}_val{val_ratio:g}_seed{seed}.json"
+        self.split_file = Path(split_file or default_file)
         self.split = self._load_or_write_split(train_ratio, val_ratio, seed)
 
     @property
@@ -69,10 +74,22 @@ class ClassificationDataModule(TaskDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether the split holds validation samples (``val_ratio > 0``); without, fitting runs no validation."""
+        return bool(self.split["val"])
+
     def _load_or_write_split(self, train_ratio: float, val_ratio: float, seed: int) -> dict[str, list[str]]:
         paths = [p for p, _ in self.samples]
         if self.split_file.is_file():
-            split = json.loads(self.split_file.read_text())
+            split = self._read_split()
+            asked = {"train_ratio": train_ratio, "val_ratio": val_ratio, "seed": seed}
+            stored = {k: split.get(k) for k in asked}
+            if stored != asked:
+                raise ValueError(
+                    f"{self.split_file}: the split was drawn with {stored}, this run asks for {asked}; delete the "
+                    "file to draw a new split, or pass another split_file"
+                )
             if split.get("classes") != self.classes:
                 raise ValueError(f"{self.split_file}: written for classes {split.get('classes')}, not {self.classes}")
             missing = sorted(set(sum((split[k] for k in ("train", "val", "test")), [])) - set(paths))[:3]
@@ -84,11 +101,27 @@ class ClassificationDataModule(TaskDataModule):
             "root": str(self.root),
             "classes": self.classes,
             "train_ratio": train_ratio,
-            "val_ratio": val_ratio,
+            "val_ratio": val_ratio,  # a share of the training share
             "seed": seed,
             **{k: [paths[i] for i in v] for k, v in indices.items()},
         }
         write_json_atomic(split, self.split_file)
+        return split
+
+    def _read_split(self) -> dict:
+        """The split file's content, with an error naming the file if it is not a split this module wrote."""
+        try:
+            split = json.loads(self.split_file.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"{self.split_file}: not a readable split file ({err}); delete it to draw the split again"
+            ) from err
+        lists = ("train", "val", "test")
+        if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in lists):
+            raise ValueError(
+                f"{self.split_file}: not a split file (expected a JSON object with 'train', 'val' and 'test' lists); "
+                "delete it to draw the split again"
+            )
         return split
 
     def _dataset(self, files: list[str], stats: Stats, train: bool) -> SceneClassification:
@@ -113,5 +146,6 @@ class ClassificationDataModule(TaskDataModule):
             if self.predict_dir is None:
                 return None
             return UnlabelledImages({"image": self.predict_dir}, self.channels, stats, {"image": self.modality})
-        files = self.split["test"] if split == "val" and not self.split["val"] else self.split[split]
+        # no validation share: no validation data (the test split is never used to pick a model)
+        files = self.split[split]
         return self._dataset(files, stats, train=split == "train") if files else None

@@ -18,9 +18,12 @@ class DetectionDataModule(TaskDataModule):
     """
     Args:
         format: ``"voc"`` (each split: ``{images, annotations, ids?}``) or ``"coco"`` (``{images, annotation_file}``).
+            Boxes come out 0-based and continuous (VOC's 1-based pixel indices converted, see
+            :mod:`rsvheat.data.detection`).
         train, val, test: the split specifications; ``predict_dir``: a folder of images to detect on.
-        classes: names in label order (labels 1..K). Default: the COCO categories, or the sorted VOC names of the
-            training annotations; val/test must use the same list.
+        classes: names in label order (labels 1..K). Default: the training JSON's COCO categories in category-id
+            order (categories without boxes included), or the sorted VOC names of the training annotations; val/test
+            use the same list.
         channels, bands, modality: band count (e.g. 1 for SAR-AIRcraft), 1-based band selection, stem.
     """
 
@@ -58,9 +61,14 @@ class DetectionDataModule(TaskDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def describe(self, split: str = "train") -> str:
+        """Where ``split`` is read from, for error messages."""
+        return ", ".join(f"{k}={v}" for k, v in (self.specs[split] or {}).items())
+
     def _dataset(self, split: str, stats: Stats | None, classes=None) -> DetectionDataset:
         s = (stats or {}).get(self.modality, {"mean": [0.0] * self._channels, "std": [1.0] * self._channels})
         kwargs = dict(
+            # None (first call, no list configured): the loader's default, COCO categories or sorted VOC names
             classes=classes if classes is not None else getattr(self, "classes", None),
             channels=self._channels,
             mean=s["mean"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from rsvheat.data.segmentation import ISPRS_PALETTE, SegmentationFolder
+from rsvheat.data.segmentation import ISPRS_PALETTE, SegmentationFolder, check_label_map
 from rsvheat.data.stats import Stats
 from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
 
@@ -17,11 +17,15 @@ class SegmentationDataModule(TaskDataModule):
     """
     Args:
         train_root, val_root, test_root, predict_root: split folders (``test``/``predict`` optional; ``predict``
-            needs only images, and SAR when the model fuses it).
+            needs only images, and SAR when the model fuses it). ``val_root`` picks ``best.ckpt``: make it a
+            validation folder (e.g. a few training tiles moved aside), not the test folder.
         num_classes: class ids ``0..num_classes-1``; ``ignore_index`` pixels are not scored.
         images_dir, masks_dir, sar_dir: sub-folder names; ``sar_dir=None`` for optical-only data.
         image_suffix, mask_suffix, sar_suffix: removed from file stems before matching (Potsdam: ``_RGB``/``_label``).
         palette: ``"isprs"`` (Potsdam/Vaihingen colours), a list of RGB triplets, or ``None`` for index masks.
+        label_map: index masks storing other values than the class ids: ``{stored value: class id}``, values not in
+            the map become ``ignore_index`` (WHU-OPT-SAR: ``{10: 0, 20: 1, ..., 70: 6}``, its 0 background ignored).
+        reduce_zero_label: index masks whose 0 means "no data" (LoveDA): 0 is ignored and ``v`` becomes ``v - 1``.
         channels: ``{"optical": 3}``, or ``{"optical": 4, "sar": 1}`` to fuse SAR; ``bands``: 1-based band lists.
         crop_size: random training crops; evaluation runs on whole images (sliding window in the task).
     """
@@ -40,6 +44,8 @@ class SegmentationDataModule(TaskDataModule):
         mask_suffix: str = "",
         sar_suffix: str = "",
         palette: str | Sequence[Sequence[int]] | None = None,
+        label_map: dict[int, int] | None = None,
+        reduce_zero_label: bool = False,
         ignore_index: int = 255,
         channels: dict[str, int] | None = None,
         bands: dict[str, list[int]] | None = None,
@@ -56,6 +62,9 @@ class SegmentationDataModule(TaskDataModule):
         self.dirs = {"images": images_dir, "masks": masks_dir, "sar": sar_dir}
         self.suffixes = {"image_suffix": image_suffix, "mask_suffix": mask_suffix, "sar_suffix": sar_suffix}
         self.palette = PALETTES[palette] if isinstance(palette, str) else palette
+        # checked here too, so that a bad label option fails when the module is built, not at setup
+        self.label_map = check_label_map(label_map, reduce_zero_label, self.palette, num_classes, ignore_index)
+        self.reduce_zero_label = reduce_zero_label
         self._channels = dict(channels or {"optical": 3})
         if ("sar" in self._channels) != (sar_dir is not None):
             raise ValueError(f"channels {self._channels} and sar_dir {sar_dir!r}: give both or neither for SAR fusion")
@@ -64,6 +73,10 @@ class SegmentationDataModule(TaskDataModule):
     @property
     def channels(self) -> dict[str, int]:
         return self._channels
+
+    def describe(self) -> str:
+        """The configured split folders, for error messages."""
+        return ", ".join(f"{k}_root={v}" for k, v in self.roots.items() if v is not None)
 
     def _dataset(self, split: str, stats: Stats) -> SegmentationFolder:
         root = Path(self.roots[split])
@@ -78,6 +91,8 @@ class SegmentationDataModule(TaskDataModule):
             train=split == "train",
             ignore_index=self.ignore_index,
             palette=self.palette,
+            label_map=self.label_map,
+            reduce_zero_label=self.reduce_zero_label,
             bands=self.bands,
             **self.suffixes,
         )

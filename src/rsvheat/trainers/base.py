@@ -109,7 +109,12 @@ class TaskModule(pl.LightningModule):
     def configure_callbacks(self):
         """One checkpoint callback keeping ``best.ckpt`` (on ``monitor``) and ``last.ckpt``. It takes the place of an
         unmonitored ``ModelCheckpoint`` the trainer already has (the CLI's ``checkpoint`` section), keeping that one's
-        folder and period; a trainer with a monitored checkpoint of its own is left as it is."""
+        folder and period; a trainer with a monitored checkpoint of its own is left as it is.
+
+        Both files are overwritten in place (atomically, as Lightning saves): no ``best-v1.ckpt`` when a second fit
+        runs in the same folder, so ``--ckpt_path best`` always names this run's best model. Without validation
+        data (a data module whose ``has_validation`` is false, or ``limit_val_batches=0``) there is nothing to rank
+        on: ``best.ckpt`` is then the latest model, like ``last.ckpt``."""
         if self._trainer is None:
             return []
         present = [c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)]
@@ -117,6 +122,9 @@ class TaskModule(pl.LightningModule):
             return []
         base = present[0] if present else None
         name, mode = self.monitor
+        dm = self.trainer.datamodule
+        if not getattr(dm, "has_validation", True) or self.trainer.limit_val_batches == 0:
+            name = None  # an unmonitored top-1 checkpoint keeps the latest model
         return [
             ModelCheckpoint(
                 dirpath=(base.dirpath if base else None) or Path(self.trainer.default_root_dir) / "checkpoints",
@@ -127,6 +135,7 @@ class TaskModule(pl.LightningModule):
                 save_last=True,
                 every_n_train_steps=base._every_n_train_steps if base else None,
                 every_n_epochs=base._every_n_epochs if base else None,
+                enable_version_counter=False,
             )
         ]
 

@@ -76,12 +76,13 @@ class DetectionTask(TaskModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "classes"):
+            source = dm.describe("train") if hasattr(dm, "describe") else type(dm).__name__
             if len(dm.classes) != self.hparams.num_classes:
                 raise ValueError(
                     f"class list mismatch: the model has num_classes={self.hparams.num_classes}, the data "
-                    f"{len(dm.classes)} classes {dm.classes}"
+                    f"({source}) {len(dm.classes)} classes {dm.classes}"
                 )
-            self.check_classes(self.hparams.classes, dm.classes, "detection data module")
+            self.check_classes(self.hparams.classes, dm.classes, source)
 
     @staticmethod
     def _targets(targets: list[dict]) -> list[dict]:

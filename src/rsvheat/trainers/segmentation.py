@@ -88,13 +88,16 @@ class SegmentationTask(TaskModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        if dm is not None and getattr(dm, "num_classes", self.hparams.num_classes) != self.hparams.num_classes:
+        if dm is None:
+            return
+        source = dm.describe() if hasattr(dm, "describe") else type(dm).__name__
+        if getattr(dm, "num_classes", self.hparams.num_classes) != self.hparams.num_classes:
             raise ValueError(
                 f"class list mismatch: the model has num_classes={self.hparams.num_classes}, the data module "
-                f"{dm.num_classes}"
+                f"({source}) {dm.num_classes}"
             )
-        if dm is not None and hasattr(dm, "channels") and dm.channels != dict(self.modalities):
-            raise ValueError(f"the data gives bands {dm.channels}, the model's stems take {self.modalities}")
+        if hasattr(dm, "channels") and dm.channels != dict(self.modalities):
+            raise ValueError(f"the data ({source}) gives bands {dm.channels}, the model's stems take {self.modalities}")
 
     def forward(self, x) -> torch.Tensor:
         return self.model(x)
