@@ -25,6 +25,66 @@ def test_info_prints_both_conventions(capsys):
     assert "29.56 M" in out and "4.59" in out and "30.85 M" in out
 
 
+def test_user_errors_are_one_line_with_status_2_and_a_traceback_on_request(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "missing.ckpt"
+    argv = ["predict-scene", str(missing), str(sample_scene_path()), "-o", str(tmp_path / "map.tif")]
+    monkeypatch.delenv("RSVHEAT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"rsvheat predict-scene: error: checkpoint not found: {missing}\n"
+    monkeypatch.setenv("RSVHEAT_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        main(argv)
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    """``rsvheat demo --out .`` in a repository must not delete its ``configs/``."""
+    from rsvheat.demo import MARKER, _claim
+
+    repo = tmp_path / "repo"
+    (repo / "configs").mkdir(parents=True)
+    (repo / "configs/mine.yaml").write_text("keep: me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(repo)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rsvheat demo: error: {repo} is not empty") and "--overwrite" in err
+    assert (repo / "configs/mine.yaml").read_text() == "keep: me" and not (repo / MARKER).exists()
+
+    earlier = tmp_path / "earlier"  # a folder an earlier demo wrote: its subfolders are replaced, the rest kept
+    (earlier / "scene").mkdir(parents=True)
+    (earlier / "scene/old.tif").write_bytes(b"old")
+    (earlier / "notes.txt").write_text("mine")
+    (earlier / MARKER).write_text("")
+    _claim(earlier, overwrite=False)
+    assert not (earlier / "scene").exists() and (earlier / "notes.txt").read_text() == "mine"
+
+    _claim(repo, overwrite=True)  # explicitly allowed: now marked, the demo's subfolders cleared
+    assert (repo / MARKER).is_file() and not (repo / "configs").exists()
+    fresh = tmp_path / "new/demo"
+    _claim(fresh, overwrite=False)
+    assert [p.name for p in fresh.iterdir()] == [MARKER]
+
+
+def test_demo_labels_a_large_scene_on_a_decimated_overview(tmp_path):
+    """The k-means labelling reads its whole input: a large ``--image`` is read through ``out_shape`` instead."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from rsvheat.demo import _labelling_image
+
+    assert _labelling_image(sample_scene_path(), tmp_path) == sample_scene_path()  # small: used as it is
+    big = tmp_path / "big.tif"
+    profile = dict(driver="GTiff", count=4, height=1500, width=2100, dtype="uint8", crs="EPSG:32618", nodata=0)
+    with rasterio.open(big, "w", transform=from_origin(300000, 2700000, 10, 10), **profile) as dst:
+        dst.write(np.broadcast_to(np.arange(2100, dtype=np.uint8), (4, 1500, 2100)))
+    overview = _labelling_image(big, tmp_path / "data")
+    with rasterio.open(overview) as src:
+        assert src.shape == (731, 1024) and src.count == 3 and src.crs.to_epsg() == 32618
+        assert src.bounds == pytest.approx((300000, 2700000 - 15000, 300000 + 21000, 2700000))  # same footprint
+
+
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path):
     """The README's main job, shortened: pre-train, fine-tune, whole-scene map, heat maps, efficiency, report."""
@@ -41,3 +101,4 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
         assert set(np.unique(out.read(1))) <= {0, 1, 2, 255}
     assert (tmp_path / "heat_maps/summary.png").stat().st_size > 20_000
     assert (tmp_path / "configs/segmentation.yaml").is_file() and (tmp_path / "pretrain").is_dir()
+    assert (tmp_path / ".rsvheat-demo").is_file()

@@ -67,10 +67,36 @@ def test_explain_scene_optical_and_sar_whole_and_tiled(tmp_path, modality, chann
         explain_scene(model, path, tmp_path / "x", "thermal")
 
 
-def test_explain_cli_with_random_weights(tmp_path):
+def test_explain_cli_with_random_weights(tmp_path, capsys):
     from rsvheat.cli import main
 
     path = write(tmp_path / "s.tif", ramp(4, 96, 80, np.uint8))
-    main(["explain", str(path), "--out", str(tmp_path / "out"), "--bands", "3,2,1", "--tile", "64"])
-    assert (tmp_path / "out/summary.png").stat().st_size > 5000
-    assert len(list((tmp_path / "out").glob("stage*_block*.png"))) == 12  # rsvheat_tiny: 2 + 2 + 6 + 2 blocks
+    out = tmp_path / "out"
+    main(["explain", str(path), "--out", str(out), "--bands", "3,2,1", "--tile", "64"])
+    assert (out / "summary.png").stat().st_size > 5000
+    assert len(list(out.glob("stage*_block*.png"))) == 12  # rsvheat_tiny: 2 + 2 + 6 + 2 blocks
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(["explain", str(path), "--out", str(out), "--bands", "3,2,1", "--tile", "32"])
+    assert refused.value.code == 2 and f"{out} is not empty (pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["explain", str(path), "--out", str(tmp_path / "small"), "--bands", "3,2,1", "--tile", "16"])
+    assert f"error: {path}: tile (16) is smaller than the model's output stride" in capsys.readouterr().err
+
+
+def test_explain_overwrite_replaces_the_figures_of_an_earlier_run(tmp_path):
+    path = write(tmp_path / "s.tif", ramp(3, 64, 64, np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stage3_block9.png").write_bytes(b"from a deeper model")
+    (out / "summary.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"out is not empty \(pass --overwrite"):
+        explain_scene(micro_model(), path, out)
+    assert (out / "summary.png").read_bytes() == b"old"
+    written = explain_scene(micro_model(), path, out, overwrite=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([*(p.name for p in written.values()), "notes.txt"])  # no stale block, no temporary file
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,9 +1,12 @@
 """ONNX (run with ONNX Runtime) and torch.export programs of a folded backbone and of task models equal PyTorch."""
 
+import collections
+
 import pytest
 import torch
+from torch import nn
 
-from rsvheat.export import export_checkpoint, export_model
+from rsvheat.export import ExportMismatchError, export_checkpoint, export_model
 from rsvheat.models.tasks import ChangeDetectionModel, SegmentationModel
 from rsvheat.trainers import SegmentationTask
 from tests.conftest import micro_model
@@ -18,6 +21,11 @@ def test_backbone_to_onnx_and_torch_export_at_an_odd_size(tmp_path):
         result = export_model(micro_model(), tmp_path / f"backbone{suffix}", [x])
         assert result["path"].stat().st_size > 100_000
         assert result["max_abs_diff"] < 1e-4 * max(1.0, result["reference_max_abs"])
+    # the .pt2 program is folded: the decay filters exp(-k·t·ω²) and the resized FVE/SCE are constants in the file
+    program = torch.export.load(str(tmp_path / "backbone.pt2"))
+    ops = collections.Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function")
+    assert ops["aten.exp.default"] == 0 and not any("upsample" in op or "interp" in op for op in ops)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx", "backbone.pt2"]  # no temporary file
 
 
 @pytest.mark.slow
@@ -54,3 +62,37 @@ def test_export_from_a_task_checkpoint_and_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="not a task checkpoint"):
         torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
         export_checkpoint(tmp_path / "x.pt2", [64], tmp_path / "plain.ckpt")
+
+
+class Drifts(nn.Module):
+    """Differs once traced: what a broken exporter or runtime looks like to the check."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.01 if torch.compiler.is_compiling() else x
+
+
+def test_export_refuses_existing_outputs_and_keeps_nothing_that_fails_the_check(tmp_path):
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"keep me")
+    x = [torch.full((1, 3, 8, 8), 2.0)]
+    with pytest.raises(FileExistsError, match=r"model\.pt2 exists \(pass --overwrite"):
+        export_model(Drifts(), out, x)
+    with pytest.raises(FileExistsError, match=r"model\.pt2 exists"):
+        export_checkpoint(out, [64], tmp_path / "not-even-read.ckpt")
+    with pytest.raises(ExportMismatchError, match=r"model\.pt2: the exported model differs from PyTorch by 5\.00e-03"):
+        export_model(Drifts(), out, x, overwrite=True)
+    assert out.read_bytes() == b"keep me"  # checked before it replaces anything
+    result = export_model(Drifts(), out, x, overwrite=True, tolerance=1e-2)
+    assert result["relative_diff"] == pytest.approx(0.005) and out.stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"]  # no temporary file
+
+
+def test_export_cli_fails_with_status_2_above_the_tolerance(tmp_path, monkeypatch, capsys):
+    import rsvheat.export
+    from rsvheat.cli import main
+
+    monkeypatch.setattr(rsvheat.export, "_Features", lambda backbone: Drifts())
+    with pytest.raises(SystemExit) as failed:
+        main(["export", str(tmp_path / "b.pt2"), "--size", "64", "--tolerance", "1e-6"])
+    assert failed.value.code == 2
+    assert "rsvheat export: error: " in capsys.readouterr().err and not (tmp_path / "b.pt2").exists()

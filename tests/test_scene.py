@@ -1,18 +1,25 @@
 """Whole-scene inference: exact tiling, nodata, georeference round trip, COG output, atomic writes, bad input, and
 ``rsvheat predict-scene`` with fine-tuned checkpoints of each dense task and of detection."""
 
+import errno
 import json
+import os
 import warnings
 
 import numpy as np
 import pytest
 import rasterio
+import rasterio.io
+import rasterio.shutil
 import torch
+import torch.nn.functional as F
 from rasterio.transform import from_origin
+from rasterio.warp import transform as reproject_points
 from rasterio.windows import Window
 
 from rsvheat.data.io import ImageReadError
-from rsvheat.inference.scene import Input, Scene, dense_strips, detect_scene, write_dense
+from rsvheat.inference import sliding_window
+from rsvheat.inference.scene import Input, Scene, dense_strips, detect_scene, write_dense, write_geojson
 from tests.rasters import ramp, write
 
 UNIT = {"optical": {"mean": [0.0] * 3, "std": [1.0] * 3}}
@@ -48,6 +55,69 @@ def test_identity_model_reproduces_the_scene_exactly(tmp_path, tile, overlap, ba
     np.testing.assert_allclose(values, data, rtol=1e-6, atol=1e-4)
     assert valid.all() and tops == sorted(tops)
     assert max(h for _, _, h, _ in reads) <= tile  # memory: strips of at most `tile` rows, whatever the height
+
+
+def tapered_blend(image, predict, tile, overlap, taper=True):
+    """The documented blend, written independently: windows of ``tile`` (clipped to the image) every
+    ``tile - overlap`` pixels plus one ending at the border; each weighted by a separable ramp ``k / (r + 1)``,
+    ``k = 1..r``, ``r = min(overlap, window // 2)``, on the sides shared with a neighbour (flat at the image border);
+    the weighted sum divided by the summed weights. ``taper=False``: plain averaging (all weights 1)."""
+    _, height, width = image.shape
+    th, tw = min(tile, height), min(tile, width)
+    overlap = min(overlap, th - 1, tw - 1)
+
+    def starts(length, size):
+        return [0] if length <= size else [*range(0, length - size, size - overlap), length - size]
+
+    def weights(size, start, length):
+        w = np.ones(size)
+        r = min(overlap, size // 2) if taper else 0
+        ramp_up = np.arange(1, r + 1) / (r + 1)
+        if r and start > 0:
+            w[:r] = ramp_up
+        if r and start + size < length:
+            w[-r:] = ramp_up[::-1]
+        return w
+
+    total, norm = None, np.zeros((height, width))
+    for top in starts(height, th):
+        for left in starts(width, tw):
+            pred = predict(image[:, top : top + th, left : left + tw])
+            if total is None:
+                total = np.zeros((pred.shape[0], height, width))
+            w = np.outer(weights(th, top, height), weights(tw, left, width))
+            total[:, top : top + th, left : left + tw] += pred * w
+            norm[top : top + th, left : left + tw] += w
+    return total / norm
+
+
+@pytest.mark.parametrize("tile, overlap, batch", [(64, 16, 3), (48, 0, 2), (100, 37, 1), (96, 60, 4)])
+def test_blending_weights_match_the_documented_taper(tmp_path, tile, overlap, batch):
+    """A fixed random convolution with zero padding: each tile's output near its edges depends on where the tile
+    was cut, so the blended scene depends on the weights (unlike an identity model, which any weights reproduce)."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(3, 157, 203)).astype(np.float32)
+    kernel = torch.from_numpy(rng.normal(size=(2, 3, 5, 5)).astype(np.float32))
+
+    def conv(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, kernel, padding=2)
+
+    def conv_np(tile_data):
+        return conv(torch.from_numpy(np.ascontiguousarray(tile_data))[None])[0].double().numpy()
+
+    expected = tapered_blend(data, conv_np, tile, overlap)
+    with scene_of(write(tmp_path / "s.tif", data)) as scene:
+        _, values, valid = assemble(
+            dense_strips(scene, lambda b: conv(identity(b)), 2, tile, overlap, batch, progress=False), 157
+        )
+    assert valid.all()
+    np.testing.assert_allclose(values, expected, rtol=0, atol=2e-4)
+    reference = sliding_window(conv, torch.from_numpy(data)[None], tile=tile, overlap=overlap)[0].numpy()
+    np.testing.assert_allclose(values, reference, rtol=0, atol=2e-4)
+    # the setting can tell weights apart: plain averaging of the same tile outputs gives another scene
+    if overlap > 0:
+        averaged = tapered_blend(data, conv_np, tile, overlap, taper=False)
+        assert np.abs(averaged - expected).max() > 0.1
 
 
 def test_normalisation_nodata_and_mismatched_stats(tmp_path):
@@ -97,7 +167,7 @@ def test_map_keeps_georeference_nodata_and_is_a_cog(tmp_path):
     assert sorted(f.name for f in out.parent.iterdir()) == ["map.tif", "probs.tif"]  # no temporary files left
 
 
-def test_refuses_existing_output_and_leaves_nothing_after_a_crash(tmp_path):
+def test_refuses_existing_output_and_leaves_nothing_after_a_full_disk(tmp_path, monkeypatch):
     path = write(tmp_path / "s.tif", ramp(3, 100, 100, np.uint8))
     out = tmp_path / "map.tif"
     out.write_bytes(b"keep me")
@@ -106,25 +176,84 @@ def test_refuses_existing_output_and_leaves_nothing_after_a_crash(tmp_path):
         write_dense(scene, dense_strips(scene, identity, 3, 64, 16, progress=False), target)
     assert out.read_bytes() == b"keep me"
 
-    calls = []
+    writes = []
+    real_write = rasterio.io.DatasetWriter.write
 
-    def dies_midway(batch):
-        calls.append(1)
-        if len(calls) > 2:
-            raise OSError(28, "No space left on device")
-        return identity(batch)
+    def disk_fills_up(self, *args, **kwargs):
+        writes.append(1)
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
 
+    monkeypatch.setattr(rasterio.io.DatasetWriter, "write", disk_fills_up)
     fresh = tmp_path / "fresh.tif"
     with scene_of(path) as scene, pytest.raises(OSError, match="No space left"):
-        write_dense(scene, dense_strips(scene, dies_midway, 3, 32, 8, 1, progress=False), [(fresh, *target[0][1:])])
+        write_dense(scene, dense_strips(scene, identity, 3, 32, 8, 1, progress=False), [(fresh, *target[0][1:])])
+    assert len(writes) == 3  # it failed in the raster write, midway
     assert sorted(f.name for f in tmp_path.iterdir()) == ["map.tif", "s.tif"]
+
+
+def test_outputs_appear_together_and_replace_old_ones_together(tmp_path, monkeypatch):
+    """A class map and its probabilities never mix runs: no output appears before all are complete (COG included),
+    and with ``overwrite`` a failure while renaming leaves the old pair."""
+    path = write(tmp_path / "s.tif", ramp(3, 90, 100, np.uint8))
+    out = tmp_path / "out"
+    classes, probs = out / "classes.tif", out / "probs.tif"
+
+    def run(**kwargs):
+        targets = [
+            (classes, lambda v: (v[:1] > 100).astype(np.uint8), 1, "uint8", 255, None),
+            (probs, lambda v: v / 255, 3, "float32", -1.0, None),
+        ]
+        with scene_of(path) as scene:
+            return write_dense(scene, dense_strips(scene, identity, 3, 64, 16, progress=False), targets, **kwargs)
+
+    real_copy = rasterio.shutil.copy
+    copies = []
+
+    def copy_fills_the_disk(src, dst, **kwargs):
+        copies.append(dst)
+        if len(copies) == 2:  # the class map is complete (COG and all), the probabilities are not
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(rasterio.shutil, "copy", copy_fills_the_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run()
+    assert len(copies) == 2 and list(out.iterdir()) == []  # no output, no temporary file
+    monkeypatch.setattr(rasterio.shutil, "copy", real_copy)
+
+    classes.write_bytes(b"old classes")
+    probs.write_bytes(b"old probabilities")
+    real_replace = os.replace
+
+    def rename_fails_for_probs(src, dst):
+        if os.fspath(dst) == os.fspath(probs) and os.fspath(src).endswith(".partial"):
+            raise OSError(errno.EIO, "Input/output error", os.fspath(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", rename_fails_for_probs)
+    with pytest.raises(OSError, match="Input/output error"):
+        run(overwrite=True)
+    # the new class map was already in place: it is taken back, and the old pair restored
+    assert classes.read_bytes() == b"old classes" and probs.read_bytes() == b"old probabilities"
+    assert sorted(f.name for f in out.iterdir()) == ["classes.tif", "probs.tif"]
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    run(overwrite=True)
+    with rasterio.open(classes) as c, rasterio.open(probs) as p:
+        assert c.count == 1 and p.count == 3
+        np.testing.assert_allclose(p.read(1), ramp(3, 90, 100, np.uint8)[0] / 255, atol=1e-6)
+    assert sorted(f.name for f in out.iterdir()) == ["classes.tif", "probs.tif"]
 
 
 def test_bad_scenes_are_named(tmp_path):
     good = write(tmp_path / "a.tif", ramp(3, 64, 64, np.uint8))
-    stride = r"tile \(16\) is smaller than the model's output stride \(32"
+    stride = r"a\.tif: tile \(16\) is smaller than the model's output stride \(32"
     with pytest.raises(ValueError, match=stride), scene_of(good) as scene:
         next(dense_strips(scene, identity, 3, 16, 4, progress=False))
+    with pytest.raises(ImageReadError, match=r"thin\.tif is 20×64 px: the model needs at least 32 px on each side"):
+        scene_of(write(tmp_path / "thin.tif", ramp(3, 20, 64, np.uint8)))
     with pytest.raises(ImageReadError, match=r"b\.tif: 1 band\(s\), the model's optical stem takes 3"):
         scene_of(write(tmp_path / "b.tif", ramp(1, 64, 64, np.uint8)))
     corrupt = tmp_path / "corrupt.tif"
@@ -166,7 +295,72 @@ def test_not_georeferenced_scene_warns_and_writes_without_crs(tmp_path):
         strips = dense_strips(scene, identity, 3, 64, 16, progress=False)
         (out,) = write_dense(scene, strips, [(tmp_path / "m.tif", lambda v: v[:1], 1, "uint8", 255, None)])
         with rasterio.open(out) as pred:
-            assert pred.crs is None and pred.shape == (80, 70)
+            assert pred.crs is None and pred.shape == (80, 70) and pred.transform.is_identity
+
+
+def test_scene_without_crs_keeps_its_transform(tmp_path):
+    """A grid without CRS (e.g. a local engineering grid) is still a grid: outputs keep the transform."""
+    path = write(tmp_path / "local.tif", ramp(3, 80, 70, np.uint8), crs=None)
+    with pytest.warns(UserWarning, match=r"local\.tif has a transform but no CRS"):
+        scene = scene_of(path)
+    boxes = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 50.0]]), "labels": torch.tensor([1]), "scores": torch.ones(1)}
+    with scene, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strips = dense_strips(scene, identity, 3, 64, 16, progress=False)
+        (out,) = write_dense(scene, strips, [(tmp_path / "m.tif", lambda v: v[:1], 1, "uint8", 255, None)])
+        collection = json.loads(write_geojson(scene, boxes, ["thing"], tmp_path / "b.geojson").read_text())
+    with rasterio.open(path) as src, rasterio.open(out) as pred:
+        assert pred.crs is None and not pred.transform.is_identity and pred.transform == src.transform
+    (feature,) = collection["features"]
+    assert feature["properties"]["crs"] is None
+    assert feature["properties"]["bbox_map"] == [400100.0, 5299500.0, 400300.0, 5299800.0]  # through the transform
+    ring = feature["geometry"]["coordinates"][0]
+    assert sorted(map(tuple, ring[:-1])) == [(10, 20), (10, 50), (30, 20), (30, 50)]  # pixels: no CRS to go to
+
+
+def shoelace(ring):
+    return sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:], strict=True)) / 2
+
+
+def test_geojson_boxes_in_lon_lat_and_in_the_scene_crs(tmp_path):
+    """Known boxes on a known UTM 18N grid (origin 400 000 E, 5 300 000 N, 10 m pixels)."""
+    path = write(tmp_path / "utm.tif", ramp(3, 64, 80, np.uint8), crs="EPSG:32618")
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 50.0], [0.5, 0.0, 80.0, 64.0]])
+    detections = {"boxes": boxes, "labels": torch.tensor([2, 1]), "scores": torch.tensor([0.9, 0.1234567])}
+    out = tmp_path / "boxes.geojson"
+    with scene_of(path) as scene:
+        transform = scene.transform
+        write_geojson(scene, detections, ["car", "ship"], out)
+        with pytest.raises(FileExistsError, match=r"boxes\.geojson exists"):
+            write_geojson(scene, detections, ["car", "ship"], out)
+    collection = json.loads(out.read_text())
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == 2
+    first, second = collection["features"]
+    assert first["properties"] == {
+        "class": "ship",
+        "label": 2,
+        "score": 0.9,
+        "bbox_xyxy": [10.0, 20.0, 30.0, 50.0],
+        "bbox_map": [400100.0, 5299500.0, 400300.0, 5299800.0],
+        "crs": "EPSG:32618",
+    }
+    assert second["properties"]["class"] == "car" and second["properties"]["score"] == 0.1235
+    for feature, box in zip(collection["features"], boxes.tolist(), strict=True):
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon"
+        (ring,) = feature["geometry"]["coordinates"]
+        assert len(ring) == 5 and ring[0] == ring[-1]
+        assert shoelace(ring) > 0  # counter-clockwise exterior ring (RFC 7946 §3.1.6)
+        x1, y1, x2, y2 = box
+        corners = [transform @ c for c in [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]]
+        lons, lats = reproject_points("EPSG:32618", "EPSG:4326", *map(list, zip(*corners, strict=True)))
+        np.testing.assert_allclose(sorted(map(tuple, ring[:-1])), sorted(zip(lons, lats, strict=True)), atol=1e-12)
+        assert all(-77 < lon < -75 and 47 < lat < 48 for lon, lat in ring)  # west of 75° W, ~47.8° N: lon/lat
+        # round trips: the map box and the lon/lat ring both lead back to the pixel box
+        xmin, ymin, xmax, ymax = feature["properties"]["bbox_map"]
+        np.testing.assert_allclose([*(~transform @ (xmin, ymax)), *(~transform @ (xmax, ymin))], box, atol=1e-9)
+        xs, ys = reproject_points("EPSG:4326", "EPSG:32618", *map(list, zip(*ring[:-1], strict=True)))
+        cols, rows = zip(*(~transform @ p for p in zip(xs, ys, strict=True)), strict=True)
+        np.testing.assert_allclose([min(cols), min(rows), max(cols), max(rows)], box, atol=1e-6)
 
 
 def test_detection_across_tiles_merges_duplicates_and_drops_nodata(tmp_path):
@@ -199,7 +393,7 @@ def test_detection_across_tiles_merges_duplicates_and_drops_nodata(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path):
+def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
     """``rsvheat fit`` (one epoch, micro model) then ``rsvheat predict-scene`` over the whole Landsat scene."""
     from rsvheat.cli import main
     from rsvheat.data import samples
@@ -243,6 +437,7 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path):
                     "img_size": 64,
                     "min_size": 64,
                     "max_size": 64,
+                    "box_score_thresh": 0.0,  # keep every box of the one-epoch model: the GeoJSON gets detections
                     "detector_kwargs": LIGHT,
                 },
             },
@@ -277,8 +472,11 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path):
         assert (labels[nodata] == 255).all() and set(np.unique(labels[~nodata])) <= {0, 1, 2}
         np.testing.assert_allclose(p.read()[:, ~nodata].sum(0), 1.0, atol=1e-4)  # probabilities per pixel
         assert p.descriptions == ("0", "1", "2")  # no class names configured: the ids
-    with pytest.raises(FileExistsError, match=r"classes\.tif exists"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
         main(["predict-scene", ckpt["seg"], str(scene), "-o", str(out / "classes.tif")])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.startswith(f"rsvheat predict-scene: error: {out / 'classes.tif'} exists")
 
     main(["predict-scene", ckpt["cd"], str(scene), str(scene), "-o", str(out / "change.tif"), "--tile", "128"])
     with rasterio.open(out / "change.tif") as pred:
@@ -287,8 +485,12 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path):
 
     main(["predict-scene", ckpt["det"], str(scene), "-o", str(out / "boxes.geojson"), "--tile", "128"])
     boxes = json.loads((out / "boxes.geojson").read_text())
-    assert boxes["type"] == "FeatureCollection"
+    assert boxes["type"] == "FeatureCollection" and len(boxes["features"]) > 0
+    height, width = nodata.shape
     for feature in boxes["features"]:
-        assert feature["properties"]["class"] in classes
-        lon, lat = feature["geometry"]["coordinates"][0][0]
-        assert -79 < lon < -76 and 23 < lat < 26  # the scene (UTM 18N) covers part of the Bahamas: lon/lat
+        properties = feature["properties"]
+        assert properties["class"] in classes and properties["crs"] == "EPSG:32618"
+        x1, y1, x2, y2 = properties["bbox_xyxy"]
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+        for lon, lat in feature["geometry"]["coordinates"][0]:
+            assert -79 < lon < -76 and 23 < lat < 26  # the scene (UTM 18N) covers part of the Bahamas: lon/lat

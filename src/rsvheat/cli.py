@@ -1,13 +1,24 @@
 """The ``rsvheat`` command line: ``demo``, ``info``, ``bench``, ``pretrain``, ``export-encoder``, and the downstream
-tasks' ``fit``, ``validate``, ``test``, ``predict``."""
+tasks' ``fit``, ``validate``, ``test``, ``predict``.
+
+Errors a user can fix (a missing or unreadable file, an existing output, a bad option value: ``ValueError`` and its
+subclasses ``ImageReadError``/``CheckpointError``, ``OSError`` such as ``FileNotFoundError``/``FileExistsError``/a
+full disk) end the commands implemented here with one line, ``rsvheat <command>: error: <message>``, and exit
+status 2; ``RSVHEAT_DEBUG=1`` shows the traceback instead. The Lightning commands (``pretrain`` and the tasks') keep
+LightningCLI's own reporting.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 TASK_COMMANDS = ("fit", "validate", "test", "predict")
+
+#: Environment variable that turns the one-line error messages back into tracebacks.
+DEBUG_ENV = "RSVHEAT_DEBUG"
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -42,7 +53,9 @@ def _explain(args: argparse.Namespace) -> None:
             missing = rsvheat.load_checkpoint(model, args.weights, strict=False).missing_keys
             if missing:
                 print(f"warning: {len(missing)} tensors not in {args.weights} kept at random init, e.g. {missing[0]}")
-    written = explain_scene(model, args.image, args.out, args.modality, stats, args.bands, args.tile)
+    written = explain_scene(
+        model, args.image, args.out, args.modality, stats, args.bands, args.tile, overwrite=args.overwrite
+    )
     print(f"heat maps written to {args.out} ({len(written)} figures; overview: {written['summary']})")
 
 
@@ -69,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--pretrain-steps", type=int, default=120, help="pre-training steps (default 120)")
     demo.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs (default 12)")
     demo.add_argument("--bench-size", type=int, default=512, help="image size of the speed comparison")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="use a non-empty --out that is not an earlier demo's folder (its data/, configs/, pretrain/, finetune/, "
+        "scene/, heat_maps/ are replaced)",
+    )
 
     info = sub.add_parser("info", help="parameters and GMACs of a variant in both counting conventions")
     info.add_argument("--model", default="rsvheat_base")
@@ -111,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     explain.add_argument("--channels", type=int, default=None, help="bands of the stem (default: the image's)")
     explain.add_argument("--bands", type=_bands, default=None, help="1-based bands to read, e.g. 4,3,2")
     explain.add_argument("--tile", type=int, default=1024, help="scenes larger than this are explained per tile")
+    explain.add_argument("--overwrite", action="store_true", help="replace the heat maps in a non-empty --out")
     onnx = sub.add_parser(
         "export", help="export a folded backbone or a task model to ONNX (.onnx) or torch.export (.pt2)"
     )
@@ -120,6 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     onnx.add_argument("--model", default="rsvheat_tiny", help="backbone variant when no checkpoint is given")
     onnx.add_argument("--weights", type=Path, default=None, help="backbone weights (.safetensors, official .pth)")
     onnx.add_argument("--channels", type=int, default=3, help="input bands of the backbone variant")
+    onnx.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    onnx.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="largest accepted max |exported - PyTorch| / max |PyTorch| (default 1e-3); above it nothing is written",
+    )
     export = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
     export.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
     export.add_argument("out", type=Path, help="output .safetensors file")
@@ -138,6 +165,17 @@ def main(argv: list[str] | None = None) -> None:
         passthrough(argv[1:])
         return
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except (ValueError, OSError) as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"rsvheat {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Run the (non-Lightning) subcommand of ``args``."""
     if args.command == "demo":
         from rsvheat.demo import run_demo
 
@@ -151,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             args.num_classes,
             args.pretrain_steps,
             args.epochs,
+            overwrite=args.overwrite,
         )
     elif args.command == "info":
         _info(args)
@@ -181,10 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "export":
         from rsvheat.export import export_checkpoint
 
-        result = export_checkpoint(args.out, args.size, args.checkpoint, args.model, args.weights, args.channels)
+        result = export_checkpoint(
+            args.out,
+            args.size,
+            args.checkpoint,
+            args.model,
+            args.weights,
+            args.channels,
+            overwrite=args.overwrite,
+            tolerance=args.tolerance,
+        )
         print(
             f"{result['path']}: max |exported - PyTorch| = {result['max_abs_diff']:.2e} "
-            f"(outputs up to {result['reference_max_abs']:.2f})"
+            f"(outputs up to {result['reference_max_abs']:.2f}; relative {result['relative_diff']:.1e})"
         )
     elif args.command == "export-encoder":
         from rsvheat.trainers.pretrain import export_encoder

@@ -7,9 +7,14 @@
 3. fine-tuning UPerNet segmentation from that encoder, and its test scores;
 4. tiled inference over the whole scene, written as a georeferenced Cloud Optimized GeoTIFF;
 5. heat maps of the fine-tuned backbone on the scene;
-6. efficiency: folded == unfolded inference, parameters/GMACs against the papers, speed against the official
-   computation structure;
+6. efficiency: folded == unfolded inference (on the scene's central window of at most 512² px), parameters/GMACs
+   against the papers, speed against the official computation structure;
 7. ``report.md`` with every figure, number and the configs used (``configs/``), so each step can be re-run alone.
+
+The output folder gets a ``.rsvheat-demo`` marker file. A re-run into a marked folder replaces the demo's own
+subfolders; a non-empty folder without the marker is refused unless ``overwrite`` (``rsvheat demo --out .`` in a
+repository would otherwise replace its ``configs/``). A large ``--image`` is labelled (k-means) on a decimated overview
+of at most 1024 px a side, so every step takes bounded memory.
 """
 
 from __future__ import annotations
@@ -36,6 +41,72 @@ PUBLISHED = {  # (variant, size): (M params, G MACs), inference-folded; see READ
     ("rsvheat_base", 1024): (148.4, 336.8),
 }
 COLOURS = np.array([[40, 40, 40], [0, 150, 200], [240, 200, 40], [220, 120, 0], [60, 170, 60], [200, 0, 200]])
+
+#: Marks a folder as written by the demo: only such a folder (or an empty one) is reused without ``overwrite``.
+MARKER = ".rsvheat-demo"
+#: The subfolders a run replaces.
+OWNED = ("data", "configs", "pretrain", "finetune", "scene", "heat_maps")
+#: Largest side of the image the land-cover labels are clustered from (larger scenes: a decimated overview).
+LABEL_MAX_SIDE = 1024
+#: Largest side of the window on which folded and unfolded inference are compared.
+FOLD_CHECK_SIDE = 512
+
+
+def _claim(out_dir: Path, overwrite: bool) -> None:
+    """Make ``out_dir`` the demo's: refuse a non-empty folder without :data:`MARKER` unless ``overwrite``, mark it,
+    and clear the subfolders an earlier run left (:data:`OWNED`); nothing else in it is touched."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file, not a folder")
+    marked = (out_dir / MARKER).is_file()
+    if out_dir.is_dir() and not marked and not overwrite and any(out_dir.iterdir()):
+        raise FileExistsError(
+            f"{out_dir} is not empty and is not the folder of an earlier demo (no {MARKER} file): choose another "
+            f"--out, or pass --overwrite to let the demo replace its {', '.join(f'{o}/' for o in OWNED)} and report.md"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text(
+        f"Written by `rsvheat demo`: a re-run into this folder replaces {', '.join(f'{o}/' for o in OWNED)} and "
+        "report.md.\n"
+    )
+    for owned in OWNED:
+        shutil.rmtree(out_dir / owned, ignore_errors=True)  # a re-run starts clean
+
+
+def _labelling_image(scene: Path, folder: Path, max_side: int = LABEL_MAX_SIDE) -> Path:
+    """``scene`` if no side exceeds ``max_side``, else a decimated overview of its first three bands (GeoTIFF in
+    ``folder``, on the coarser grid): the k-means labelling reads its whole input, so a large scene is read through
+    rasterio's ``out_shape`` instead."""
+    import warnings
+
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.transform import Affine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(scene) as src:
+            if max(src.height, src.width) <= max_side:
+                return scene
+            scale = max_side / max(src.height, src.width)
+            shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+            bands = list(range(1, min(src.count, 3) + 1))
+            data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.average)
+            profile = {
+                "driver": "GTiff",
+                "count": len(bands),
+                "height": shape[0],
+                "width": shape[1],
+                "dtype": data.dtype.name,
+                "crs": src.crs,
+                "transform": src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0]),
+                "nodata": src.nodata,
+            }
+        path = Path(folder) / f"{scene.stem}_overview.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
+    return path
 
 
 def _median_seconds(fn, repeats: int = 3) -> float:
@@ -122,27 +193,30 @@ def run_demo(
     num_classes: int | None = None,
     pretrain_steps: int = 120,
     epochs: int = 12,
+    overwrite: bool = False,
 ) -> Path:
     """Run the pipeline above into ``out_dir`` and return the report's path.
 
     ``image_path``: the scene (pre-training crops, whole-scene inference, heat maps); ``train_root``: your own
     segmentation data (``train``/``val`` folders with ``images``/``masks``, see README) with ``num_classes``;
-    ``weights``: an encoder to fine-tune instead of pre-training one.
+    ``weights``: an encoder to fine-tune instead of pre-training one; ``overwrite``: use a non-empty ``out_dir``
+    that an earlier demo did not write.
     """
     from rsvheat.data.io import image_header
     from rsvheat.data.samples import write_segmentation
     from rsvheat.explain import explain_scene
+    from rsvheat.inference.scene import Input, Scene
     from rsvheat.inference.tasks import load_task, predict_scene
     from rsvheat.trainers.cli import task_cli
     from rsvheat.trainers.pretrain import pretrain_cli
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    for owned in ("data", "configs", "pretrain", "finetune", "scene", "heat_maps"):
-        shutil.rmtree(out_dir / owned, ignore_errors=True)  # a re-run starts clean; nothing else is touched
-    out_dir.mkdir(parents=True, exist_ok=True)
     scene = Path(image_path or sample_scene_path()).resolve()
-    bands, height, width = image_header(scene)
+    bands, height, width = image_header(scene)  # a missing or unreadable scene fails before anything is written
+    if train_root is not None and num_classes is None:
+        raise ValueError("--train-root needs --num-classes")
+    _claim(out_dir, overwrite)
     bands = min(bands, 3)
     timings: dict[str, float] = {}
 
@@ -154,11 +228,9 @@ def run_demo(
     t = time.perf_counter()
     if train_root is None:
         train_root = out_dir / "data/segmentation"
-        names = write_segmentation(train_root, tile=96, stride=96, scene=scene)
+        names = write_segmentation(train_root, tile=96, stride=96, scene=_labelling_image(scene, out_dir / "data"))
         num_classes = len(names)
     else:
-        if num_classes is None:
-            raise ValueError("--train-root needs --num-classes")
         names = [str(k) for k in range(num_classes)]
     pretrain_dir = out_dir / "data/pretrain"
     pretrain_dir.mkdir(parents=True, exist_ok=True)
@@ -258,12 +330,18 @@ def run_demo(
 
     # 6. efficiency --------------------------------------------------------------------------------------------------
     t = time.perf_counter()
-    backbone = task.backbone.eval()
-    x = torch.randn(1, bands, height, width)
-    with torch.enable_grad():  # grad mode: every filter recomputed from FVE and to_k
-        unfolded = [f.detach() for f in backbone.forward_intermediates(x, intermediates_only=True)]
-    backbone.fold((height, width))
-    with torch.inference_mode():
+    backbone = task.backbone
+    # A fixed central window, not the whole scene: the check's memory must not grow with the scene.
+    check_h, check_w = min(FOLD_CHECK_SIDE, height), min(FOLD_CHECK_SIDE, width)
+    optical = Input(scene, "optical", tuple(range(1, bands + 1)))
+    with Scene({"optical": optical}, backbone.modalities, {"optical": meta["stats"]["optical"]}) as reader:
+        window, _ = reader.read((height - check_h) // 2, (width - check_w) // 2, check_h, check_w)
+    x = torch.from_numpy(window["optical"])[None]
+    with torch.no_grad():
+        # Training mode recomputes every filter from FVE and to_k (the unfolded path); the demo's backbone has no
+        # dropout or drop-path, so both modes compute the same function.
+        unfolded = backbone.train().forward_intermediates(x, intermediates_only=True)
+        backbone.fold((check_h, check_w))  # eval mode, filters precomputed for this size
         folded = backbone.forward_intermediates(x, intermediates_only=True)
     fold_diff = max(float((a - b).abs().max()) for a, b in zip(unfolded, folded, strict=True))
     counts = []
@@ -344,7 +422,8 @@ def run_demo(
         "",
         "## 6. Efficiency",
         "",
-        f"Folded (inference) vs unfolded backbone on the {width} × {height} scene: max |difference| = {fold_diff:.1e}.",
+        f"Folded (inference) vs unfolded backbone on the central {check_w} × {check_h} window of the scene: "
+        f"max |difference| = {fold_diff:.1e}.",
         "",
         "| model | input | M params | published | G MACs | published |",
         "|---|---|---:|---:|---:|---:|",

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsvheat.inference.scene import Input, Scene
+from rsvheat.files import write_atomic
+from rsvheat.inference.scene import MIN_TILE, Input, Scene
 from rsvheat.inference.sliding import tile_starts
 
 SPATIAL = ("corrected", "source", "conducted")
@@ -105,6 +106,11 @@ def _overview(path: Path, bands: Sequence[int] | None, shape: tuple[int, int]) -
     return rgb, valid
 
 
+def _save_png(fig, path: Path, dpi: int) -> Path:
+    """``fig`` as ``path``, atomically: an interrupted run leaves no truncated PNG under the final name."""
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
+
 def explain_scene(
     model,
     image: str | Path,
@@ -115,11 +121,14 @@ def explain_scene(
     tile: int = 1024,
     max_side: int = 768,
     device: str | torch.device = "cpu",
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``stage{S}_block{B}.png`` for every block and ``summary.png`` (last block of each stage) for ``image``
     through ``model`` (an :class:`~rsvheat.models.rsvheat.RSVHeat`), and return their paths (``"summary"`` first).
 
     ``stats``: ``{"mean": [...], "std": [...]}`` of the model's training data; computed from the image if ``None``.
+    ``out_dir`` must be new or empty unless ``overwrite`` (then heat maps of an earlier run that this one does not
+    redraw, e.g. of a deeper model, are removed so the folder never mixes two runs). Each PNG is written atomically.
     """
     import matplotlib
 
@@ -127,9 +136,13 @@ def explain_scene(
     import matplotlib.pyplot as plt
 
     image, out_dir = Path(image), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if modality not in model.modalities:
         raise ValueError(f"the model has no {modality!r} stem (it has {list(model.modalities)})")
+    if tile < MIN_TILE:
+        raise ValueError(f"{image}: tile ({tile}) is smaller than the model's output stride ({MIN_TILE} pixels)")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty (pass --overwrite to replace its heat maps)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     stats = dict(stats) if stats is not None else image_stats(image, bands)
     model = model.eval().to(device)
     with Scene(
@@ -197,8 +210,7 @@ def explain_scene(
         ax.set_title(TITLES.get(name, name), fontsize=9)
     fig.suptitle(f"Heat conduction in {type(model).__name__} ({modality}, {height}×{width} px)", fontsize=10)
     fig.tight_layout()
-    written["summary"] = out_dir / "summary.png"
-    fig.savefig(written["summary"], dpi=90)
+    written["summary"] = _save_png(fig, out_dir / "summary.png", dpi=90)
     plt.close(fig)
     for key in blocks:
         fig, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 2.9), squeeze=False)
@@ -207,8 +219,9 @@ def explain_scene(
             ax.set_title(TITLES.get(name, name), fontsize=9)
         fig.suptitle(f"stage {key[0] + 1}, block {key[1] + 1}", fontsize=10)
         fig.tight_layout()
-        path = out_dir / f"stage{key[0] + 1}_block{key[1] + 1}.png"
-        fig.savefig(path, dpi=80)
+        path = _save_png(fig, out_dir / f"stage{key[0] + 1}_block{key[1] + 1}.png", dpi=80)
         plt.close(fig)
         written[path.stem] = path
+    for stale in set(out_dir.glob("stage*_block*.png")) - set(written.values()):
+        stale.unlink()
     return written

@@ -2,12 +2,19 @@
 
 The graph is traced for one input size. Everything that depends only on the weights and that size (the resized
 FVE/SCE, the decay filters ``exp(-k·t·ω²)``, the DCT bases) is a constant subgraph, which ONNX Runtime folds when it
-loads the model: the inference folding of the official ``infer_init``. The DCTs use the matmul form (plain GEMMs,
+loads the model: the inference folding of the official ``infer_init``. ``torch.export`` programs are not
+constant-folded when run, so for ``.pt2`` the model is folded before tracing: the resized FVE/SCE and every block's
+decay filter are computed once and stored in the program as constants. The DCTs use the matmul form (plain GEMMs,
 portable to every runtime). The exported graph takes inputs of exactly that size; export once per deployment size.
+
+The export is written to a temporary file, run and compared with PyTorch, and only renamed onto the output when the
+difference is within the tolerance; an existing output is replaced only with ``overwrite``.
 """
 
 from __future__ import annotations
 
+import copy
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from rsvheat.files import write_atomic
 from rsvheat.operators.heat import HeatConduction
+
+#: Default largest accepted ``max |exported - PyTorch| / max |PyTorch|``.
+TOLERANCE = 1e-3
+
+
+class ExportMismatchError(ValueError):
+    """The exported model's outputs differ from PyTorch's by more than the tolerance."""
 
 
 class _Adapter(nn.Module):
@@ -41,45 +56,123 @@ def prepare(model: nn.Module, kind: str) -> nn.Module:
     return _Adapter(model, kind).eval()
 
 
+def _constant_filter(self: HeatConduction, freq_embed: torch.Tensor) -> torch.Tensor:
+    return self.folded_filter
+
+
+def _constant_embeddings(self: nn.Module, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if tuple(size) != self.folded_size:
+        raise ValueError(f"this stage was folded for {self.folded_size} feature maps, got {tuple(size)}")
+    return self.folded_fve, self.folded_sce
+
+
+def fold_constants(model: nn.Module, inputs: Sequence[torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` in which every heat stage returns precomputed buffers, for the feature-map sizes it sees on
+    ``inputs``, instead of computing them: the resized FVE/SCE and each block's decay filter ``exp(-k·t·ω²)``.
+
+    Exporters store the buffers as constants, so the program no longer recomputes them per call (the folding of
+    :meth:`RSVHeat.fold`, which its eval-mode caches cannot give a traced graph). A stage seen at several sizes
+    (none in the models of :func:`export_checkpoint`) is left as it is.
+    """
+    from rsvheat.models.rsvheat import HeatStage
+
+    folded = copy.deepcopy(model).eval()
+    stages = [m for m in folded.modules() if isinstance(m, HeatStage)]
+    sizes: dict[HeatStage, set] = {stage: set() for stage in stages}
+    for stage in stages:
+
+        def record(size, stage=stage):
+            sizes[stage].add(tuple(size))
+            return HeatStage.embeddings(stage, size)
+
+        stage.embeddings = record
+    try:
+        with torch.no_grad():
+            folded(*inputs)
+    finally:
+        for stage in stages:
+            del stage.embeddings
+    with torch.no_grad():
+        for stage, seen in sizes.items():
+            if len(seen) != 1:
+                continue
+            (size,) = seen
+            fve, sce = stage.embeddings(size)
+            stage.folded_size = size
+            stage.register_buffer("folded_fve", fve.clone(), persistent=False)
+            stage.register_buffer("folded_sce", None if sce is None else sce.clone(), persistent=False)
+            stage.embeddings = types.MethodType(_constant_embeddings, stage)
+            for block in stage.blocks:
+                hco = block.hco
+                hco.register_buffer("folded_filter", hco.decay_filter(fve).clone(), persistent=False)
+                hco.decay_filter = types.MethodType(_constant_filter, hco)
+    return folded
+
+
 def export_model(
     model: nn.Module,
     out: str | Path,
     inputs: Sequence[torch.Tensor],
     kind: str = "single",
     opset: int = 18,
+    overwrite: bool = False,
+    tolerance: float = TOLERANCE,
 ) -> dict:
     """Write ``out`` (``.onnx``: ONNX through the dynamo exporter, checked with ONNX Runtime; ``.pt2``:
-    ``torch.export`` program, reloaded and run) and return ``{"path", "max_abs_diff", "reference_max_abs"}``,
-    the largest difference between the exported model's and PyTorch's outputs on ``inputs``."""
+    ``torch.export`` program of the folded model, reloaded and run) and return ``{"path", "max_abs_diff",
+    "reference_max_abs", "relative_diff"}``, the largest difference between the exported model's and PyTorch's outputs
+    on ``inputs`` (``(B, C, H, W)`` tensors; two for ``kind="change"``), absolute and relative to the largest output.
+
+    Raises ``FileExistsError`` if ``out`` exists and not ``overwrite`` (before exporting), and
+    :class:`ExportMismatchError` if the relative difference exceeds ``tolerance``: ``out`` is then left untouched.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix not in (".onnx", ".pt2"):
+        raise ValueError(f"export to .onnx or .pt2, got {out.name}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    if tolerance < 0:
+        raise ValueError(f"the tolerance must be >= 0, got {tolerance}")
     adapter = prepare(model, kind)
     inputs = tuple(inputs)
     with torch.no_grad():
         reference = adapter(*inputs)
-    # Traced with autograd on: the graph holds the plain (out-of-place) ops, so the program also runs where
-    # gradients are enabled; the filters, computed from parameters only, are constant-folded by the exporters.
-    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
-    if out.suffix == ".onnx":
-        import onnxruntime
+    result: dict = {"path": out, "reference_max_abs": float(reference.abs().max())}
 
-        torch.onnx.export(adapter, inputs, dynamo=True, opset_version=opset, verbose=False).save(str(tmp))
-        tmp.replace(out)
-        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), inputs, strict=True)}
-        exported = torch.from_numpy(np.asarray(session.run(None, feeds)[0]))
-    elif out.suffix == ".pt2":
-        torch.export.save(torch.export.export(adapter, inputs), str(tmp))
-        tmp.replace(out)
-        with torch.no_grad():
-            exported = torch.export.load(str(out)).module()(*inputs)
+    def check(exported: torch.Tensor) -> None:
+        diff = float((exported - reference).abs().max())
+        scale = result["reference_max_abs"]
+        result.update(max_abs_diff=diff, relative_diff=diff / scale if scale > 0 else diff)
+        if not result["relative_diff"] <= tolerance:  # also catches NaN
+            raise ExportMismatchError(
+                f"{out}: the exported model differs from PyTorch by {result['relative_diff']:.2e} relative to its "
+                f"largest output (max |difference| {diff:.2e}, outputs up to {scale:.2f}), above the tolerance "
+                f"{tolerance:g}; nothing written"
+            )
+
+    # Traced with autograd on: the graph holds the plain (out-of-place) ops, so the program also runs where
+    # gradients are enabled.
+    if out.suffix == ".onnx":
+
+        def write(tmp: Path) -> None:
+            import onnxruntime
+
+            # the filters, computed from parameters only, are constant-folded by ONNX Runtime at load
+            torch.onnx.export(adapter, inputs, dynamo=True, opset_version=opset, verbose=False).save(str(tmp))
+            session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), inputs, strict=True)}
+            check(torch.from_numpy(np.asarray(session.run(None, feeds)[0])))
+
     else:
-        raise ValueError(f"export to .onnx or .pt2, got {out.name}")
-    return {
-        "path": out,
-        "max_abs_diff": float((exported - reference).abs().max()),
-        "reference_max_abs": float(reference.abs().max()),
-    }
+
+        def write(tmp: Path) -> None:
+            torch.export.save(torch.export.export(fold_constants(adapter, inputs), inputs), str(tmp))
+            with torch.no_grad():
+                check(torch.export.load(str(tmp)).module()(*inputs))
+
+    # checked before it is renamed: a failed export or check leaves neither the output nor a temporary file
+    write_atomic(out, write)
+    return result
 
 
 def export_checkpoint(
@@ -89,12 +182,21 @@ def export_checkpoint(
     variant: str = "rsvheat_tiny",
     weights: str | Path | None = None,
     channels: int = 3,
+    overwrite: bool = False,
+    tolerance: float = TOLERANCE,
 ) -> dict:
     """``rsvheat export``: a task checkpoint (classification: backbone + head; segmentation: logits; change
     detection: change logits from two inputs), or a backbone ``variant`` (with optional ``weights``) giving its last
-    stage's features; checked on random inputs of ``size``."""
+    stage's features; checked on random inputs of ``size`` (see :func:`export_model`)."""
     import rsvheat
 
+    out = Path(out)
+    if out.suffix not in (".onnx", ".pt2"):
+        raise ValueError(f"export to .onnx or .pt2, got {out.name}")
+    if out.exists() and not overwrite:  # before loading anything
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    if len(size) > 2:
+        raise ValueError(f"--size takes H or H W, got {list(size)}")
     height, width = (size[0], size[0]) if len(size) == 1 else size[:2]
     if checkpoint is not None:
         from rsvheat.inference.tasks import load_task
@@ -120,7 +222,7 @@ def export_checkpoint(
             rsvheat.load_checkpoint(model, weights)
         model, kind, count = _Features(model), "single", 1
     inputs = [torch.randn(1, channels, height, width) for _ in range(count)]
-    return export_model(model, out, inputs, kind)
+    return export_model(model, out, inputs, kind, overwrite=overwrite, tolerance=tolerance)
 
 
 class _Features(nn.Module):

@@ -3,9 +3,10 @@ only when complete, so a crash, a kill or a full disk never leaves a half-writte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -22,3 +23,34 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def replace_together(moves: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> None:
+    """Rename each complete temporary file onto its target (``[(temporary, target), ...]``), all or none.
+
+    Outputs that belong together (a class map and its probabilities) must never mix runs: the existing targets are
+    first moved aside, and if any rename fails, the new files already in place are removed and the old ones restored.
+    On success the old ones are deleted.
+    """
+    moves = [(Path(tmp), Path(target)) for tmp, target in moves]
+    aside: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for _, target in moves:
+            if os.path.lexists(target):
+                old = target.with_name(f".{target.name}.{os.getpid()}.old")
+                os.replace(target, old)
+                aside.append((old, target))
+        for tmp, target in moves:
+            os.replace(tmp, target)
+            placed.append(target)
+    except BaseException:
+        for target in placed:
+            target.unlink(missing_ok=True)
+        for old, target in aside:
+            # keep restoring the others if one fails: that one stays under its hidden name, not lost
+            with contextlib.suppress(OSError):
+                os.replace(old, target)
+        raise
+    for old, _ in aside:
+        old.unlink(missing_ok=True)

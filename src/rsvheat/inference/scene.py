@@ -4,15 +4,15 @@ The scene is read in strips of ``tile`` rows (rasterio windowed reads). Each str
 are predicted in batches and blended with the weights of :mod:`rsvheat.inference.sliding`; rows that no later strip
 touches are final and are written out at once. Memory therefore grows with ``tile × scene width``, never with the
 scene's height or area. Maps are written as tiled, compressed GeoTIFFs (converted to Cloud Optimized GeoTIFF when
-GDAL has the COG driver) with the input's CRS and transform; boxes as GeoJSON in longitude/latitude. Outputs are
-written to a temporary file in the destination folder and renamed at the end, so a crash or a full disk never leaves
-a half-written result under the final name.
+GDAL has the COG driver) with the input's CRS and transform; boxes as GeoJSON in longitude/latitude (with each box
+also in the scene's CRS). Outputs are written to temporary files in the destination folder and renamed only once all
+of them are complete, so a crash or a full disk never leaves a half-written result under a final name, nor a new
+class map next to the probabilities of an older run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rsvheat.data.io import ImageReadError
-from rsvheat.files import write_atomic
+from rsvheat.files import replace_together, write_atomic
 from rsvheat.inference.sliding import blend_weights, tile_starts
 
 #: GDAL's block cache for whole-scene runs (MB). Its default, 5 % of RAM, would grow with the scene's width as
@@ -46,8 +46,9 @@ class Input:
 
 class Scene:
     """Co-registered rasters read window by window: ``{role: Input}`` (roles: the modality names for segmentation,
-    ``before``/``after`` for change detection). Checks that they share size, CRS and transform, and that each has
-    the bands its stem expects; a raster without CRS is accepted with a warning (outputs then have none either)."""
+    ``before``/``after`` for change detection). Checks that they share size, CRS and transform, that each has the
+    bands its stem expects, and that the scene is at least :data:`MIN_TILE` pixels on each side; a raster without CRS
+    is accepted with a warning (outputs then have none either, but keep its transform if it has one)."""
 
     def __init__(self, inputs: Mapping[str, Input], channels: Mapping[str, int], stats: Mapping[str, Mapping]) -> None:
         import rasterio
@@ -94,8 +95,21 @@ class Scene:
                 )
         self.height, self.width = first.height, first.width
         self.crs, self.transform = first.crs, first.transform
-        if self.crs is None:
+        #: the raster(s) in error messages
+        self.name = ", ".join(src.name for src in self.sources.values())
+        if min(self.height, self.width) < MIN_TILE:
+            self.close()
+            raise ImageReadError(
+                f"{self.name} is {self.height}×{self.width} px: the model needs at least {MIN_TILE} px on each side "
+                "(its output stride)"
+            )
+        if self.crs is None and self.transform.is_identity:
             warnings.warn(f"{first.name} is not georeferenced: the outputs will have no CRS", stacklevel=2)
+        elif self.crs is None:
+            warnings.warn(
+                f"{first.name} has a transform but no CRS: the outputs keep the transform and have no CRS",
+                stacklevel=2,
+            )
         self.stats = {
             role: (
                 np.asarray(stats[item.modality]["mean"], np.float32)[:, None, None],
@@ -155,11 +169,12 @@ def _cleanup(*paths: Path) -> None:
                 leftover.unlink()
 
 
-def _windows(height: int, width: int, tile: int, overlap: int) -> tuple[int, int, int, list[int], list[int]]:
+def _windows(scene: Scene, tile: int, overlap: int) -> tuple[int, int, int, list[int], list[int]]:
+    height, width = scene.height, scene.width
     if tile < MIN_TILE:
-        raise ValueError(f"tile ({tile}) is smaller than the model's output stride ({MIN_TILE} pixels)")
+        raise ValueError(f"{scene.name}: tile ({tile}) is smaller than the model's output stride ({MIN_TILE} pixels)")
     if not 0 <= overlap < tile:
-        raise ValueError(f"the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
+        raise ValueError(f"{scene.name}: the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
     th, tw = min(tile, height), min(tile, width)
     overlap = min(overlap, th - 1, tw - 1)
     return th, tw, overlap, tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
@@ -188,7 +203,7 @@ def dense_strips(
     where ``values`` blends ``predict({role: (B, C, t, t)}) -> (B, outputs, t, t)`` over overlapping tiles. Tiles
     without a single valid pixel are not predicted."""
     device = torch.device(device)
-    th, tw, overlap, ys, xs = _windows(scene.height, scene.width, tile, overlap)
+    th, tw, overlap, ys, xs = _windows(scene, tile, overlap)
     width = scene.width
     acc = np.zeros((outputs, th, width), np.float32)
     norm = np.zeros((th, width), np.float32)
@@ -240,12 +255,15 @@ def write_dense(
 ) -> list[Path]:
     """Write each target's ``encode(values)`` of every strip into its GeoTIFF (``nodata`` where the input is invalid),
     all from one pass over the scene; tiled and deflate-compressed, converted to COG when ``cog`` and GDAL has the
-    driver. Each file appears under its name only when complete."""
+    driver. The files appear under their names only when all of them are complete, together (with ``overwrite``,
+    replacing the old ones together: a failure leaves the old set, never a mix)."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window
 
     paths = [Path(t[0]) for t in targets]
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise ValueError(f"two outputs have the same name: {', '.join(map(str, paths))}")
     for path in paths:
         _check_output(path, overwrite)
     partials = [_partial(p) for p in paths]
@@ -269,7 +287,9 @@ def write_dense(
                     "BIGTIFF": "IF_SAFER",
                 }
                 if scene.crs is not None:
-                    profile.update(crs=scene.crs, transform=scene.transform)
+                    profile["crs"] = scene.crs
+                if scene.crs is not None or not scene.transform.is_identity:
+                    profile["transform"] = scene.transform  # a grid without CRS is still a grid: keep it
                 outs.append(stack.enter_context(rasterio.open(tmp, "w", **profile)))
             for top, values, valid in strips:
                 for dst, (_, encode, _, dtype, nodata, _) in zip(outs, targets, strict=True):
@@ -279,15 +299,16 @@ def write_dense(
             for dst, target in zip(outs, targets, strict=True):
                 for i, name in enumerate(target[5] or [], start=1):
                     dst.set_band_description(i, name)
-        for path, tmp, tmp_cog, target in zip(paths, partials, cogs, targets, strict=True):
-            if cog and _has_driver("COG"):
-                from rasterio.shutil import copy as raster_copy
+        finals = partials
+        if cog and _has_driver("COG"):
+            from rasterio.shutil import copy as raster_copy
 
+            for tmp, tmp_cog, target in zip(partials, cogs, targets, strict=True):
                 resampling = "NEAREST" if np.issubdtype(np.dtype(target[3]), np.integer) else "AVERAGE"
                 raster_copy(tmp, tmp_cog, driver="COG", compress="DEFLATE", overview_resampling=resampling)
-                os.replace(tmp_cog, path)
-            else:
-                os.replace(tmp, path)
+            finals = cogs
+        # Every output is complete: only now do they take their names, all together.
+        replace_together(list(zip(finals, paths, strict=True)))
     finally:
         _cleanup(*partials, *cogs)
     return paths
@@ -309,7 +330,7 @@ def detect_scene(
     from torchvision.ops import batched_nms
 
     device = torch.device(device)
-    th, tw, overlap, ys, xs = _windows(scene.height, scene.width, tile, overlap)
+    th, tw, overlap, ys, xs = _windows(scene, tile, overlap)
     (role,) = scene.inputs
     found = {"boxes": [], "labels": [], "scores": []}
     bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", disable=not progress)
@@ -339,6 +360,12 @@ def detect_scene(
     return {k: v[keep] for k, v in result.items()}
 
 
+def _counter_clockwise(ring: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """A closed ring in counter-clockwise order (positive shoelace area), as RFC 7946 §3.1.6 asks of exterior rings."""
+    area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:], strict=True))
+    return ring if area > 0 else ring[::-1]
+
+
 def write_geojson(
     scene: Scene,
     detections: Mapping[str, torch.Tensor],
@@ -346,33 +373,42 @@ def write_geojson(
     path: str | Path,
     overwrite: bool = False,
 ) -> Path:
-    """Boxes as a GeoJSON FeatureCollection of polygons in longitude/latitude (RFC 7946; reprojected from the
-    scene's CRS), with ``class``, ``label``, ``score`` and the pixel box ``bbox_xyxy``; a scene without CRS gets
-    pixel coordinates (and a warning at opening)."""
-    from rasterio.warp import transform_geom
+    """Boxes ``{boxes (N, 4) xyxy pixels, labels (N,), scores (N,)}`` as a GeoJSON FeatureCollection of polygons.
+
+    Geometry: the box's four corners in longitude/latitude (RFC 7946: WGS 84, counter-clockwise rings), reprojected
+    from the scene's CRS. Properties: ``class``, ``label``, ``score``, the pixel box ``bbox_xyxy``, and the box in the
+    scene's own map coordinates, ``bbox_map`` ``[xmin, ymin, xmax, ymax]`` in ``crs`` (e.g. ``"EPSG:32618"``). A
+    scene without CRS gets geometry in pixel coordinates, ``crs`` null and ``bbox_map`` through its transform.
+    """
+    from rasterio.warp import transform as reproject_points
 
     path = Path(path)
     _check_output(path, overwrite)
+    crs = scene.crs.to_string() if scene.crs is not None else None
     features = []
     for box, label, score in zip(
         detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist(), strict=True
     ):
         x1, y1, x2, y2 = box
-        corners = [(x1, y1), (x2, y1), (x2, y2), (x1, y2), (x1, y1)]
+        corners = [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
+        xs, ys = zip(*(scene.transform @ c for c in corners), strict=True)
         if scene.crs is not None:
-            ring = [tuple(scene.transform * c) for c in corners]
-            geometry = transform_geom(scene.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]})
+            lons, lats = reproject_points(scene.crs, "EPSG:4326", list(xs), list(ys))
+            ring = list(zip(lons, lats, strict=True))
         else:
-            geometry = {"type": "Polygon", "coordinates": [corners]}
+            ring = corners
+        ring = _counter_clockwise([*ring, ring[0]])
         features.append(
             {
                 "type": "Feature",
-                "geometry": geometry,
+                "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring]]},
                 "properties": {
                     "class": class_names[label - 1],
                     "label": label,
                     "score": round(score, 4),
                     "bbox_xyxy": [round(v, 2) for v in box],
+                    "bbox_map": [min(xs), min(ys), max(xs), max(ys)],
+                    "crs": crs,
                 },
             }
         )

@@ -108,6 +108,8 @@ def predict_scene(
             return (values > threshold).astype(np.uint8)
 
     elif isinstance(task, DetectionTask):
+        if probabilities is not None:
+            raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
         inputs = spec([only], lambda role: only)
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, modalities, meta["stats"]) as scene:
             found = detect_scene(scene, task.model, tile, overlap, batch_size, device=device, progress=progress)
