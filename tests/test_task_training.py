@@ -236,6 +236,9 @@ def test_cli_segmentation_fit_test_predict_georeferenced(tmp_path):
     )
     task_cli(["fit", "--config", config])
     assert {p.name for p in (tmp_path / "run/checkpoints").iterdir()} >= {"best.ckpt", "last.ckpt"}
+    logged = read_csv(tmp_path / "run/logs/version_0/metrics.csv")
+    speeds = [float(r["train/images_per_s"]) for r in logged if r.get("train/images_per_s")]
+    assert len(speeds) == yaml.safe_load(Path(config).read_text())["trainer"]["max_epochs"] and min(speeds) > 0
     task_cli(["test", "--config", config, "--ckpt_path", str(tmp_path / "run/checkpoints/best.ckpt")])
     scores = read_csv(next((tmp_path / "run/logs").glob("version_*/per_class_scores.csv")))
     assert [r["class"] for r in scores] == ["0", "1", "2"]

@@ -3,6 +3,7 @@ layer-wise learning-rate decay and a warm-up + cosine schedule, the best-checkpo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch.utils.data import DataLoader
 
 import rsvheat
 from rsvheat.models.checkpoint import load_checkpoint
@@ -117,15 +119,16 @@ class TaskModule(pl.LightningModule):
         on: ``best.ckpt`` is then the latest model, like ``last.ckpt``."""
         if self._trainer is None:
             return []
+        speed = [] if any(isinstance(c, TrainingSpeed) for c in self.trainer.callbacks) else [TrainingSpeed()]
         present = [c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)]
         if any(c.monitor for c in present):
-            return []
+            return speed
         base = present[0] if present else None
         name, mode = self.monitor
         dm = self.trainer.datamodule
         if not getattr(dm, "has_validation", True) or self.trainer.limit_val_batches == 0:
             name = None  # an unmonitored top-1 checkpoint keeps the latest model
-        return [
+        return speed + [
             ModelCheckpoint(
                 dirpath=(base.dirpath if base else None) or Path(self.trainer.default_root_dir) / "checkpoints",
                 filename="best",
@@ -174,6 +177,28 @@ class TaskModule(pl.LightningModule):
 
     def finish_writing(self, out_dir: Path) -> None:
         """Write what is collected over the whole prediction run (tables)."""
+
+
+class TrainingSpeed(pl.Callback):
+    """Logs ``train/images_per_s`` every epoch: training images over the time from the epoch's start to its last
+    training batch (data loading, forward, backward and optimiser steps; not validation or checkpointing), per
+    process. Every task module adds one."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._end, self._batches = time.perf_counter(), None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._end, self._batches = time.perf_counter(), self._batches + 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        loader = trainer.train_dataloader
+        if not self._batches or not isinstance(loader, DataLoader) or loader.batch_size is None:
+            return
+        per_epoch = len(loader.sampler)  # this process's share under DDP
+        if loader.drop_last:
+            per_epoch -= per_epoch % loader.batch_size
+        images = min(self._batches * loader.batch_size, per_epoch)
+        pl_module.log("train/images_per_s", images / max(self._end - self._start, 1e-9), on_epoch=True)
 
 
 class PredictionWriter(BasePredictionWriter):
