@@ -90,6 +90,11 @@ def main() -> None:
         ax.set(title=label, xlabel="step", yscale="log")
         ax.legend(fontsize=8)
         lines.append(change_row(label, "**mean**", values))
+    for part, label in (("con_freq", "L_con: low vs high"), ("con_modal", "L_con: optical vs SAR")):
+        for source in ("optical", "bigearthnet"):
+            sub = series.get(f"train/{source}/{part}")
+            if sub:
+                lines.append(change_row(label, source, [v for _, v in sub]))
     fig.suptitle("RS-vHeat-T pre-training on BigEarthNet S1/S2 pairs + Landsat (CPU)")
     fig.tight_layout()
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,10 @@ def test_forward_terms_and_ablation_switches():
     out = model(pair)
     assert set(out.terms) == {"spa", "fre", "con"} and torch.isfinite(out.loss)
     assert out.loss.item() == pytest.approx(sum(v.item() for v in out.terms.values()), rel=1e-5)
+    # L_con = mean of the low/high term of each modality and the cross-modal term: its logged halves recombine
+    con_freq, con_modal = out.parts["con_freq"].item(), out.parts["con_modal"].item()
+    assert out.terms["con"].item() == pytest.approx((2 * con_freq + con_modal) / 3, rel=1e-5)
+    assert set(model({"optical": pair["optical"]}).parts) == {"con_freq"}
     x, low, high, recon = out.previews["sar"]
     assert recon.shape == x.shape == low.shape == high.shape == (2, 1, 64, 64)
     torch.testing.assert_close(low + high, x, atol=1e-5, rtol=0)

@@ -37,11 +37,14 @@ DECODER_STRIDE = 16  # the decoder works on stage 3's grid
 @dataclass
 class PretrainOutput:
     """``loss``: weighted total; ``terms``: each loss term (unweighted, detached for logging when not used);
-    ``previews``: per modality ``(x, I_low, I_high, reconstruction)``, each ``(B, C, H, W)``, detached."""
+    ``parts``: the two halves of ``L_con``, detached, for logging: ``con_freq`` (low vs high views, mean over
+    modalities) and, for pairs, ``con_modal`` (optical vs SAR); ``previews``: per modality ``(x, I_low, I_high,
+    reconstruction)``, each ``(B, C, H, W)``, detached."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     previews: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -178,7 +181,12 @@ class FrequencyPretrainer(nn.Module):
         terms = {"spa": torch.stack(spa).mean()}
         if fre:
             terms["fre"] = torch.stack(fre).mean()
+        parts = {}
         if con:
             terms["con"] = torch.stack(con).mean()
+            views = len(batch)  # one low/high term per modality, then the cross-modal one if any
+            parts["con_freq"] = torch.stack(con[:views]).mean().detach()
+            if len(con) > views:
+                parts["con_modal"] = con[views].detach()
         loss = sum(w[name] * value for name, value in terms.items())
-        return PretrainOutput(loss=loss, terms=terms, previews=previews)
+        return PretrainOutput(loss=loss, terms=terms, previews=previews, parts=parts)

@@ -86,6 +86,8 @@ class PretrainTask(pl.LightningModule):
             for name, value in out.terms.items():
                 terms.setdefault(name, []).append(value.detach())
                 self.log(f"train/{source}/{name}", value.detach(), batch_size=_batch_size(images))
+            for name, value in out.parts.items():  # diagnostics: not part of the loss
+                self.log(f"train/{source}/{name}", value, batch_size=_batch_size(images))
             previews[source] = out.previews
         loss = total / len(batch)
         bs = sum(_batch_size(images) for images in batch.values())
