@@ -18,6 +18,9 @@ def test_fields_shapes_and_kt_match_the_model():
     assert sorted(fields) == [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0)]
     assert fields[(0, 0)]["source"].shape == (2, 18, 23)  # stage 1 at stride 4: ceil(70/4), ceil(90/4)
     assert fields[(3, 0)]["conducted"].shape == (2, 3, 3)
+    # the SCE correction is visible: the corrected field differs from what entered the operator
+    assert fields[(0, 0)]["entering"].shape == fields[(0, 0)]["corrected"].shape == (2, 18, 23)
+    assert not torch.allclose(fields[(0, 0)]["entering"], fields[(0, 0)]["corrected"])
     stage = model.stages[1]
     fve, _ = stage.embeddings((9, 12))
     expected = torch.relu(stage.blocks[0].hco.to_k(fve)).mean(-1)

@@ -2,7 +2,10 @@
 
 For every stage and block, the HCO's fields are recorded on the way through the backbone and reduced over channels:
 
-* ``corrected``: the block input after the spatial correction embedding, ``LN(ReLU(x + SCE))`` (RS-vHeat);
+* ``entering``: the HCO's input ``x`` as the block hands it over (the block input; after ``norm1`` in the pre-norm
+  vHeat-T), before any correction;
+* ``corrected``: that input after the spatial correction embedding, ``LN(ReLU(x + SCE))`` (RS-vHeat; vHeat has no
+  SCE, so there it equals ``entering``);
 * ``source``: the heat source ``u`` (after the depth-wise conv and input projection) whose diffusion the HCO computes;
 * ``conducted``: ``u`` after conduction, ``IDCT(DCT(u) · exp(-k·t·ω²))``, where features have spread;
 * ``spectrum``: ``log(1 + |DCT(u)|)``, the source's frequency content (DC at the top-left);
@@ -28,9 +31,10 @@ from rsvheat.files import write_atomic
 from rsvheat.inference.scene import MIN_TILE, Input, Scene
 from rsvheat.inference.sliding import tile_starts
 
-SPATIAL = ("corrected", "source", "conducted")
+SPATIAL = ("entering", "corrected", "source", "conducted")
 SPECTRAL = ("spectrum", "kt")
 TITLES = {
+    "entering": "HCO input x",
     "corrected": "SCE-corrected input",
     "source": "heat source u",
     "conducted": "after conduction",
@@ -53,6 +57,7 @@ def heat_fields(model, x: torch.Tensor | Mapping[str, torch.Tensor], modality: s
             def record(module, args, output, key=(s, b)):
                 _, states = module.forward(*args, return_states=True)
                 fields[key] = {
+                    "entering": args[0].abs().mean(-1),
                     "corrected": states["corrected"].abs().mean(-1),
                     "source": states["source"].abs().mean(-1),
                     "conducted": states["conducted"].abs().mean(-1),
