@@ -245,10 +245,20 @@ def run_demo(
     if weights is None:
         config = {
             "seed_everything": 0,
+            # the paper's base LR and the official clip: at 5e-4 without it the contrastive term collapses
             "trainer": _trainer(
-                out_dir / "pretrain", max_steps=pretrain_steps, log_every_n_steps=max(1, min(5, pretrain_steps))
+                out_dir / "pretrain",
+                max_steps=pretrain_steps,
+                log_every_n_steps=max(1, min(5, pretrain_steps)),
+                gradient_clip_val=5.0,
             ),
-            "model": {"variant": variant, "lr": 5e-4, "drop_path_rate": 0.0, "decoder_width": 96},
+            "model": {
+                "variant": variant,
+                "lr": 2e-4,
+                "warmup_fraction": 0.1,
+                "drop_path_rate": 0.0,
+                "decoder_width": 96,
+            },
             "data": {
                 "optical_dirs": [str(pretrain_dir)],
                 "optical_bands": list(range(1, bands + 1)),
