@@ -264,8 +264,18 @@ def test_bad_scenes_are_named(tmp_path):
         scene_of(tmp_path / "missing.tif")
     roles = ("before", "after")
     other_crs = write(tmp_path / "c.tif", ramp(3, 64, 64, np.uint8), crs="EPSG:32632")
-    with pytest.raises(ImageReadError, match=r"different CRS: .*a\.tif is EPSG:32633, .*c\.tif is EPSG:32632"):
-        scene_of(good, other_crs, roles=roles)
+    opened = []
+    real_open = rasterio.open
+
+    def tracking_open(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rasterio, "open", tracking_open)
+        with pytest.raises(ImageReadError, match=r"different CRS: .*a\.tif is EPSG:32633, .*c\.tif is EPSG:32632"):
+            scene_of(good, other_crs, roles=roles)
+    assert len(opened) == 2 and all(src.closed for src in opened)  # nothing left open by the refusal
     smaller = write(tmp_path / "d.tif", ramp(3, 60, 64, np.uint8))
     with pytest.raises(ImageReadError, match=r"differ in size: .*64×64, .*60×64"):
         scene_of(good, smaller, roles=roles)

@@ -51,12 +51,34 @@ class Scene:
     is accepted with a warning (outputs then have none either, but keep its transform if it has one)."""
 
     def __init__(self, inputs: Mapping[str, Input], channels: Mapping[str, int], stats: Mapping[str, Mapping]) -> None:
-        import rasterio
-        from rasterio.errors import NotGeoreferencedWarning, RasterioError
-
         self.inputs = dict(inputs)
         self._stack = ExitStack()
         self.sources = {}
+        try:
+            self._open_and_check(channels)
+        except BaseException:
+            self.close()  # the rasters opened before the problem was found
+            raise
+        first = next(iter(self.sources.values()))
+        if self.crs is None and self.transform.is_identity:
+            warnings.warn(f"{first.name} is not georeferenced: the outputs will have no CRS", stacklevel=2)
+        elif self.crs is None:
+            warnings.warn(
+                f"{first.name} has a transform but no CRS: the outputs keep the transform and have no CRS",
+                stacklevel=2,
+            )
+        self.stats = {
+            role: (
+                np.asarray(stats[item.modality]["mean"], np.float32)[:, None, None],
+                np.asarray(stats[item.modality]["std"], np.float32)[:, None, None],
+            )
+            for role, item in self.inputs.items()
+        }
+
+    def _open_and_check(self, channels: Mapping[str, int]) -> None:
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
         for role, item in self.inputs.items():
             if not Path(item.path).is_file():
                 raise ImageReadError(f"{role} raster not found: {item.path}")
@@ -65,7 +87,6 @@ class Scene:
                     warnings.simplefilter("ignore", NotGeoreferencedWarning)
                     src = self._stack.enter_context(rasterio.open(item.path))
             except RasterioError as err:
-                self.close()
                 raise ImageReadError(f"cannot read {role} raster {item.path}: {err}") from err
             self.sources[role] = src
             count = len(item.bands) if item.bands else src.count
@@ -98,25 +119,10 @@ class Scene:
         #: the raster(s) in error messages
         self.name = ", ".join(src.name for src in self.sources.values())
         if min(self.height, self.width) < MIN_TILE:
-            self.close()
             raise ImageReadError(
                 f"{self.name} is {self.height}×{self.width} px: the model needs at least {MIN_TILE} px on each side "
                 "(its output stride)"
             )
-        if self.crs is None and self.transform.is_identity:
-            warnings.warn(f"{first.name} is not georeferenced: the outputs will have no CRS", stacklevel=2)
-        elif self.crs is None:
-            warnings.warn(
-                f"{first.name} has a transform but no CRS: the outputs keep the transform and have no CRS",
-                stacklevel=2,
-            )
-        self.stats = {
-            role: (
-                np.asarray(stats[item.modality]["mean"], np.float32)[:, None, None],
-                np.asarray(stats[item.modality]["std"], np.float32)[:, None, None],
-            )
-            for role, item in self.inputs.items()
-        }
 
     def close(self) -> None:
         self._stack.close()
