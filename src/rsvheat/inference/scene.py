@@ -331,14 +331,15 @@ def detect_scene(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Boxes over the whole scene: ``detect([(C, t, t), ...]) -> [{boxes, labels, scores}]`` on overlapping tiles,
-    shifted to scene pixels, boxes centred on nodata dropped, duplicates across tiles removed by per-class NMS.
+    shifted to scene pixels, boxes centred on nodata dropped, duplicates across tiles removed by per-class NMS and,
+    for boxes cut by a tile edge, by containment in a larger box of the same class (see :func:`_partial_views`).
     Returns ``{boxes (N, 4) xyxy pixels, labels (N,), scores (N,)}`` sorted by score."""
     from torchvision.ops import batched_nms
 
     device = torch.device(device)
     th, tw, overlap, ys, xs = _windows(scene, tile, overlap)
     (role,) = scene.inputs
-    found = {"boxes": [], "labels": [], "scores": []}
+    found = {"boxes": [], "labels": [], "scores": [], "cut": []}
     bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", disable=not progress)
     try:
         for top in ys:
@@ -353,6 +354,12 @@ def detect_scene(
                     cx = ((boxes[:, 0] + boxes[:, 2]) / 2 - x).long().clamp(0, tw - 1)
                     cy = ((boxes[:, 1] + boxes[:, 3]) / 2 - top).long().clamp(0, th - 1)
                     keep = torch.from_numpy(valid[cy.numpy(), (cx + x).numpy()])
+                    # touching an edge this tile shares with a neighbour: possibly a partial view of the object
+                    cut = ((boxes[:, 0] <= x + 1) & (x > 0)) | ((boxes[:, 2] >= x + tw - 1) & (x + tw < scene.width))
+                    cut |= ((boxes[:, 1] <= top + 1) & (top > 0)) | (
+                        (boxes[:, 3] >= top + th - 1) & (top + th < scene.height)
+                    )
+                    found["cut"].append(cut[keep])
                     found["boxes"].append(boxes[keep])
                     found["labels"].append(out["labels"].cpu()[keep])
                     found["scores"].append(out["scores"].float().cpu()[keep])
@@ -363,7 +370,26 @@ def detect_scene(
         return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
     result = {k: torch.cat(v) for k, v in found.items()}
     keep = batched_nms(result["boxes"], result["scores"], result["labels"], iou_threshold)
-    return {k: v[keep] for k, v in result.items()}
+    result = {k: v[keep] for k, v in result.items()}
+    whole = ~_partial_views(result["boxes"], result["labels"], result.pop("cut"))
+    return {k: v[whole] for k, v in result.items()}
+
+
+def _partial_views(boxes: torch.Tensor, labels: torch.Tensor, cut: torch.Tensor, cover: float = 0.7) -> torch.Tensor:
+    """``(N,)`` True for boxes cut by a tile edge that lie mostly (``cover`` of their area) inside a larger box of the
+    same class: the part of an object a tile saw, whose IoU with the whole object (seen by the overlapping tile) can
+    be too low for NMS to merge them."""
+    partial = torch.zeros(len(boxes), dtype=torch.bool)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    for i in cut.nonzero().flatten().tolist():
+        others = (labels == labels[i]) & (area > area[i])
+        if not others.any():
+            continue
+        lt = torch.maximum(boxes[others, :2], boxes[i, :2])
+        rb = torch.minimum(boxes[others, 2:], boxes[i, 2:])
+        inter = (rb - lt).clamp(min=0).prod(1)
+        partial[i] = bool((inter >= cover * area[i]).any())
+    return partial
 
 
 def _counter_clockwise(ring: list[tuple[float, float]]) -> list[tuple[float, float]]:
