@@ -13,7 +13,7 @@ Bases are cached per ``(size, device, dtype)`` because building them costs more 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from typing import Literal
 
@@ -92,11 +92,15 @@ def _transform_axis(x: torch.Tensor, dim: int, inverse: bool, impl: DctImpl) -> 
     return ((basis.T if inverse else basis) @ moved).movedim(-2, dim)
 
 
+def autocast_off(x: torch.Tensor) -> AbstractContextManager:
+    """Autocast switched off on ``x``'s device: under it the spectral GEMMs would run in bf16/fp16 whatever the
+    input dtype. (The meta device used for FLOP counting has no autocast.)"""
+    return torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else nullcontext()
+
+
 def _transform_2d(x: torch.Tensor, inverse: bool, impl: DctImpl) -> torch.Tensor:
     dtype = x.dtype
-    # Under autocast the GEMMs would run in bf16/fp16 whatever the input dtype: switch it off around the transform.
-    # (The meta device used for FLOP counting has no autocast.)
-    with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else nullcontext():
+    with autocast_off(x):
         x = x.to(_compute_dtype(x))
         return _transform_axis(_transform_axis(x, -1, inverse, impl), -2, inverse, impl).to(dtype)
 

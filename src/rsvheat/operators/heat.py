@@ -16,14 +16,13 @@ projections around it are plain GEMMs over ``B*H*W`` rows.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsvheat.operators.dct import DctImpl, _fft_dct_last, dct2d, dct_basis
+from rsvheat.operators.dct import DctImpl, _fft_dct_last, autocast_off, dct2d, dct_basis
 
 
 @lru_cache(maxsize=64)
@@ -71,9 +70,7 @@ def heat_conduct(x: torch.Tensor, filt: torch.Tensor, impl: DctImpl = "auto", ov
     filt = filt.to(x.dtype)
     if impl == "auto":
         impl = "matmul"
-    # Autocast would run the GEMMs below in half precision; the meta device (FLOP counting) has no autocast.
-    no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else nullcontext()
-    with no_autocast:
+    with autocast_off(x):
         if impl == "fft":
             y = _fft_axis(_fft_axis(x, 1, False), 2, False) * filt
             y = _fft_axis(_fft_axis(y, 2, True), 1, True)

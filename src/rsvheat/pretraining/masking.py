@@ -87,9 +87,9 @@ class FrequencyMasking(torch.nn.Module):
         if sector_degrees is not None and not 0 < sector_degrees <= 90:
             raise ValueError(f"sector_degrees must be in (0, 90], got {sector_degrees}")
         most_high = hi if ratio_part == "high" else 1.0 - lo  # the largest share the high part may have to hold
-        if sector_degrees is not None and smallest_sector_share(sector_degrees) < most_high:
+        least = smallest_sector_share(sector_degrees) if sector_degrees is not None else 1.0
+        if least < most_high:
             # Refused here, not at some random step of a long run when a narrow draw cannot hold the ratio.
-            least = smallest_sector_share(sector_degrees)
             raise ValueError(
                 f"a {sector_degrees} degree sector can hold as little as {least:.3f} of "
                 f"the coefficients (when it touches an axis), less than the high part's largest share {most_high:.3f}: "
