@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rsvheat.files import write_atomic
+from rsvheat.files import refuse_existing, write_atomic
 from rsvheat.operators.heat import HeatConduction
 
 #: Default largest accepted ``max |exported - PyTorch| / max |PyTorch|``.
@@ -109,6 +109,14 @@ def fold_constants(model: nn.Module, inputs: Sequence[torch.Tensor]) -> nn.Modul
     return folded
 
 
+def _check_output(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.suffix not in (".onnx", ".pt2"):
+        raise ValueError(f"export to .onnx or .pt2, got {out.name}")
+    refuse_existing(out, overwrite)
+    return out
+
+
 def export_model(
     model: nn.Module,
     out: str | Path,
@@ -126,11 +134,7 @@ def export_model(
     Raises ``FileExistsError`` if ``out`` exists and not ``overwrite`` (before exporting), and
     :class:`ExportMismatchError` if the relative difference exceeds ``tolerance``: ``out`` is then left untouched.
     """
-    out = Path(out)
-    if out.suffix not in (".onnx", ".pt2"):
-        raise ValueError(f"export to .onnx or .pt2, got {out.name}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    out = _check_output(out, overwrite)
     if tolerance < 0:
         raise ValueError(f"the tolerance must be >= 0, got {tolerance}")
     adapter = prepare(model, kind)
@@ -190,11 +194,7 @@ def export_checkpoint(
     stage's features; checked on random inputs of ``size`` (see :func:`export_model`)."""
     import rsvheat
 
-    out = Path(out)
-    if out.suffix not in (".onnx", ".pt2"):
-        raise ValueError(f"export to .onnx or .pt2, got {out.name}")
-    if out.exists() and not overwrite:  # before loading anything
-        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+    out = _check_output(out, overwrite)  # before loading anything
     if len(size) > 2:
         raise ValueError(f"--size takes H or H W, got {list(size)}")
     height, width = (size[0], size[0]) if len(size) == 1 else size[:2]

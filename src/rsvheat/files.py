@@ -10,6 +10,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """The check every command that writes an output makes first: an existing ``path`` is an error unless
+    ``overwrite``."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(temporary_path)`` (same folder and suffix as ``path``), then rename it onto ``path``."""
     path = Path(path)

@@ -47,6 +47,10 @@ class TaskDataModule(pl.LightningDataModule):
         """``(read(i) -> {modality: (C, H, W)}, count, identity)`` of the un-normalised training images."""
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """Where the data is read from, for error messages (subclasses name their folders)."""
+        return type(self).__name__
+
     def collate(self, split: str) -> Callable | None:
         """The loader's ``collate_fn`` for ``split`` (``None``: PyTorch's default, stacking)."""
         return None

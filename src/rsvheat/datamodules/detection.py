@@ -61,9 +61,9 @@ class DetectionDataModule(TaskDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def describe(self, split: str = "train") -> str:
-        """Where ``split`` is read from, for error messages."""
-        return ", ".join(f"{k}={v}" for k, v in (self.specs[split] or {}).items())
+    def describe(self) -> str:
+        """Where the training split (which sets the class list) is read from, for error messages."""
+        return ", ".join(f"{k}={v}" for k, v in (self.specs["train"] or {}).items())
 
     def _dataset(self, split: str, stats: Stats | None, classes=None) -> DetectionDataset:
         s = (stats or {}).get(self.modality, {"mean": [0.0] * self._channels, "std": [1.0] * self._channels})

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rsvheat.data.io import ImageReadError
-from rsvheat.files import replace_together, write_atomic
+from rsvheat.files import refuse_existing, replace_together, write_atomic
 from rsvheat.inference.sliding import blend_weights, tile_starts
 
 #: GDAL's block cache for whole-scene runs (MB). Its default, 5 % of RAM, would grow with the scene's width as
@@ -159,8 +159,7 @@ class Scene:
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
 
 

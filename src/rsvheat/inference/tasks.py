@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rsvheat.files import refuse_existing
 from rsvheat.inference.scene import GDAL_CACHE_MB, Input, Scene, dense_strips, detect_scene, write_dense, write_geojson
 
 
@@ -64,8 +65,8 @@ def predict_scene(
     from rsvheat.trainers import ChangeDetectionTask, DetectionTask, SegmentationTask
 
     for path in (output, probabilities):
-        if path is not None and Path(path).exists() and not overwrite:
-            raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
+        if path is not None:
+            refuse_existing(path, overwrite)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     task, meta = load_task(checkpoint, device)
     modalities = task.modalities

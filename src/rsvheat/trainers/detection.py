@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torchmetrics.detection import MeanAveragePrecision
 
+from rsvheat.datamodules.base import TaskDataModule
 from rsvheat.files import write_atomic
 from rsvheat.models.tasks import faster_rcnn
 from rsvheat.trainers.base import TaskModule
@@ -76,7 +77,7 @@ class DetectionTask(TaskModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "classes"):
-            source = dm.describe("train") if hasattr(dm, "describe") else type(dm).__name__
+            source = dm.describe() if isinstance(dm, TaskDataModule) else type(dm).__name__
             if len(dm.classes) != self.hparams.num_classes:
                 raise ValueError(
                     f"class list mismatch: the model has num_classes={self.hparams.num_classes}, the data "

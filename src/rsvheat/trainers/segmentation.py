@@ -12,6 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from rsvheat.data.io import write_raster
+from rsvheat.datamodules.base import TaskDataModule
 from rsvheat.files import write_atomic
 from rsvheat.inference.sliding import sliding_window
 from rsvheat.models.tasks import SegmentationModel
@@ -90,7 +91,7 @@ class SegmentationTask(TaskModule):
         dm = self.trainer.datamodule
         if dm is None:
             return
-        source = dm.describe() if hasattr(dm, "describe") else type(dm).__name__
+        source = dm.describe() if isinstance(dm, TaskDataModule) else type(dm).__name__
         if getattr(dm, "num_classes", self.hparams.num_classes) != self.hparams.num_classes:
             raise ValueError(
                 f"class list mismatch: the model has num_classes={self.hparams.num_classes}, the data module "
