@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rsvheat.files import write_atomic
-from rsvheat.inference.scene import MIN_TILE, Input, Scene
+from rsvheat.inference.scene import Input, Scene, check_tile
 from rsvheat.inference.sliding import tile_starts
 
 SPATIAL = ("entering", "corrected", "source", "conducted")
@@ -143,8 +143,7 @@ def explain_scene(
     image, out_dir = Path(image), Path(out_dir)
     if modality not in model.modalities:
         raise ValueError(f"the model has no {modality!r} stem (it has {list(model.modalities)})")
-    if tile < MIN_TILE:
-        raise ValueError(f"{image}: tile ({tile}) is smaller than the model's output stride ({MIN_TILE} pixels)")
+    check_tile(tile, image)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty (pass --overwrite to replace its heat maps)")
     out_dir.mkdir(parents=True, exist_ok=True)

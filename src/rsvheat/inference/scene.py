@@ -174,10 +174,15 @@ def _cleanup(*paths: Path) -> None:
                 leftover.unlink()
 
 
+def check_tile(tile: int, name: str | Path) -> None:
+    """A tile must hold at least one output cell of the backbone; ``name``: the raster, for the message."""
+    if tile < MIN_TILE:
+        raise ValueError(f"{name}: tile ({tile}) is smaller than the model's output stride ({MIN_TILE} pixels)")
+
+
 def _windows(scene: Scene, tile: int, overlap: int) -> tuple[int, int, int, list[int], list[int]]:
     height, width = scene.height, scene.width
-    if tile < MIN_TILE:
-        raise ValueError(f"{scene.name}: tile ({tile}) is smaller than the model's output stride ({MIN_TILE} pixels)")
+    check_tile(tile, scene.name)
     if not 0 <= overlap < tile:
         raise ValueError(f"{scene.name}: the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
     th, tw = min(tile, height), min(tile, width)
