@@ -83,7 +83,7 @@ def main() -> None:
         fit_seconds = rsvheat("fit", *common)
         rsvheat("test", *common, "--ckpt_path", "last")
         images, epochs = train_images(task, config), config["trainer"]["max_epochs"]
-        scores = {k: logged(root, k)[-1] for k in METRICS[task] if logged(root, k)}
+        scores = {k: values[-1] for k in METRICS[task] if (values := logged(root, k))}
         rows.append(
             {
                 "task": task,
