@@ -273,6 +273,157 @@ def test_segmentation_label_map_whu_opt_sar(tmp_path):
         SegmentationDataModule(root, root, num_classes=6, palette="isprs", reduce_zero_label=True)
 
 
+def predict_run(task, dm, out):
+    """``rsvheat predict`` without the CLI: the data module's predict split through the task's ``write_batch``."""
+    import lightning.pytorch as pl
+
+    from rsvheat.trainers.base import PredictionWriter
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[PredictionWriter(str(out))],
+    )
+    trainer.predict(task, dm, return_predictions=False)
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def test_segmentation_nested_folders_same_file_name_are_distinct_samples_and_predictions(tmp_path):
+    # the reliability issue's case: images/a/tile.tif and images/b/tile.tif were grouped by stem, 3 outputs for 4 inputs
+    root = tmp_path / "scene"
+    for sub, i in (("a", 0), ("b", 1), ("", 2)):
+        labels = np.full((32, 32), i, np.uint8)
+        write(root / "images" / sub / "tile.tif", ramp(3, 32, 32) + 40 * i)
+        write(root / "masks" / sub / "tile.png", labels[None])  # partners sit at the same relative path, any format
+    write(root / "images" / "other.tif", ramp(3, 32, 32))
+    write(root / "masks" / "other.png", np.zeros((1, 32, 32), np.uint8))
+    stats = {"optical": {"mean": [0] * 3, "std": [1] * 3}}
+    dm = SegmentationDataModule(str(root), str(root), num_classes=3, predict_root=str(root), stats=stats, num_workers=0)
+    dm.setup("validate")
+    val = dm.datasets["val"]
+    names = [val[i]["name"] for i in range(len(val))]
+    assert names == ["a/tile", "b/tile", "other", "tile"]  # top-level files keep their bare stem
+    # each image got its own mask: a/tile's mask is all 0, b/tile's all 1
+    assert [int(val[i]["mask"].unique().item()) for i in range(2)] == [0, 1]
+    # the predictions mirror the sub-folders: no output overwrites another
+    from rsvheat.trainers import SegmentationTask
+
+    torch.manual_seed(0)
+    task = SegmentationTask(num_classes=3, img_size=32, decoder_width=16, eval_tile=32, eval_overlap=0, **MICRO)
+    written = predict_run(task, dm, tmp_path / "predictions")
+    assert written == ["a/tile.tif", "b/tile.tif", "other.tif", "tile.tif"]
+
+
+def test_prediction_path_mirrors_sub_folders_and_stays_inside():
+    from pathlib import Path
+
+    from rsvheat.datamodules.base import prediction_path
+
+    out = Path("/out")
+    assert prediction_path(out, "tile", "/in/tile.TIF") == out / "tile.tif"  # flat: unchanged
+    assert prediction_path(out, "a/tile", "/in/a/tile.jpg") == out / "a" / "tile.png"
+    assert prediction_path(out, "b/tile.v2", "/in/b/tile.v2.tif") == out / "b" / "tile.v2.tif"  # dots kept
+    for bad in ("../tile", "/abs/tile", ""):
+        with pytest.raises(ValueError, match="not a path inside the output folder"):
+            prediction_path(out, bad, "/in/tile.tif")
+
+
+def test_same_name_with_two_extensions_is_refused_naming_both(tmp_path):
+    root = tmp_path / "seg"
+    one_tile(root, np.zeros((8, 8)), name="x")
+    write(root / "images" / "x.png", ramp(3, 8, 8))  # x.png beside x.tif: one of them used to be dropped
+    with pytest.raises(ImageReadError, match=r"images/x\.png and .*images/x\.tif both give the sample name 'x'"):
+        SegmentationDataModule(str(root), str(root), num_classes=3, num_workers=0).setup("fit")
+    # the predict split (images only) and the change-detection pairs are matched the same way
+    with pytest.raises(ValueError, match=r"x\.png and .*x\.tif both give the sample name 'x'"):
+        stats = {"optical": {"mean": [0] * 3, "std": [1] * 3}}
+        SegmentationDataModule(
+            str(root), str(root), num_classes=3, predict_root=str(root), stats=stats, num_workers=0
+        ).setup("predict")
+    levir(tmp_path / "cd", n=1)
+    write(tmp_path / "cd" / "B" / "p0.tif", ramp(3, 48, 48))
+    with pytest.raises(ImageReadError, match=r"B/p0\.png and .*B/p0\.tif both give the sample name 'p0'"):
+        ChangeDetectionDataModule(str(tmp_path / "cd"), str(tmp_path / "cd"), num_workers=0).setup("fit")
+
+
+def test_mask_in_a_sub_folder_matches_its_image_and_a_flat_one_does_not(tmp_path):
+    root = tmp_path / "seg"
+    write(root / "images" / "a" / "tile_RGB.tif", ramp(3, 16, 16))
+    write(root / "masks" / "a" / "tile_label.png", np.ones((1, 16, 16), np.uint8))
+    kwargs = dict(num_classes=3, image_suffix="_RGB", mask_suffix="_label", num_workers=0)
+    stats = {"optical": {"mean": [0] * 3, "std": [1] * 3}}
+    dm = SegmentationDataModule(str(root), str(root), stats=stats, **kwargs)
+    dm.setup("validate")
+    sample = dm.datasets["val"][0]
+    assert sample["name"] == "a/tile_RGB" and sample["mask"].unique().tolist() == [1]  # the name keeps the suffix
+    # a mask at the top level no longer partners a nested image: the error says where it was looked for
+    (root / "masks" / "a" / "tile_label.png").rename(root / "masks" / "tile_label.png")
+    with pytest.raises(
+        ImageReadError,
+        match=r"a/tile_RGB\.tif: no mask file named like it .*looked for 'a/tile'.*"
+        r"masks/tile_label\.png has that file name in another sub-folder",
+    ):
+        SegmentationDataModule(str(root), str(root), stats=stats, **kwargs).setup("validate")
+
+
+def test_voc_annotations_mirror_nested_image_folders(tmp_path):
+    root = tmp_path / "det"
+    for sub, box in (("a", ("ship", 5, 5, 20, 20)), ("b", ("ship", 30, 30, 50, 50))):
+        write(root / "images" / sub / "x.jpg", ramp(3, 64, 64))
+        write_voc(root / "annotations" / sub / "x.xml", "x.jpg", (64, 64), [box])
+    spec = {"images": str(root / "images"), "annotations": str(root / "annotations")}
+    dm = DetectionDataModule(spec, spec, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}})
+    dm.setup("validate")
+    boxes = [dm.datasets["val"][i][1]["boxes"].tolist() for i in range(2)]
+    assert boxes == [[[4, 4, 20, 20]], [[29, 29, 50, 50]]]  # each image its own XML, not one XML for both
+    # nested images with a flat XML of the same stem: ambiguous, refused rather than read as negatives
+    (root / "annotations" / "a" / "x.xml").rename(root / "annotations" / "x.xml")
+    with pytest.raises(ImageReadError, match=r"a/x\.jpg: its annotation is looked for at .*annotations/a/x\.xml"):
+        DetectionDataModule(spec, spec, num_workers=0)
+
+
+def test_float_masks_refuse_fractions_and_accept_integer_values(tmp_path):
+    stats = {"optical": {"mean": [0] * 3, "std": [1] * 3}}
+    root = tmp_path / "seg"
+    write(root / "images" / "t0.tif", ramp(3, 6, 5))
+    mask = np.array([[0, 1, 2, 1, 0]] * 6, np.float32)
+    write(root / "masks" / "t0.tif", mask[None])  # a float32 TIFF of integer values: fine
+    dm = SegmentationDataModule(str(root), str(root), num_classes=3, stats=stats, num_workers=0)
+    dm.setup("validate")
+    loaded = dm.datasets["val"][0]["mask"]
+    assert loaded.dtype == torch.long and loaded.tolist() == mask.astype(int).tolist()
+    mask[4, 3] = 0.9  # used to become class 0
+    write(root / "masks" / "t0.tif", mask[None])
+    with pytest.raises(ImageReadError, match=r"masks/t0\.tif: label value 0\.9 at \(row 4, col 3\) is not an integer"):
+        dm.datasets["val"][0]
+    # change masks: 255.0 in a float TIFF is "changed", 0.9 is refused the same way
+    root = tmp_path / "cd"
+    for key in ("A", "B"):
+        write(root / key / "p0.tif", ramp(3, 6, 5))
+    change = np.zeros((1, 6, 5), np.float32)
+    change[0, 1:3, 2:4] = 255.0
+    write(root / "label" / "p0.tif", change)
+    dm = ChangeDetectionDataModule(str(root), str(root), num_workers=0, stats={"optical": stats["optical"]})
+    dm.setup("validate")
+    assert int(dm.datasets["val"][0]["mask"].sum()) == 4
+    change[0, 5, 0] = 0.9
+    write(root / "label" / "p0.tif", change)
+    with pytest.raises(ImageReadError, match=r"label/p0\.tif: label value 0\.9 at \(row 5, col 0\)"):
+        dm.datasets["val"][0]
+
+
+def test_images_under_a_hidden_parent_folder_are_listed(tmp_path):
+    from rsvheat.data.io import list_images
+
+    root = tmp_path / ".datasets" / "seg"  # e.g. a dataset kept in ~/.cache: only hidden parts below root are skipped
+    write(root / "tile.tif", ramp(3, 4, 4))
+    write(root / ".hidden" / "tile.tif", ramp(3, 4, 4))
+    assert list_images(root) == [root / "tile.tif"]
+
+
 # -- change detection -------------------------------------------------------------------------------------------------
 
 

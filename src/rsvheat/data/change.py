@@ -1,5 +1,7 @@
 """Change detection data in the LEVIR-CD layout: ``root/A/<name>``, ``root/B/<name>`` (the two dates) and
 ``root/label/<name>`` (binary masks stored as 0/255, or 0/1), usually once per split: ``root/{train,val,test}``.
+``<name>`` is the path relative to the date's folder without the extension, so sub-folders are allowed as long as the
+three folders mirror them (``A/site1/p0.png`` ↔ ``B/site1/p0.tif`` ↔ ``label/site1/p0.png``).
 
 Every A/B pair is checked at construction: the same size, and when both are georeferenced, the same CRS and
 transform; a mismatch raises an error naming both files (resample one onto the other's grid first, e.g. with
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsvheat.data.io import ImageReadError, read_image
+from rsvheat.data.io import ImageReadError, image_key, integer_labels, read_image
 from rsvheat.data.segmentation import match_files
 from rsvheat.data.transforms import crop_and_flip, normalise
 
@@ -66,6 +68,7 @@ class ChangeDetectionFolder(Dataset):
         root = Path(root)
         a, b, label = folders
         self.records = match_files({"A": root / a, "B": root / b, "label": root / label}, {}, ["A", "B", "label"])
+        self.before_root = root / a
         for record in self.records:
             check_same_grid(record["A"], record["B"])
             check_same_grid(record["A"], record["label"])
@@ -81,9 +84,10 @@ class ChangeDetectionFolder(Dataset):
 
     def read_mask(self, index: int) -> np.ndarray:
         path = self.records[index]["label"]
-        mask = read_image(path)[0]
+        # fractional values are refused first, with their position: 0.9 is neither "changed" nor "unchanged"
+        mask = integer_labels(read_image(path)[0], path)
         values = set(np.unique(mask).tolist())
-        if not values <= {0.0, 255.0} and not values <= {0.0, 1.0}:
+        if not values <= {0, 255} and not values <= {0, 1}:
             raise ImageReadError(f"{path}: a change mask holds 0/255 (or 0/1), found values {sorted(values)[:6]}")
         return (mask > 0).astype(np.int64)
 
@@ -95,5 +99,5 @@ class ChangeDetectionFolder(Dataset):
             "mask": torch.from_numpy(self.read_mask(index)),
         }
         sample = crop_and_flip(sample, self.crop_size if self.train else None, self.train)
-        sample["name"] = self.records[index]["A"].stem
+        sample["name"] = image_key(self.records[index]["A"], self.before_root)  # sub-folders kept: names stay distinct
         return sample

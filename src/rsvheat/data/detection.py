@@ -1,10 +1,12 @@
 """Object detection data (horizontal boxes): Pascal VOC XML, as DIOR is distributed, and COCO JSON.
 
 * VOC: ``images/<name>.<ext>`` and ``annotations/<name>.xml`` (DIOR: ``JPEGImages-trainval`` and
-  ``Annotations/Horizontal Bounding Boxes``); an optional ``ids`` file (VOC ``ImageSets/Main/train.txt``: one name per
-  line) restricts the images. An XML without objects is a valid negative; an image without an XML is one too, as long
-  as the annotation folder holds XMLs for other images (a missing or XML-less folder is an error: a mistyped path
-  would otherwise train on negatives only), and their number is reported in a warning.
+  ``Annotations/Horizontal Bounding Boxes``), ``<name>`` being the image's path relative to the image folder without
+  the extension (``images/a/x.jpg`` ↔ ``annotations/a/x.xml``; two images of one name, ``x.jpg`` beside ``x.png``, are
+  refused); an optional ``ids`` file (VOC ``ImageSets/Main/train.txt``: one name per line) restricts the images. An
+  XML without objects is a valid negative; an image without an XML is one too, as long as the annotation folder holds
+  XMLs for other images (a missing or XML-less folder is an error: a mistyped path would otherwise train on negatives
+  only), and their number is reported in a warning.
 * COCO: one JSON with ``images``, ``annotations`` (``bbox`` = x, y, w, h in pixels) and ``categories``.
 
 Boxes are returned as ``(x1, y1, x2, y2)`` in torchvision's convention: 0-based, continuous pixel coordinates, the box
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsvheat.data.io import IMAGE_SUFFIXES, ImageReadError, image_header, list_images, read_image
+from rsvheat.data.io import IMAGE_SUFFIXES, ImageReadError, image_header, images_by_key, read_image
 from rsvheat.data.transforms import normalise
 
 # One image's annotation: class names and (N, 4) boxes (x1, y1, x2, y2), 0-based continuous pixel coordinates.
@@ -71,22 +73,34 @@ Item = tuple[Path, Annotation, str]
 def load_voc(images: Path, annotations: Path, ids: Path | None = None) -> list[Item]:
     """One item per image of ``images`` (restricted to the names listed in ``ids``), annotated by
     ``annotations/<name>.xml``. Images without an XML are negatives, but only when the folder annotates other
-    images: a missing folder, a folder without any XML, or one with no XML for any of these images raises."""
-    files = list_images(images)
+    images: a missing folder, a folder without any XML, or one with no XML for any of these images raises.
+
+    ``<name>`` is the image's path relative to ``images`` without extension (its stem at the top level), so nested
+    image folders need the same sub-folders of XMLs; ``ids`` lists these names."""
+    # keyed by relative path: a/x.jpg and b/x.jpg are two images with two XMLs, x.jpg beside x.png is refused
+    named = images_by_key(images)
     if ids is not None:
         wanted = {line.strip() for line in Path(ids).read_text().splitlines() if line.strip()}
-        files = [f for f in files if f.stem in wanted]
+        named = {name: f for name, f in named.items() if name in wanted}
+    files = list(named.values())
     if not files:
         raise ValueError(f"no images in {images}" + (f" listed in {ids}" if ids else ""))
     if not annotations.is_dir():
         raise FileNotFoundError(f"annotation folder not found: {annotations}")
-    if next(annotations.glob("*.xml"), None) is None:
+    if next(annotations.rglob("*.xml"), None) is None:
         raise ValueError(f"{annotations}: no VOC XML files in the annotation folder (expected <image name>.xml)")
     items, unannotated = [], 0
-    for f in files:
-        xml = annotations / f"{f.stem}.xml"
+    for name, f in named.items():
+        xml = annotations / f"{name}.xml"
         if xml.is_file():
             items.append((f, parse_voc(xml), str(xml)))
+        elif name != f.stem and (annotations / f"{f.stem}.xml").is_file():
+            # the layout the stem matching used to accept (nested images, flat XMLs): taking the flat XML could give
+            # a/x.jpg the boxes of b/x.jpg, and treating the image as a negative would drop its boxes silently
+            raise ImageReadError(
+                f"{f}: its annotation is looked for at {xml}, but only {annotations / f'{f.stem}.xml'} exists: the "
+                "annotation folder must mirror the image sub-folders"
+            )
         else:
             unannotated += 1
             items.append((f, ([], np.zeros((0, 4), np.float32)), str(xml)))

@@ -5,12 +5,13 @@ Everything goes through rasterio (GDAL), which reads GeoTIFF, TIFF, PNG and JPEG
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from rsvheat.files import write_atomic
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -20,15 +21,75 @@ class ImageReadError(ValueError):
 
 
 def list_images(root: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """All image files under ``root`` (recursive, sorted, hidden files skipped); error if the folder is missing."""
+    """All image files under ``root`` (recursive, sorted, hidden files and folders below ``root`` skipped); error if
+    the folder is missing."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
+    # only the parts below root count as hidden: a dataset kept under e.g. ~/.cache must not look empty
     return sorted(
         p
         for p in root.rglob("*")
-        if p.suffix.lower() in suffixes and p.is_file() and not any(part.startswith(".") for part in p.parts)
+        if p.suffix.lower() in suffixes
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
+
+
+def image_key(path: Path, root: Path, suffix: str = "") -> str:
+    """The sample name of ``path`` in the folder ``root``: its path relative to ``root`` without the file extension,
+    ``/``-separated, with ``suffix`` (e.g. Potsdam's ``_RGB``) removed from the end of the file name.
+
+    ``root/a/tile_RGB.tif`` -> ``"a/tile"`` with ``suffix="_RGB"``; files at the top level keep their bare stem
+    (``root/tile.tif`` -> ``"tile"``), so flat folders are named as they always were.
+    """
+    rel = Path(path).relative_to(root)
+    stem = rel.stem
+    if suffix and stem.endswith(suffix):
+        stem = stem[: -len(suffix)]
+    parent = rel.parent.as_posix()
+    # string join, not Path: a stem left empty by the suffix must not collapse into its folder's name
+    return stem if parent == "." else f"{parent}/{stem}"
+
+
+def images_by_key(root: str | Path, suffix: str = "") -> dict[str, Path]:
+    """``{image_key: path}`` of every image under ``root`` (see :func:`image_key`).
+
+    Two files with the same key (``x.png`` beside ``x.tif``, or ``x.tif`` and ``x.tiff``) raise
+    :class:`ImageReadError` naming both: keeping either would silently drop the other, and their partners in other
+    folders (masks, SAR, the second date) or their predictions could not tell them apart.
+    """
+    root = Path(root)
+    found: dict[str, Path] = {}
+    for path in list_images(root):
+        key = image_key(path, root, suffix)
+        if key in found:
+            how = f" once {suffix!r} is removed" if suffix else ""
+            raise ImageReadError(
+                f"{found[key]} and {path} both give the sample name {key!r}{how} (file names are matched without "
+                "their extension): keep one of them"
+            )
+        found[key] = path
+    return found
+
+
+def integer_labels(values: np.ndarray, path: str | Path) -> np.ndarray:
+    """``(H, W)`` or ``(C, H, W)`` label values read as float -> the same shape as int64.
+
+    Masks are read through :func:`read_image` (float32), so a float mask holding 0.9 would otherwise be truncated to
+    class 0. Integer-valued floats (3.0 in a float32 TIFF) are accepted; any other value raises
+    :class:`ImageReadError` naming the file, an example value and where it is.
+    """
+    fraction = values != np.round(values)
+    if fraction.any():
+        where = np.argwhere(fraction)[0]
+        value = float(values[tuple(where)])
+        position = f"row {where[-2]}, col {where[-1]}" + (f", band {where[0] + 1}" if values.ndim == 3 else "")
+        raise ImageReadError(
+            f"{path}: label value {value:g} at ({position}) is not an integer ({int(fraction.sum())} such pixel(s)); "
+            "masks hold class ids, not probabilities or resampled values (resample masks with nearest neighbour)"
+        )
+    return values.astype(np.int64)
 
 
 def read_image(
@@ -119,16 +180,12 @@ def write_raster(
         profile.update(compress="deflate", tiled=data.shape[1] >= 256 and data.shape[2] >= 256)
     if nodata is not None:
         profile["nodata"] = nodata
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
+
+    def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(tmp, "w", **profile) as dst:
                 dst.write(data)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".aux.xml")):
-            if leftover.exists():
-                leftover.unlink()
+
+    write_atomic(path, write)
     return path

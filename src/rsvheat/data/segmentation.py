@@ -12,9 +12,10 @@ reading, so the files stay as distributed:
 * ``label_map={raw value: class id}`` (WHU-OPT-SAR: ``{10: 0, 20: 1, ..., 70: 6}``): every value not in the map
   (WHU-OPT-SAR's 0 background) becomes ``ignore_index``.
 
-Names are matched after removing ``image_suffix`` / ``mask_suffix`` / ``sar_suffix`` from the file stems, e.g.
-Potsdam ``top_potsdam_2_10_RGB.tif`` ↔ ``top_potsdam_2_10_label.tif`` with ``image_suffix="_RGB"``,
-``mask_suffix="_label"``.
+Files are matched by their path relative to their folder, without the extension and after removing
+``image_suffix`` / ``mask_suffix`` / ``sar_suffix`` from the file name, e.g. Potsdam ``top_potsdam_2_10_RGB.tif`` ↔
+``top_potsdam_2_10_label.tif`` with ``image_suffix="_RGB"``, ``mask_suffix="_label"``; ``images/a/tile.tif`` ↔
+``masks/a/tile.png``, and ``images/b/tile.tif`` is another sample (see :func:`match_files`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsvheat.data.io import ImageReadError, image_header, list_images, read_image
+from rsvheat.data.io import ImageReadError, image_header, image_key, images_by_key, integer_labels, read_image
 from rsvheat.data.transforms import crop_and_flip, normalise
 
 # ISPRS Potsdam / Vaihingen: impervious surfaces, building, low vegetation, tree, car, clutter.
@@ -34,15 +35,19 @@ ISPRS_CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "ca
 ISPRS_PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
 
 
-def _key(path: Path, suffix: str) -> str:
-    stem = path.stem
-    return stem[: -len(suffix)] if suffix and stem.endswith(suffix) else stem
-
-
 def match_files(folders: dict[str, Path], suffixes: dict[str, str], required: Sequence[str]) -> list[dict[str, Path]]:
-    """Group files of several folders by name (stem minus the folder's suffix). Every name of the first folder must
-    have a partner in each other folder: an error names the file without one."""
-    listed = {k: {_key(p, suffixes.get(k, "")): p for p in list_images(folder)} for k, folder in folders.items()}
+    """Group the files of several folders into samples, one per file of the first folder, sorted by name.
+
+    A file's name is its path relative to its folder without the extension, minus the folder's suffix in
+    ``suffixes`` (:func:`~rsvheat.data.io.image_key`): ``images/a/tile.tif`` and ``images/b/tile.tif`` are two samples
+    (``"a/tile"``, ``"b/tile"``), partnered by ``masks/a/tile.png`` and ``masks/b/tile.png``. Two files of one folder
+    with the same name (``x.png`` beside ``x.tif``) raise naming both; a file of the first folder without a partner in
+    a ``required`` folder raises naming it.
+
+    Returns:
+        ``[{folder key: path}]``, every ``required`` key present in every record.
+    """
+    listed = {k: images_by_key(folder, suffixes.get(k, "")) for k, folder in folders.items()}
     first = next(iter(folders))
     if not listed[first]:
         raise ValueError(f"no images in {folders[first]}")
@@ -54,11 +59,22 @@ def match_files(folders: dict[str, Path], suffixes: dict[str, str], required: Se
                 continue
             if name not in listed[k]:
                 if k in required:
-                    raise ImageReadError(f"{path}: no {k} file named like it in {folders[k]}")
+                    raise ImageReadError(f"{path}: no {k} file named like it in {folders[k]}{_hint(name, k, listed)}")
                 continue
             record[k] = listed[k][name]
         records.append(record)
     return records
+
+
+def _hint(name: str, k: str, listed: dict[str, dict[str, Path]]) -> str:
+    """What the error of a missing partner adds: the name looked for, and a file of the same name in another
+    sub-folder (partners used to be matched by file name alone: a flat mask folder beside nested images)."""
+    base = name.rsplit("/", 1)[-1]
+    elsewhere = [p for key, p in listed[k].items() if key.rsplit("/", 1)[-1] == base]
+    hint = f" (looked for {name!r} relative to the folder, any image extension)"
+    if elsewhere:
+        hint += f"; {elsewhere[0]} has that file name in another sub-folder: partners need the same relative path"
+    return hint
 
 
 def rgb_to_index(
@@ -160,6 +176,7 @@ class SegmentationFolder(Dataset):
             folders["sar"] = Path(sar)
         suffixes = {"optical": image_suffix, "mask": mask_suffix, "sar": sar_suffix}
         self.records = match_files(folders, suffixes, required=list(folders))
+        self.image_root = folders["optical"]
         for record in self.records:
             sizes = {k: image_header(p)[1:] for k, p in record.items()}
             if len(set(sizes.values())) > 1:
@@ -183,8 +200,10 @@ class SegmentationFolder(Dataset):
         path = self.records[index]["mask"]
         raw = read_image(path)
         if self.palette is not None:
+            # a fractional colour (a float or resampled mask) would otherwise be truncated onto a palette colour
+            integer_labels(raw[:3], path)
             return rgb_to_index(raw, self.palette, self.ignore_colors, self.ignore_index, path)
-        stored = raw[0].astype(np.int64)
+        stored = integer_labels(raw[0], path)
         if self.label_map is not None:
             # every class id of the map is valid (checked at construction): nothing left to check
             return remap_labels(stored, self.label_map, self.ignore_index)
@@ -203,5 +222,7 @@ class SegmentationFolder(Dataset):
         sample = {m: normalise(x, **self.stats[m]) for m, x in self.read_raw(index).items()}
         sample["mask"] = torch.from_numpy(self.read_mask(index))
         sample = crop_and_flip(sample, self.crop_size if self.train else None, self.train)
-        sample["name"] = self.records[index]["optical"].stem
+        # the image's path relative to the image folder, without extension: tiles of the same file name in different
+        # sub-folders keep distinct names (and distinct prediction files)
+        sample["name"] = image_key(self.records[index]["optical"], self.image_root)
         return sample

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rsvheat.data.io import read_image
+from rsvheat.data.io import image_key, read_image
 from rsvheat.data.stats import Stats, band_stats, check_stats
 from rsvheat.data.transforms import normalise
 
@@ -101,9 +101,27 @@ class TaskDataModule(pl.LightningDataModule):
         return self._loader("predict", False)
 
 
+def prediction_path(out_dir: str | Path, name: str, source: str | Path) -> Path:
+    """Where the map predicted for the input file ``source`` is written: ``out_dir/<name>.tif`` for a TIFF source (it
+    keeps the georeferencing), ``out_dir/<name>.png`` otherwise.
+
+    ``name`` is the sample's name (its path relative to the input folder, without extension, ``/``-separated), so
+    sub-folders of the input are mirrored in ``out_dir``: ``a/tile.tif`` and ``b/tile.tif`` never overwrite each
+    other. A name that would leave ``out_dir`` (absolute, or holding ``..``) raises.
+    """
+    rel = PurePosixPath(name)
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"prediction name {name!r} (of {source}) is not a path inside the output folder")
+    suffix = ".tif" if Path(source).suffix.lower() in (".tif", ".tiff") else ".png"
+    # appended, not with_suffix: a name such as "tile.v2" keeps its dot
+    return Path(out_dir, *rel.parent.parts, rel.name + suffix)
+
+
 class UnlabelledImages(Dataset):
     """Images to predict: ``{"<key>": (C, H, W), ..., "name": str, "path": str}`` from one folder per key (e.g.
-    ``{"image": dir}``, ``{"optical": dir, "sar": dir}`` or ``{"before": A, "after": B}``), matched by file name."""
+    ``{"image": dir}``, ``{"optical": dir, "sar": dir}`` or ``{"before": A, "after": B}``), matched by the path
+    relative to the folder (see :func:`~rsvheat.data.segmentation.match_files`). ``name`` is that relative path of
+    the first folder's file without extension (the file's stem at the top level), ``path`` the file itself."""
 
     def __init__(
         self,
@@ -116,6 +134,7 @@ class UnlabelledImages(Dataset):
         from rsvheat.data.segmentation import match_files
 
         self.records = match_files({k: Path(v) for k, v in folders.items()}, {}, list(folders))
+        self.first_root = Path(next(iter(folders.values())))
         self.modality_of = dict(modality_of or {k: k for k in folders})
         self.channels, self.stats, self.bands = channels, stats, dict(bands or {})
 
@@ -130,5 +149,5 @@ class UnlabelledImages(Dataset):
             raw = read_image(path, self.bands.get(modality), self.channels[modality])
             sample[key] = normalise(raw, **self.stats[modality])
         first = next(iter(record.values()))
-        sample.update(name=first.stem, path=str(first))
+        sample.update(name=image_key(first, self.first_root), path=str(first))
         return sample

@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, BinaryPrecision, BinaryRecall
 
 from rsvheat.data.io import write_raster
+from rsvheat.datamodules.base import prediction_path
 from rsvheat.inference.sliding import sliding_window
 from rsvheat.models.tasks import ChangeDetectionModel
 from rsvheat.trainers.base import TaskModule
@@ -119,5 +120,4 @@ class ChangeDetectionTask(TaskModule):
 
     def write_batch(self, prediction, out_dir: Path) -> None:
         for change, path, name in zip(prediction["change"], prediction["path"], prediction["name"], strict=True):
-            suffix = ".tif" if Path(path).suffix.lower() in (".tif", ".tiff") else ".png"
-            write_raster(Path(out_dir) / f"{name}{suffix}", change.numpy().astype(np.uint8) * 255, like=path)
+            write_raster(prediction_path(out_dir, name, path), change.numpy().astype(np.uint8) * 255, like=path)

@@ -12,7 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from rsvheat.data.io import write_raster
-from rsvheat.datamodules.base import TaskDataModule
+from rsvheat.datamodules.base import TaskDataModule, prediction_path
 from rsvheat.files import write_atomic
 from rsvheat.inference.sliding import sliding_window
 from rsvheat.models.tasks import SegmentationModel
@@ -152,5 +152,4 @@ class SegmentationTask(TaskModule):
     def write_batch(self, prediction, out_dir: Path) -> None:
         for labels, path, name in zip(prediction["labels"], prediction["path"], prediction["name"], strict=True):
             dtype = np.uint8 if self.hparams.num_classes <= 255 else np.uint16
-            suffix = ".tif" if Path(path).suffix.lower() in (".tif", ".tiff") else ".png"
-            write_raster(Path(out_dir) / f"{name}{suffix}", labels.numpy().astype(dtype), like=path)
+            write_raster(prediction_path(out_dir, name, path), labels.numpy().astype(dtype), like=path)
