@@ -86,7 +86,7 @@ def test_explain_cli_with_random_weights(tmp_path, capsys):
     assert refused.value.code == 2 and f"{out} is not empty (pass --overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["explain", str(path), "--out", str(tmp_path / "small"), "--bands", "3,2,1", "--tile", "16"])
-    assert f"error: {path}: tile (16) is smaller than the model's output stride" in capsys.readouterr().err
+    assert "error: argument --tile: must be at least 32, got 16" in capsys.readouterr().err
 
 
 def test_explain_overwrite_replaces_the_figures_of_an_earlier_run(tmp_path):

@@ -61,9 +61,47 @@ def _explain(args: argparse.Namespace) -> None:
 
 def _bands(text: str) -> list[int]:
     try:
-        return [int(b) for b in text.split(",")]
+        bands = [int(b) for b in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"bands are 1-based integers separated by commas, got {text!r}") from None
+    if min(bands) < 1:
+        raise argparse.ArgumentTypeError(f"bands are 1-based (the first band is 1), got {text!r}")
+    return bands
+
+
+def _at_least(low: int | float, kind: type = int):
+    """An argparse ``type``: a number of ``kind`` that is at least ``low`` (checked before anything runs)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
+
+
+#: Image sizes: the backbone downsamples by 32.
+_SIZE = _at_least(32)
+_COUNT = _at_least(1)
+
+
+def _guarded(command: str, run, *args) -> None:
+    """Run ``run(*args)``; a user-fixable error (``ValueError``, ``OSError``) ends the process with one line and exit
+    status 2, or with its traceback when ``RSVHEAT_DEBUG`` is set."""
+    try:
+        run(*args)
+    except (ValueError, OSError) as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"rsvheat {command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,12 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
     demo.add_argument("--image", type=Path, default=None, help="a GeoTIFF of your own instead of the embedded scene")
     demo.add_argument("--train-root", type=Path, default=None, help="your segmentation data (train/, val/ folders)")
-    demo.add_argument("--num-classes", type=int, default=None, help="classes of --train-root")
+    demo.add_argument("--num-classes", type=_at_least(2), default=None, help="classes of --train-root")
     demo.add_argument("--model", default="rsvheat_tiny", help="variant (default rsvheat_tiny)")
     demo.add_argument("--weights", type=Path, default=None, help="an encoder to fine-tune instead of pre-training")
-    demo.add_argument("--pretrain-steps", type=int, default=120, help="pre-training steps (default 120)")
-    demo.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs (default 12)")
-    demo.add_argument("--bench-size", type=int, default=512, help="image size of the speed comparison")
+    demo.add_argument("--pretrain-steps", type=_COUNT, default=120, help="pre-training steps (default 120)")
+    demo.add_argument("--epochs", type=_COUNT, default=12, help="fine-tuning epochs (default 12)")
+    demo.add_argument("--bench-size", type=_SIZE, default=512, help="image size of the speed comparison")
     demo.add_argument(
         "--overwrite",
         action="store_true",
@@ -91,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
 
     info = sub.add_parser("info", help="parameters and GMACs of a variant in both counting conventions")
     info.add_argument("--model", default="rsvheat_base")
-    info.add_argument("--img-size", type=int, default=224)
-    info.add_argument("--num-classes", type=int, default=0)
+    info.add_argument("--img-size", type=_SIZE, default=224)
+    info.add_argument("--num-classes", type=_at_least(0), default=0)
 
     sub.add_parser("bench", help="efficiency benchmark vs Swin / ViT / official structure (see --help)", add_help=False)
     sub.add_parser("pretrain", help="self-supervised pre-training (LightningCLI: --config, see --help)", add_help=False)
@@ -100,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         sub.add_parser(command, help=f"downstream tasks: {command} (--config, see --help)", add_help=False)
     samples = sub.add_parser("make-samples", help="write small task datasets cut from the embedded Landsat scene")
     samples.add_argument("out", type=Path, nargs="?", default=Path("data/samples"), help="default data/samples")
+    samples.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty folder that make-samples did not write (its classification/, segmentation/, "
+        "change/, detection/ subfolders are replaced; nothing else is touched)",
+    )
     scene = sub.add_parser(
         "predict-scene",
         help="run a fine-tuned checkpoint over whole GeoTIFF scenes (tiled, bounded memory, georeferenced output)",
@@ -114,9 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     scene.add_argument("-o", "--output", type=Path, required=True, help="class/change map .tif, or boxes .geojson")
     scene.add_argument("--probabilities", type=Path, default=None, help="also write per-class probabilities (.tif)")
     scene.add_argument("--bands", type=_bands, nargs="+", default=None, help="1-based bands per image, e.g. 3,2,1")
-    scene.add_argument("--tile", type=int, default=512, help="tile size in pixels (default 512)")
-    scene.add_argument("--overlap", type=int, default=None, help="overlap between tiles (default tile / 4)")
-    scene.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    scene.add_argument("--tile", type=_SIZE, default=512, help="tile size in pixels (default 512)")
+    scene.add_argument("--overlap", type=_at_least(0), default=None, help="overlap between tiles (default tile / 4)")
+    scene.add_argument("--batch-size", type=_COUNT, default=4, help="tiles per forward pass (default 4)")
     scene.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     scene.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     scene.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
@@ -127,23 +171,23 @@ def main(argv: list[str] | None = None) -> None:
     explain.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
     explain.add_argument("--weights", type=Path, default=None, help="or backbone weights (.safetensors, official .pth)")
     explain.add_argument("--model", default="rsvheat_tiny", help="variant for --weights or random init")
-    explain.add_argument("--channels", type=int, default=None, help="bands of the stem (default: the image's)")
+    explain.add_argument("--channels", type=_COUNT, default=None, help="bands of the stem (default: the image's)")
     explain.add_argument("--bands", type=_bands, default=None, help="1-based bands to read, e.g. 4,3,2")
-    explain.add_argument("--tile", type=int, default=1024, help="scenes larger than this are explained per tile")
+    explain.add_argument("--tile", type=_SIZE, default=1024, help="scenes larger than this are explained per tile")
     explain.add_argument("--overwrite", action="store_true", help="replace the heat maps in a non-empty --out")
     onnx = sub.add_parser(
         "export", help="export a folded backbone or a task model to ONNX (.onnx) or torch.export (.pt2)"
     )
     onnx.add_argument("out", type=Path, help="output file: .onnx (checked with ONNX Runtime) or .pt2")
-    onnx.add_argument("--size", type=int, nargs="+", default=[512], help="input H [W] the graph is folded for")
+    onnx.add_argument("--size", type=_SIZE, nargs="+", default=[512], help="input H [W] the graph is folded for")
     onnx.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
     onnx.add_argument("--model", default="rsvheat_tiny", help="backbone variant when no checkpoint is given")
     onnx.add_argument("--weights", type=Path, default=None, help="backbone weights (.safetensors, official .pth)")
-    onnx.add_argument("--channels", type=int, default=3, help="input bands of the backbone variant")
+    onnx.add_argument("--channels", type=_COUNT, default=3, help="input bands of the backbone variant")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     onnx.add_argument(
         "--tolerance",
-        type=float,
+        type=_at_least(0.0, float),
         default=1e-3,
         help="largest accepted max |exported - PyTorch| / max |PyTorch| (default 1e-3); above it nothing is written",
     )
@@ -155,23 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TASK_COMMANDS:
         from rsvheat.trainers.cli import task_cli
 
-        task_cli(argv)
+        _guarded(argv[0], task_cli, argv)
         return
     if argv and argv[0] in ("bench", "pretrain"):
         if argv[0] == "bench":
             from rsvheat.bench import main as passthrough
         else:
             from rsvheat.trainers.pretrain import pretrain_cli as passthrough
-        passthrough(argv[1:])
+        _guarded(argv[0], passthrough, argv[1:])
         return
     args = parser.parse_args(argv)
-    try:
-        _run(args)
-    except (ValueError, OSError) as err:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        print(f"rsvheat {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    _guarded(args.command, _run, args)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -196,7 +234,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "make-samples":
         from rsvheat.data.samples import write_all
 
-        for task, path in write_all(args.out).items():
+        for task, path in write_all(args.out, overwrite=args.overwrite).items():
             print(f"{task:15s} {path}")
     elif args.command == "predict-scene":
         from rsvheat.inference.tasks import predict_scene

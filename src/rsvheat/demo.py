@@ -31,7 +31,7 @@ import yaml
 
 import rsvheat
 from rsvheat.data import sample_scene_path
-from rsvheat.files import write_atomic
+from rsvheat.files import claim_folder, write_atomic
 from rsvheat.models.counting import count_gmacs, count_params
 from rsvheat.testing.official_structure import OfficialStructureHeat
 
@@ -43,7 +43,7 @@ PUBLISHED = {  # (variant, size): (M params, G MACs), inference-folded; see READ
 COLOURS = np.array([[40, 40, 40], [0, 150, 200], [240, 200, 40], [220, 120, 0], [60, 170, 60], [200, 0, 200]])
 
 #: Marks a folder as written by the demo: only such a folder (or an empty one) is reused without ``overwrite``.
-MARKER = ".rsvheat-demo"
+MARKER = ".rsvheat-demo"  # what claim_folder(..., "demo", ...) writes
 #: The subfolders a run replaces.
 OWNED = ("data", "configs", "pretrain", "finetune", "scene", "heat_maps")
 #: Largest side of the image the land-cover labels are clustered from (larger scenes: a decimated overview).
@@ -53,23 +53,9 @@ FOLD_CHECK_SIDE = 512
 
 
 def _claim(out_dir: Path, overwrite: bool) -> None:
-    """Make ``out_dir`` the demo's: refuse a non-empty folder without :data:`MARKER` unless ``overwrite``, mark it,
-    and clear the subfolders an earlier run left (:data:`OWNED`); nothing else in it is touched."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--out {out_dir} is a file, not a folder")
-    marked = (out_dir / MARKER).is_file()
-    if out_dir.is_dir() and not marked and not overwrite and any(out_dir.iterdir()):
-        raise FileExistsError(
-            f"{out_dir} is not empty and is not the folder of an earlier demo (no {MARKER} file): choose another "
-            f"--out, or pass --overwrite to let the demo replace its {', '.join(f'{o}/' for o in OWNED)} and report.md"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text(
-        f"Written by `rsvheat demo`: a re-run into this folder replaces {', '.join(f'{o}/' for o in OWNED)} and "
-        "report.md.\n"
-    )
-    for owned in OWNED:
-        shutil.rmtree(out_dir / owned, ignore_errors=True)  # a re-run starts clean
+    """Make ``out_dir`` the demo's (see :func:`rsvheat.files.claim_folder`): its :data:`OWNED` subfolders are
+    replaced, nothing else in it is touched."""
+    claim_folder(out_dir, "demo", OWNED, overwrite)
 
 
 def _labelling_image(scene: Path, folder: Path, max_side: int = LABEL_MAX_SIDE) -> Path:

@@ -20,13 +20,16 @@ display size of at most ``max_side`` pixels, so a 10 000² scene costs one tile'
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsvheat.data.io import ImageReadError
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import Input, Scene, check_tile
 from rsvheat.inference.sliding import tile_starts
@@ -74,13 +77,27 @@ def heat_fields(model, x: torch.Tensor | Mapping[str, torch.Tensor], modality: s
     return fields
 
 
+@contextlib.contextmanager
+def _reading(path: str | Path) -> Iterator[None]:
+    """GDAL's read errors ("Read failed. See previous exception") turned into an :class:`ImageReadError` that names
+    the file."""
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            yield
+    except RasterioError as err:
+        raise ImageReadError(f"cannot read {path} (truncated or corrupt?): {err}") from err
+
+
 def image_stats(path: str | Path, bands: Sequence[int] | None = None, max_side: int = 1024) -> dict:
     """Per-band mean/std over the valid pixels of a decimated read: normalisation when no training statistics are
     known (e.g. an encoder without its data)."""
     import rasterio
     from rasterio.enums import Resampling
 
-    with rasterio.open(path) as src:
+    with _reading(path), rasterio.open(path) as src:
         scale = min(1.0, max_side / max(src.height, src.width))
         shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
         data = src.read(list(bands) if bands else None, out_shape=shape, resampling=Resampling.nearest)
@@ -98,7 +115,7 @@ def _overview(path: Path, bands: Sequence[int] | None, shape: tuple[int, int]) -
     import rasterio
     from rasterio.enums import Resampling
 
-    with rasterio.open(path) as src:
+    with _reading(path), rasterio.open(path) as src:
         data = src.read(list(bands) if bands else None, out_shape=shape, resampling=Resampling.bilinear)
         valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
     data = data[:3].astype(np.float64) if data.shape[0] >= 3 else np.repeat(data[:1].astype(np.float64), 3, 0)
@@ -146,7 +163,7 @@ def explain_scene(
     check_tile(tile, image)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty (pass --overwrite to replace its heat maps)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # no mkdir here: the first heat map written creates the folder, so a run that fails leaves none behind
     stats = dict(stats) if stats is not None else image_stats(image, bands)
     model = model.eval().to(device)
     with Scene(

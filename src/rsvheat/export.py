@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rsvheat.files import refuse_existing, write_atomic
+from rsvheat.files import check_output, refuse_inputs_as_outputs, write_atomic
+from rsvheat.inference.scene import MIN_TILE
 from rsvheat.operators.heat import HeatConduction
 
 #: Default largest accepted ``max |exported - PyTorch| / max |PyTorch|``.
@@ -110,11 +111,7 @@ def fold_constants(model: nn.Module, inputs: Sequence[torch.Tensor]) -> nn.Modul
 
 
 def _check_output(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.suffix not in (".onnx", ".pt2"):
-        raise ValueError(f"export to .onnx or .pt2, got {out.name}")
-    refuse_existing(out, overwrite)
-    return out
+    return check_output(out, overwrite, (".onnx", ".pt2"), "an export (ONNX or torch.export program)")
 
 
 def export_model(
@@ -195,8 +192,9 @@ def export_checkpoint(
     import rsvheat
 
     out = _check_output(out, overwrite)  # before loading anything
-    if len(size) > 2:
-        raise ValueError(f"--size takes H or H W, got {list(size)}")
+    refuse_inputs_as_outputs([out], [p for p in (checkpoint, weights) if p is not None])
+    if not 1 <= len(size) <= 2 or min(size) < MIN_TILE:
+        raise ValueError(f"--size takes H or H W, each at least {MIN_TILE} px, got {list(size)}")
     height, width = (size[0], size[0]) if len(size) == 1 else size[:2]
     if checkpoint is not None:
         from rsvheat.inference.tasks import load_task

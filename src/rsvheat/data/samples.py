@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rsvheat.data import sample_scene_path
+from rsvheat.files import claim_folder
 
 LAND_COVER = ("dark", "shallow_water", "cloud")
 IGNORE = 255
@@ -214,18 +215,17 @@ def write_voc(path: Path, filename: str, size: tuple[int, int], objects: list[tu
     ET.ElementTree(root).write(path)
 
 
-def write_all(root: str | Path) -> dict[str, Path]:
-    """Every task's samples under ``root/{classification,segmentation,change,detection}`` (replacing old ones)."""
-    import shutil
-
-    root = Path(root)
+def write_all(root: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Every task's samples under ``root/{classification,segmentation,change,detection}``. A folder an earlier
+    ``make-samples`` wrote is refreshed; any other non-empty folder is refused unless ``overwrite`` (then only those
+    four subfolders are replaced; see :func:`rsvheat.files.claim_folder`)."""
     writers = {
         "classification": write_classification,
         "segmentation": write_segmentation,
         "change": write_change,
         "detection": write_detection,
     }
+    root = claim_folder(root, "make-samples", list(writers), overwrite)
     for task, write in writers.items():
-        shutil.rmtree(root / task, ignore_errors=True)
         write(root / task)
     return {task: root / task for task in writers}

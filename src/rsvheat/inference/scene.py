@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rsvheat.data.io import ImageReadError
-from rsvheat.files import refuse_existing, replace_together, write_atomic
+from rsvheat.files import refuse_existing, staged_outputs, write_atomic
 from rsvheat.inference.sliding import blend_weights, tile_starts
 
 #: GDAL's block cache for whole-scene runs (MB). Its default, 5 % of RAM, would grow with the scene's width as
@@ -158,22 +158,6 @@ class Scene:
         return arrays, valid
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
-def _cleanup(*paths: Path) -> None:
-    for p in paths:
-        for leftover in (p, p.with_name(p.name + ".aux.xml"), p.with_name(p.name + ".ovr")):
-            if leftover.exists():
-                leftover.unlink()
-
-
 def check_tile(tile: int, name: str | Path) -> None:
     """A tile must hold at least one output cell of the backbone; ``name``: the raster, for the message."""
     if tile < MIN_TILE:
@@ -256,6 +240,29 @@ def _has_driver(name: str) -> bool:
 MapTarget = tuple[Path, Callable[[np.ndarray], np.ndarray], int, str, float, "list[str] | None"]
 
 
+def _profile(scene: Scene, target: MapTarget) -> dict:
+    """Tiled, deflate-compressed GeoTIFF on the scene's grid for one output map."""
+    _, _, bands, dtype, nodata, _ = target
+    profile = {
+        "driver": "GTiff",
+        "count": bands,
+        "height": scene.height,
+        "width": scene.width,
+        "dtype": dtype,
+        "nodata": nodata,
+        "compress": "deflate",
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "BIGTIFF": "IF_SAFER",
+    }
+    if scene.crs is not None:
+        profile["crs"] = scene.crs
+    if scene.crs is not None or not scene.transform.is_identity:
+        profile["transform"] = scene.transform  # a grid without CRS is still a grid: keep it
+    return profile
+
+
 def write_dense(
     scene: Scene,
     strips: Iterator[tuple[int, np.ndarray, np.ndarray]],
@@ -272,35 +279,18 @@ def write_dense(
     from rasterio.windows import Window
 
     paths = [Path(t[0]) for t in targets]
-    if len({p.resolve() for p in paths}) != len(paths):
-        raise ValueError(f"two outputs have the same name: {', '.join(map(str, paths))}")
     for path in paths:
-        _check_output(path, overwrite)
-    partials = [_partial(p) for p in paths]
-    cogs = [p.with_name(f".{p.name}.cog.partial") for p in paths]
-    try:
-        with warnings.catch_warnings(), ExitStack() as stack:
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            outs = []
-            for tmp, (_, _, bands, dtype, nodata, _) in zip(partials, targets, strict=True):
-                profile = {
-                    "driver": "GTiff",
-                    "count": bands,
-                    "height": scene.height,
-                    "width": scene.width,
-                    "dtype": dtype,
-                    "nodata": nodata,
-                    "compress": "deflate",
-                    "tiled": True,
-                    "blockxsize": 256,
-                    "blockysize": 256,
-                    "BIGTIFF": "IF_SAFER",
-                }
-                if scene.crs is not None:
-                    profile["crs"] = scene.crs
-                if scene.crs is not None or not scene.transform.is_identity:
-                    profile["transform"] = scene.transform  # a grid without CRS is still a grid: keep it
-                outs.append(stack.enter_context(rasterio.open(tmp, "w", **profile)))
+        refuse_existing(path, overwrite)
+    convert = cog and _has_driver("COG")
+    with staged_outputs(paths, overwrite) as temporaries, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        # without COG the tiled GeoTIFF is the output; with it, the scratch file beside it is converted at the end
+        plain = [t.with_name(f"plain-{t.name}") if convert else t for t in temporaries]
+        with ExitStack() as stack:
+            outs = [
+                stack.enter_context(rasterio.open(tmp, "w", **_profile(scene, target)))
+                for tmp, target in zip(plain, targets, strict=True)
+            ]
             for top, values, valid in strips:
                 for dst, (_, encode, _, dtype, nodata, _) in zip(outs, targets, strict=True):
                     out = encode(values).astype(dtype, copy=False)
@@ -309,18 +299,12 @@ def write_dense(
             for dst, target in zip(outs, targets, strict=True):
                 for i, name in enumerate(target[5] or [], start=1):
                     dst.set_band_description(i, name)
-        finals = partials
-        if cog and _has_driver("COG"):
+        if convert:
             from rasterio.shutil import copy as raster_copy
 
-            for tmp, tmp_cog, target in zip(partials, cogs, targets, strict=True):
+            for source, tmp, target in zip(plain, temporaries, targets, strict=True):
                 resampling = "NEAREST" if np.issubdtype(np.dtype(target[3]), np.integer) else "AVERAGE"
-                raster_copy(tmp, tmp_cog, driver="COG", compress="DEFLATE", overview_resampling=resampling)
-            finals = cogs
-        # Every output is complete: only now do they take their names, all together.
-        replace_together(list(zip(finals, paths, strict=True)))
-    finally:
-        _cleanup(*partials, *cogs)
+                raster_copy(source, tmp, driver="COG", compress="DEFLATE", overview_resampling=resampling)
     return paths
 
 
@@ -419,7 +403,7 @@ def write_geojson(
     from rasterio.warp import transform as reproject_points
 
     path = Path(path)
-    _check_output(path, overwrite)
+    refuse_existing(path, overwrite)
     crs = scene.crs.to_string() if scene.crs is not None else None
     features = []
     for box, label, score in zip(
@@ -451,4 +435,4 @@ def write_geojson(
     collection = {"type": "FeatureCollection", "features": features}
     if scene.crs is None:
         collection["note"] = "pixel coordinates: the scene is not georeferenced"
-    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(collection)))
+    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(collection)), overwrite=overwrite)

@@ -6,36 +6,88 @@ the task class, the per-band normalisation statistics of its training data, and 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rsvheat.files import refuse_existing
-from rsvheat.inference.scene import GDAL_CACHE_MB, Input, Scene, dense_strips, detect_scene, write_dense, write_geojson
+from rsvheat.files import check_output, refuse_existing, refuse_inputs_as_outputs
+from rsvheat.inference.scene import (
+    GDAL_CACHE_MB,
+    Input,
+    Scene,
+    check_tile,
+    dense_strips,
+    detect_scene,
+    write_dense,
+    write_geojson,
+)
+from rsvheat.models.checkpoint import CheckpointError, read_torch_file
+
+
+def _task_classes() -> dict:
+    from rsvheat.trainers import ChangeDetectionTask, ClassificationTask, DetectionTask, SegmentationTask
+
+    tasks = (ClassificationTask, SegmentationTask, ChangeDetectionTask, DetectionTask)
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in tasks}
 
 
 def load_task(checkpoint: str | Path, device: str | torch.device = "cpu"):
     """The task module of ``checkpoint`` in eval mode on ``device``, and its ``rsvheat`` metadata (task, stats,
-    classes). The backbone is rebuilt from the stored hyper-parameters, without reading the original ``weights``."""
+    classes). The backbone is rebuilt from the stored hyper-parameters, without reading the original ``weights``.
+
+    The file is untrusted: it is read with ``weights_only=True`` (tensors and plain data, never code), its task must
+    be one of rsvheat's task classes (no module named by the file is imported), and anything that does not fit raises
+    :class:`CheckpointError` naming the file."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    meta = ckpt.get("rsvheat")
-    if not meta or not meta.get("stats"):
-        raise ValueError(
+    ckpt = read_torch_file(path)
+    meta = ckpt.get("rsvheat") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or not meta.get("stats"):
+        raise CheckpointError(
             f"{path} is not a task checkpoint of `rsvheat fit` with normalisation statistics (no 'rsvheat' entry)"
         )
-    module, name = meta["task"].rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    classes = _task_classes()
+    cls = classes.get(meta.get("task"))
+    if cls is None:
+        raise CheckpointError(f"{path}: unknown task {meta.get('task')!r} (rsvheat's tasks: {', '.join(classes)})")
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: no hyper_parameters / state_dict in the checkpoint")
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     hparams["weights"] = None  # the state dict below holds the fine-tuned weights
-    task = cls(**hparams)
-    task.load_state_dict(ckpt["state_dict"])
+    try:
+        task = cls(**hparams)
+        task.load_state_dict(ckpt["state_dict"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path} does not rebuild a {cls.__name__}: {str(err).splitlines()[0]}") from err
     return task.eval().to(device), meta
+
+
+#: Output names by format: the model decides the format, the name must agree.
+TIFF, GEOJSON = (".tif", ".tiff"), (".geojson", ".json")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked against what this
+    machine has: an unknown or absent device is a ``ValueError`` that says which ones exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {name!r}: no CUDA GPU is available on this machine (use cpu or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine (use cpu or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def predict_scene(
@@ -64,11 +116,20 @@ def predict_scene(
 
     from rsvheat.trainers import ChangeDetectionTask, DetectionTask, SegmentationTask
 
-    for path in (output, probabilities):
-        if path is not None:
-            refuse_existing(path, overwrite)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    check_tile(tile, "--tile")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
+    refuse_existing(output, overwrite)
+    if probabilities is not None:
+        check_output(probabilities, overwrite, TIFF, "probabilities (a GeoTIFF)")
+    refuse_inputs_as_outputs([output, probabilities], [checkpoint, *images])
+    device = resolve_device(device)
     task, meta = load_task(checkpoint, device)
+    detection = isinstance(task, DetectionTask)
+    suffixes, kind = (GEOJSON, "boxes (GeoJSON)") if detection else (TIFF, f"the {type(task).__name__} map (a GeoTIFF)")
+    check_output(output, overwrite, suffixes, kind)
     modalities = task.modalities
     images = [Path(p) for p in images]
     bands = list(bands) if bands is not None else [None] * len(images)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -230,19 +231,47 @@ def checkpoint_filter_fn(state_dict: Mapping, model: RSVHeat) -> dict[str, torch
     return adapt_to_model(sd, model)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the tensors of a ``.safetensors`` or torch (``.pth``/``.pt``/``.ckpt``/``.bin``) file, safely."""
+def read_torch_file(path: str | os.PathLike) -> object:
+    """The content of a torch file (``.pth``/``.pt``/``.ckpt``/``.bin``) read with ``weights_only=True``: tensors and
+    plain Python data only, so a file that would run code when unpickled is refused, never executed. Every failure
+    is a :class:`CheckpointError` (``FileNotFoundError`` for a missing file) that names the file and the reason."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt, truncated, or pickled objects that weights_only refuses
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it holds Python objects other than tensors and plain data, which rsvheat "
+            f"does not load (a file from an untrusted source can run code when unpickled): {_first_line(err)}"
+        ) from err
+    except Exception as err:  # truncated, corrupt, or not a torch file at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else f"{type(err).__name__} (truncated or not a checkpoint?)"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read the tensors of a ``.safetensors`` or torch (``.pth``/``.pt``/``.ckpt``/``.bin``) file, safely."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        content = read_torch_file(path)
+        if not isinstance(content, Mapping):
+            raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(content).__name__}, not a dict")
+        return content
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    except Exception as err:  # corrupt or truncated
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
 
 
 def load_checkpoint(
