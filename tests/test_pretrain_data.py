@@ -88,6 +88,9 @@ def test_paired_same_names(tmp_path):
     write(tmp_path / "pairs/s2/x.png", ramp(3, 32, 32))
     write(tmp_path / "pairs/s1/x.tif", ramp(1, 32, 32, np.float32))
     assert len(PairedFolderPretrain(tmp_path / "pairs", crop_size=32)) == 1
+    write(tmp_path / "pairs/s2/x.tif", ramp(3, 32, 32))  # two optical files of one name: one would be dropped
+    with pytest.raises(ImageReadError, match=r"x\.png and .*x\.tif have the same name"):
+        PairedFolderPretrain(tmp_path / "pairs", crop_size=32)
 
 
 def write_bigearthnet(root, n=2, size=24):

@@ -250,7 +250,10 @@ class PairedFolderPretrain(PretrainImages):
             raise FileNotFoundError(f"optical folder of the paired set not found: {optical_root}")
         by_stem: dict[str, Path] = {}
         for p in list_images(optical_root):
-            by_stem.setdefault(str(p.relative_to(optical_root).with_suffix("")).lower(), p)
+            key = str(p.relative_to(optical_root).with_suffix("")).lower()
+            if key in by_stem:  # x.png beside x.tif: keeping one would drop the other without a word
+                raise ImageReadError(f"{by_stem[key]} and {p} have the same name: keep one of them")
+            by_stem[key] = p
         paired: set[Path] = set()
         for sar in list_images(root / sar_dir):
             rel = str(sar.relative_to(root / sar_dir).with_suffix("")).lower()
