@@ -3,6 +3,7 @@ stop and after SIGKILL, a 2-process DDP run on CPU (gloo), and the shipped confi
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,7 +94,8 @@ def test_pretrain_run_logs_previews_checkpoints_and_export(tmp_path, monkeypatch
     pretrain_cli(["--config", str(config)])
     run = tmp_path / "run"
     assert ckpt_step(run / "checkpoints/last.ckpt") == 4
-    assert written and all(p.parent == run / "checkpoints" for p in written)  # through SameFolderCheckpointIO
+    assert written and all(run / "checkpoints" in p.parents for p in written)  # through SameFolderCheckpointIO
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # no epoch=0-step=4.ckpt beside it
     rows = list(csv.DictReader((run / "logs/version_0/metrics.csv").open()))
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/spa", "train/fre", "train/con", "train/paired/con", "train/optical/spa"} <= logged
@@ -117,13 +119,24 @@ def test_pretrain_run_logs_previews_checkpoints_and_export(tmp_path, monkeypatch
 
 
 def test_resume_continues_from_last(tmp_path):
-    config = make_config(tmp_path, steps=4)
+    config = make_config(tmp_path, steps=5, every=2)
     pretrain_cli(["--config", str(config)])
-    pretrain_cli(["--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", "last"])
     run = tmp_path / "run"
+    assert ckpt_step(run / "checkpoints/last.ckpt") == 5  # the end of training, between two intervals (was: 4)
+    pretrain_cli(["--config", str(config), "--trainer.max_steps", "6", "--ckpt_path", "last"])
     assert ckpt_step(run / "checkpoints/last.ckpt") == 6
     resumed = [int(r["step"]) for r in csv.DictReader((run / "logs/version_1/metrics.csv").open())]
-    assert min(resumed) >= 4  # continued, not restarted
+    assert min(resumed) >= 5  # continued, not restarted
+    # a fine-tuning config refuses it, before Lightning would read its hyper-parameters into the task's config
+    from rsvheat.trainers.cli import task_cli
+
+    segmentation = str(REPO / "configs/segmentation/landsat_tiny_cpu.yaml")
+    with pytest.raises(ValueError, match=r"is a rsvheat\.trainers\.pretrain\.PretrainTask checkpoint, not one of"):
+        task_cli(["test", "--config", segmentation, "--ckpt_path", str(run / "checkpoints/last.ckpt")])
+    with pytest.raises(FileNotFoundError, match="no checkpoint .*/elsewhere/last.ckpt .leave out --ckpt_path"):
+        pretrain_cli(
+            ["--config", str(config), "--checkpoint.dirpath", str(tmp_path / "elsewhere"), "--ckpt_path", "last"]
+        )
 
 
 def test_bf16_autocast_and_gradient_accumulation(tmp_path):
@@ -183,7 +196,8 @@ def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
     done = run_cli("--config", str(config), "--trainer.max_steps", str(saved + 2), "--ckpt_path", "last")
     assert done.returncode == 0, done.stderr[-3000:]
     assert ckpt_step(last) == saved + 2
-    assert [p.name for p in last.parent.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+    # last.ckpt alone: no temporaries, and no step-named checkpoint of the killed run (was: epoch=0-step=6.ckpt)
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
 
 
 def test_checkpoints_are_written_next_to_their_target(tmp_path, monkeypatch):
@@ -207,9 +221,47 @@ def test_checkpoints_are_written_next_to_their_target(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         SameFolderCheckpointIO().save_checkpoint({"global_step": 2}, target)
     monkeypatch.undo()
-    assert seen[0].parent == target.parent and seen[0].name.startswith(".last.")
+    assert target.parent in seen[0].parents and seen[0] != target  # a temporary in the checkpoint's own folder
     assert ckpt_step(target) == 1 and not orphan.exists()
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):
+    """torch reports a full disk as "basic_ios::clear: iostream error", naming no file: the error names the
+    checkpoint, says the disk may be full, keeps torch's error as its cause and leaves the old checkpoint alone."""
+    from rsvheat.trainers.cli import SameFolderCheckpointIO
+
+    target = tmp_path / "ckpts/last.ckpt"
+    SameFolderCheckpointIO().save_checkpoint({"global_step": 1}, target)
+
+    def disk_full(obj, path):
+        Path(path).write_bytes(b"the first megabytes")
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(
+        OSError, match=f"could not write checkpoint {re.escape(str(target))} .the disk may be full.: basic_ios"
+    ) as err:
+        SameFolderCheckpointIO().save_checkpoint({"global_step": 2}, target)
+    monkeypatch.undo()
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert ckpt_step(target) == 1 and sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+
+    # a real write failure: a file size limit (EFBIG; Python ignores SIGXFSZ) stands for the full disk
+    script = (
+        "import resource, sys, torch\n"
+        "from rsvheat.trainers.cli import SameFolderCheckpointIO\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "try:\n"
+        "    SameFolderCheckpointIO().save_checkpoint({'w': torch.zeros(100_000)}, sys.argv[1])\n"
+        "except OSError as err:\n"
+        "    print(type(err.__cause__).__name__, err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=300)
+    assert done.stdout.startswith(f"RuntimeError could not write checkpoint {target} (the disk may be full): "), (
+        done.stdout + done.stderr[-2000:]
+    )
+    assert ckpt_step(target) == 1 and sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
 @pytest.mark.slow

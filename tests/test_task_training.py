@@ -3,6 +3,13 @@
 
 import csv
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,7 +32,8 @@ from rsvheat.trainers.base import build_backbone
 from rsvheat.trainers.cli import task_cli
 
 MICRO = {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}
-CONFIGS = Path(__file__).parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 TASKS = ("classification", "segmentation", "change", "detection")
 # fewer proposals and sampled boxes: RoIAlign's backward dominates a CPU step of torchvision's Faster R-CNN
 LIGHT = {"rpn_post_nms_top_n_train": 200, "rpn_post_nms_top_n_test": 200, "box_batch_size_per_image": 64}
@@ -327,3 +335,195 @@ def test_shipped_task_configs_parse(config, capsys):
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("rsvheat.trainers.")
+
+
+# checkpoints: last.ckpt follows training; resume after SIGKILL; missing, foreign and untrusted checkpoints ------------
+def classification_config(tmp_path: Path, epochs: int = 3, **init_args) -> str:
+    """A 3-class fit on 24 Landsat tiles (12 train, 3 batches an epoch; 12 validation): about a second an epoch.
+    ``lr=0`` by default: the validation loss never improves after epoch 0, so best.ckpt stays there."""
+    samples.write_classification(tmp_path / "cls", per_class=8)
+    return write_config(
+        tmp_path / "cls.yaml",
+        {
+            "class_path": "rsvheat.trainers.ClassificationTask",
+            "init_args": {"num_classes": 3, "img_size": 32, **{**COMMON, "lr": 0.0, **init_args}},
+        },
+        {
+            "class_path": "rsvheat.datamodules.ClassificationDataModule",
+            "init_args": {
+                "root": str(tmp_path / "cls"),
+                "train_ratio": 1.0,
+                "val_ratio": 0.5,
+                "split_file": str(tmp_path / "split.json"),
+                "img_size": 32,
+                "batch_size": 4,
+                "num_workers": 0,
+            },
+        },
+        tmp_path / "run",
+        max_epochs=epochs,
+    )
+
+
+def saved(path: Path) -> tuple[int, int]:
+    """(epoch, global_step) of a checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt["epoch"], ckpt["global_step"]
+
+
+def logged_epochs(log_dir: Path) -> list[int]:
+    return sorted({int(r["epoch"]) for r in read_csv(log_dir / "metrics.csv") if r.get("train/loss")})
+
+
+def test_last_checkpoint_follows_training_while_best_follows_the_metric(tmp_path):
+    config = classification_config(tmp_path, epochs=3)
+    task_cli(["fit", "--config", config])
+    ckpts = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert saved(ckpts / "best.ckpt") == (0, 3)  # val/loss never improves after epoch 0 (lr 0)
+    assert saved(ckpts / "last.ckpt") == (2, 9)  # Lightning 2.6 alone left it at (0, 3) too
+    # --ckpt_path last names that file: a longer run goes on from epoch 3, without repeating 1 and 2
+    task_cli(["fit", "--config", config, "--trainer.max_epochs", "4", "--ckpt_path", "last"])
+    assert logged_epochs(tmp_path / "run/logs/version_1") == [3]
+    assert saved(ckpts / "last.ckpt") == (3, 12) and saved(ckpts / "best.ckpt") == (0, 3)
+
+
+def test_missing_checkpoints_are_errors_that_name_the_file(tmp_path):
+    config = classification_config(tmp_path)
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    for command in ("validate", "test", "predict"):  # Lightning warns and goes on with an untrained model
+        with pytest.raises(FileNotFoundError, match=f"--ckpt_path last: no checkpoint {re.escape(str(last))}$"):
+            task_cli([command, "--config", config, "--ckpt_path", "last"])
+    with pytest.raises(
+        FileNotFoundError, match=f"no checkpoint {re.escape(str(last))} \\(leave out --ckpt_path to start a new run\\)"
+    ):
+        task_cli(["fit", "--config", config, "--ckpt_path", "last"])
+    missing = tmp_path / "elsewhere/best.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"--ckpt_path: no checkpoint {re.escape(str(missing))}"):
+        task_cli(["test", "--config", config, "--ckpt_path", str(missing)])
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+class _Marker:
+    """Unpickling it creates a file: what a malicious checkpoint could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_untrusted_checkpoint_is_not_unpickled(tmp_path, monkeypatch):
+    config = classification_config(tmp_path)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Marker(marker)}, evil)
+    # torch's default (weights_only=None) now unpickles anything: only an explicit weights_only=True refuses it
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(evil.read_bytes())
+    for command, ckpt, name in (("test", str(evil), evil), ("fit", str(evil), evil), ("test", "last", last)):
+        with pytest.raises(
+            ValueError, match=f"cannot read checkpoint {re.escape(str(name))}: it holds objects other than tensors"
+        ):
+            task_cli([command, "--config", config, "--ckpt_path", ckpt])
+    assert not marker.exists()
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(ValueError, match=f"cannot read checkpoint {re.escape(str(broken))} .truncated"):
+        task_cli(["test", "--config", config, "--ckpt_path", str(broken)])
+
+
+def test_checkpoint_of_another_task_or_shape_is_refused(tmp_path):
+    samples.write_change(tmp_path / "cd", tile=64, stride=192)
+    samples.write_segmentation(tmp_path / "seg", tile=64, stride=160)
+    small = {**COMMON, "img_size": 64, "decoder_width": 16, "eval_tile": 64, "eval_overlap": 16}
+    quick = {"max_steps": 1, "limit_val_batches": 1}
+    change = write_config(
+        tmp_path / "cd.yaml",
+        {"class_path": "rsvheat.trainers.ChangeDetectionTask", "init_args": small},
+        {
+            "class_path": "rsvheat.datamodules.ChangeDetectionDataModule",
+            "init_args": {
+                "train_root": str(tmp_path / "cd/train"),
+                "val_root": str(tmp_path / "cd/train"),
+                "crop_size": 64,
+                "batch_size": 2,
+                "num_workers": 0,
+            },
+        },
+        tmp_path / "cd_run",
+        **quick,
+    )
+    task_cli(["fit", "--config", change])
+    cd_ckpt = tmp_path / "cd_run/checkpoints/last.ckpt"
+    seg_data = {
+        "class_path": "rsvheat.datamodules.SegmentationDataModule",
+        "init_args": {
+            "train_root": str(tmp_path / "seg/train"),
+            "val_root": str(tmp_path / "seg/val"),
+            "test_root": str(tmp_path / "seg/val"),
+            "num_classes": 3,
+            "crop_size": 64,
+            "batch_size": 2,
+            "num_workers": 0,
+        },
+    }
+    seg_task = {"class_path": "rsvheat.trainers.SegmentationTask", "init_args": {"num_classes": 3, **small}}
+    seg = write_config(tmp_path / "seg.yaml", seg_task, seg_data, tmp_path / "seg_run", **quick)
+    foreign = r"is a rsvheat\.trainers\.change\.ChangeDetectionTask checkpoint, not one of .*\.SegmentationTask"
+    # an explicit path: refused before Lightning turns the config into the checkpoint's task (was: KeyError 'before')
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(cd_ckpt))} {foreign}"):
+        task_cli(["test", "--config", seg, "--ckpt_path", str(cd_ckpt)])
+    # found as "last" in the config's own folder: refused by the task when Lightning loads it
+    seg_last = tmp_path / "seg_run/checkpoints/last.ckpt"
+    seg_last.parent.mkdir(parents=True)
+    shutil.copy(cd_ckpt, seg_last)
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(seg_last))} {foreign}"):
+        task_cli(["test", "--config", seg, "--ckpt_path", "last"])
+    # the right task with a decoder of another width: the tensors that do not fit are named
+    seg_last.unlink()
+    task_cli(["fit", "--config", seg])
+    wider = {**seg_task, "init_args": {**seg_task["init_args"], "decoder_width": 32}}
+    wider = write_config(tmp_path / "wider.yaml", wider, seg_data, tmp_path / "seg_run")
+    with pytest.raises(
+        ValueError, match=f"checkpoint {re.escape(str(seg_last))} does not fit .*SegmentationTask.* of another shape"
+    ):
+        task_cli(["test", "--config", wider, "--ckpt_path", "last"])
+
+
+@pytest.mark.slow
+def test_sigkill_during_fit_then_resume_from_last(tmp_path):
+    """A task run killed (-9) after its second epoch resumes from the last epoch saved, does not redo finished epochs,
+    and ends with last.ckpt at its final epoch."""
+    config = classification_config(tmp_path, epochs=1000)
+    last = tmp_path / "run/checkpoints/last.ckpt"
+
+    def saved_epoch() -> int:
+        try:
+            return saved(last)[0] if last.exists() else -1
+        except (OSError, RuntimeError, EOFError):  # replaced while being read
+            return -1
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rsvheat.cli", "fit", "--config", config],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and saved_epoch() < 1 and proc.poll() is None:
+            time.sleep(0.05)
+        assert saved_epoch() >= 1, proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no epoch 1"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    epoch, step = saved(last)
+    assert step == 3 * (epoch + 1)  # a whole number of epochs: 3 steps each
+    task_cli(["fit", "--config", config, "--trainer.max_epochs", str(epoch + 3), "--ckpt_path", "last"])
+    assert logged_epochs(tmp_path / "run/logs/version_1") == [epoch + 1, epoch + 2]
+    assert saved(last) == (epoch + 2, step + 6)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporaries left

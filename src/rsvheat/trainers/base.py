@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 import rsvheat
 from rsvheat.models.checkpoint import load_checkpoint
 from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.trainers.cli import IntervalCheckpoint, check_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
 
 
@@ -109,9 +110,11 @@ class TaskModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_callbacks(self):
-        """One checkpoint callback keeping ``best.ckpt`` (on ``monitor``) and ``last.ckpt``. It takes the place of an
-        unmonitored ``ModelCheckpoint`` the trainer already has (the CLI's ``checkpoint`` section), keeping that one's
-        folder and period; a trainer with a monitored checkpoint of its own is left as it is.
+        """One checkpoint callback (:class:`IntervalCheckpoint`) keeping ``best.ckpt`` (on ``monitor``) and
+        ``last.ckpt`` (the latest model, written at every checkpoint interval and when training ends, so that
+        ``--ckpt_path last`` resumes where the run stopped). It takes the place of an unmonitored ``ModelCheckpoint``
+        the trainer already has (the CLI's ``checkpoint`` section), keeping that one's folder and period; a trainer
+        with a monitored checkpoint of its own is left as it is.
 
         Both files are overwritten in place (atomically, as Lightning saves): no ``best-v1.ckpt`` when a second fit
         runs in the same folder, so ``--ckpt_path best`` always names this run's best model. Without validation
@@ -129,7 +132,7 @@ class TaskModule(pl.LightningModule):
         if not getattr(dm, "has_validation", True) or self.trainer.limit_val_batches == 0:
             name = None  # an unmonitored top-1 checkpoint keeps the latest model
         return speed + [
-            ModelCheckpoint(
+            IntervalCheckpoint(
                 dirpath=(base.dirpath if base else None) or Path(self.trainer.default_root_dir) / "checkpoints",
                 filename="best",
                 monitor=name,
@@ -151,6 +154,11 @@ class TaskModule(pl.LightningModule):
             "stats": getattr(dm, "stats", None),
             "classes": self.class_names() if "num_classes" in self.hparams else None,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of another task or model shape is a ``ValueError`` naming both (see :func:`check_checkpoint`),
+        raised before Lightning loads the weights."""
+        check_checkpoint(checkpoint, self)
 
     def check_classes(self, classes: Sequence[str] | None, data_classes: Sequence[str] | None, source: str) -> None:
         """The model's class list (config) against the data's: a mismatch is an error that names both."""

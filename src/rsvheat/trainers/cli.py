@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import importlib
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -25,12 +29,15 @@ def _tensorboard_available() -> bool:
 
 
 class SameFolderCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a hidden temporary file in their own folder, then renamed onto the final name.
+    """Checkpoints written to a hidden temporary in their own folder (:func:`rsvheat.files.write_atomic`), then
+    renamed onto the final name.
 
     Lightning's default goes through fsspec, whose temporary file lives in the system temp folder: when that is
     another filesystem, the final move is a copy onto ``last.ckpt`` that a kill can leave half-written, and a kill
-    mid-write leaves a checkpoint-sized orphan in ``/tmp``. Orphans this class leaves after a kill (``.<name>.*.ckpt``)
-    are removed by the next run's first save. Remote paths (``s3://`` ...) keep Lightning's behaviour.
+    mid-write leaves a checkpoint-sized orphan in ``/tmp``. Temporaries left by a kill are removed by the next run's
+    first save (staging folders by ``write_atomic``, ``.<name>.*.ckpt`` files of older versions here). A failed write
+    (full disk) is an ``OSError`` naming the checkpoint, and a checkpoint that cannot be read (refused by
+    ``weights_only``, truncated) a ``ValueError`` naming it. Remote paths (``s3://`` ...) keep Lightning's behaviour.
     """
 
     def __init__(self) -> None:
@@ -47,7 +54,104 @@ class SameFolderCheckpointIO(TorchCheckpointIO):
             for orphan in path.parent.glob(".*.ckpt"):  # hidden temporaries of a killed earlier run
                 if orphan.stat().st_mtime < self._started:
                     orphan.unlink(missing_ok=True)
-        write_atomic(path, lambda tmp: _save_synced(checkpoint, tmp))
+        try:
+            write_atomic(path, lambda tmp: _save_synced(checkpoint, tmp))  # removes its temporary on any failure
+        except (OSError, RuntimeError) as err:
+            # torch's C++ writer reports a full disk as "basic_ios::clear: iostream error" or "unexpected pos ...",
+            # naming neither the file nor the cause
+            raise OSError(f"could not write checkpoint {path}{_likely_cause(err)}: {_first_line(err)}") from err
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # a refused pickle, a truncated or foreign file
+            raise _unreadable(path, err) from err
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's content for checks (tensors memory-mapped, not read), loaded with ``weights_only=True``:
+    refused pickles, truncated and foreign files are a ``ValueError`` that names the file."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ValueError(f"cannot read checkpoint {path}: the file is empty")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # not a zip archive: read it whole
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # a truncated zip is an OSError (EINVAL) without the file's name
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: str | os.PathLike, err: BaseException) -> ValueError:
+    if isinstance(err, pickle.UnpicklingError):
+        return ValueError(
+            f"cannot read checkpoint {path}: it holds objects other than tensors and plain data, which are not loaded"
+            f" (a file from an untrusted source can run code when unpickled): {_first_line(err)}"
+        )
+    return ValueError(f"cannot read checkpoint {path} (truncated, or not a torch file?): {_first_line(err)}")
+
+
+def check_checkpoint(checkpoint: dict[str, Any], module: pl.LightningModule) -> None:
+    """For ``on_load_checkpoint``, which Lightning calls before loading the weights: a checkpoint of another task, or
+    whose weights do not fit ``module`` (other backbone, class count, decoder), is a ``ValueError`` that names the
+    file and both sides, instead of a ``KeyError`` deep in the run or a ``RuntimeError`` listing every tensor."""
+    path = module._trainer.ckpt_path if module._trainer is not None else None  # None in load_from_checkpoint
+    where = f"checkpoint {path}" if path else "checkpoint"
+    check_task(checkpoint, type(module), where)
+    weights = checkpoint.get("state_dict")
+    if not isinstance(weights, dict):
+        raise ValueError(f"{where} holds no model weights ('state_dict')")
+    problems = []
+    expected = module.state_dict()
+    if module.strict_loading:
+        for what, names in (
+            ("missing", expected.keys() - weights.keys()),
+            ("unexpected", weights.keys() - expected.keys()),
+        ):
+            if names:
+                listed = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+                problems.append(f"{len(names)} {what} ({listed})")
+    shapes = [
+        f"{name} {tuple(weights[name].shape)} vs {tuple(value.shape)}"
+        for name, value in expected.items()
+        if isinstance(weights.get(name), torch.Tensor) and weights[name].shape != value.shape
+    ]
+    if shapes:
+        problems.append(f"{len(shapes)} of another shape (checkpoint vs model: {'; '.join(shapes[:3])})")
+    if problems:
+        raise ValueError(
+            f"{where} does not fit this {_name(type(module))} (another backbone, class count or decoder in the"
+            f" config?): weights {', '.join(problems)}"
+        )
+
+
+def check_task(checkpoint: dict[str, Any], cls: type, where: str) -> None:
+    """The task a checkpoint was written by (``checkpoint["rsvheat"]["task"]``) must be ``cls`` or a parent of it."""
+    meta = checkpoint.get("rsvheat")
+    task = meta.get("task") if isinstance(meta, dict) else None
+    if task is not None and task not in {_name(c) for c in cls.__mro__}:
+        raise ValueError(f"{where} is a {task} checkpoint, not one of {_name(cls)}: use a config of that task")
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _likely_cause(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno is not None:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        return " (the disk is full or a file size limit is reached)" if full else ""
+    return " (the disk may be full)"  # torch's writer drops the errno
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _save_synced(checkpoint: dict[str, Any], path: Path) -> None:
@@ -56,21 +160,73 @@ def _save_synced(checkpoint: dict[str, Any], path: Path) -> None:
         os.fsync(f.fileno())
 
 
+class IntervalCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` whose ``last.ckpt`` follows training, whatever the monitored metric does.
+
+    Lightning 2.6 writes "last" only together with a top-k save at epoch intervals: with a metric that stops
+    improving, ``last.ckpt`` stayed at the best epoch, so ``--ckpt_path last`` re-ran finished epochs or tested an old
+    model. This class writes ``last.ckpt`` at every interval (steps or epochs) and once more when training ends
+    between two intervals (``max_steps`` not a multiple of ``every_n_train_steps``). Top-k (``best.ckpt``) is
+    unchanged; ``save_top_k=0`` keeps ``last.ckpt`` alone.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: checkpoints written before this class keep their best score when resumed
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # after this epoch's validation (and a top-k save, which writes "last" too): "last" is this epoch's model
+        due = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+        if due:
+            self._save_last_if_new(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_if_new(trainer)  # the steps after the last interval are not lost
+
+    def _save_last_if_new(self, trainer: pl.Trainer) -> None:
+        # skipped when this step is already saved, outside fit, in sanity checks and fast_dev_run
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# --ckpt_path values Lightning resolves itself, without a file of that name ("registry:<model>" too)
+_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+
+
 class RSVHeatCLI(LightningCLI):
-    """Adds a ``checkpoint`` section (``ModelCheckpoint``: periodic, atomic, ``last.ckpt`` kept) whose folder defaults
-    to ``<trainer.default_root_dir>/checkpoints`` (stable across runs, so ``--ckpt_path last`` resumes), and CSV logs
-    (plus TensorBoard when installed) under ``<default_root_dir>/logs/version_N``; checkpoints are written through
-    :class:`SameFolderCheckpointIO` unless the config names another checkpoint plugin."""
+    """Adds a ``checkpoint`` section (:class:`IntervalCheckpoint`: periodic, atomic, ``last.ckpt`` written at every
+    interval) whose folder defaults to ``<trainer.default_root_dir>/checkpoints`` (stable across runs, so
+    ``--ckpt_path last`` resumes), and CSV logs (plus TensorBoard when installed) under
+    ``<default_root_dir>/logs/version_N``; checkpoints are written through :class:`SameFolderCheckpointIO` unless the
+    config names another checkpoint plugin.
+
+    ``--ckpt_path last`` names ``<checkpoint.dirpath>/last.ckpt``, and it or any other path that does not exist is an
+    error (Lightning would warn and go on with an untrained model). Checkpoints are loaded with
+    ``weights_only=True`` (tensors and plain data, never pickled code) unless ``--weights_only false`` is given."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.add_lightning_class_args(IntervalCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 500,
+                # a new run in the same folder overwrites last.ckpt instead of writing last-v1.ckpt beside it, which
+                # "--ckpt_path last" would not name
+                "checkpoint.enable_version_counter": False,
+            }
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = Path(config.trainer.default_root_dir or ".")
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
+        self._check_ckpt_path(config)
+        if config.get("weights_only") is None:
+            config.weights_only = True  # Lightning's default (None) leaves the choice to torch and its environment
         if config.trainer.logger in (None, True):
             classes = ["CSVLogger"] + (["TensorBoardLogger"] if _tensorboard_available() else [])
             config.trainer.logger = [
@@ -86,6 +242,36 @@ class RSVHeatCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, SameFolderCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyper-parameters of an explicit ``--ckpt_path`` file here, into the model's config, and
+        so would turn a segmentation config into the change-detection task of the checkpoint (which then fails on the
+        segmentation data with ``KeyError: 'before'``). A checkpoint of another task than the config's, and one
+        that cannot be read safely, are refused first."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_task(read_checkpoint(ckpt_path), self._configured_model_class(), f"checkpoint {ckpt_path}")
+        super()._parse_ckpt_path()
+
+    def _configured_model_class(self) -> type:
+        if not self.subclass_mode_model:
+            return self.model_class
+        module, _, name = self.config[self.config.subcommand].model.class_path.rpartition(".")
+        return getattr(importlib.import_module(module), name)  # the config's class: jsonargparse has imported it
+
+    def _check_ckpt_path(self, config: Namespace) -> None:
+        ckpt = config.get("ckpt_path")
+        if ckpt is None or "://" in str(ckpt):
+            return
+        if ckpt == "last" and "://" not in str(config.checkpoint.dirpath):
+            last = Path(config.checkpoint.dirpath) / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"
+            if not last.is_file():
+                fresh = " (leave out --ckpt_path to start a new run)" if self.subcommand == "fit" else ""
+                raise FileNotFoundError(f"--ckpt_path last: no checkpoint {last}{fresh}")
+            config.ckpt_path = str(last)
+        elif ckpt not in _CKPT_KEYWORDS and not str(ckpt).startswith("registry:") and not Path(ckpt).is_file():
+            raise FileNotFoundError(f"--ckpt_path: no checkpoint {ckpt}")
 
 
 def task_cli(argv: list[str] | None = None) -> None:

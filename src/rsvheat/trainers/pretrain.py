@@ -16,6 +16,7 @@ from rsvheat.data.pretrain import skipped_count
 from rsvheat.files import write_atomic
 from rsvheat.models.checkpoint import save_weights
 from rsvheat.pretraining.model import FrequencyPretrainer
+from rsvheat.trainers.cli import check_checkpoint, read_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
 
 ENCODER_FILE = "encoder.safetensors"
@@ -105,6 +106,13 @@ class PretrainTask(pl.LightningModule):
         schedule = warmup_cosine(optimizer, total, h.warmup_fraction, h.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the task, as fine-tuning checkpoints name theirs: `rsvheat fit` refuses this checkpoint, and the reverse
+        checkpoint["rsvheat"] = {"task": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint(checkpoint, self)  # another task or model size: a ValueError naming the file
+
     def on_train_end(self) -> None:
         datasets = getattr(self.trainer.datamodule, "datasets", {}) or {}
         skipped = {name: skipped_count(ds) for name, ds in datasets.items()}
@@ -187,6 +195,7 @@ class ReconstructionPreviews(pl.Callback):
 def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write the encoder of a pre-training checkpoint (Lightning ``.ckpt``) as rsvheat safetensors weights, which
     ``rsvheat.load_checkpoint`` loads into any model of that variant (at any resolution: FVE/SCE are resized)."""
+    read_checkpoint(checkpoint)  # a refused pickle or a truncated file: a ValueError naming it (cheap: memory-mapped)
     task = PretrainTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     return save_weights(task.model.encoder, out, extra={"source": f"rsvheat pretrain {Path(checkpoint).name}"})
 
@@ -199,6 +208,9 @@ def pretrain_cli(argv: list[str] | None = None) -> None:
     class PretrainCLI(RSVHeatCLI):
         def add_arguments_to_parser(self, parser) -> None:
             super().add_arguments_to_parser(parser)
+            # Nothing to rank on: last.ckpt alone. A top-k file named by its step (epoch=0-step=6.ckpt, a full
+            # checkpoint) was left behind when a killed run was resumed: the resumed run never learns of it.
+            parser.set_defaults({"checkpoint.save_top_k": 0})
             parser.add_lightning_class_args(ReconstructionPreviews, "previews")
             # One source of truth: the data decide band counts and resolution, the model follows.
             parser.link_arguments("data.modalities", "model.modalities")
