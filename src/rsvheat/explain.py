@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from rsvheat.data.io import ImageReadError
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import Input, Scene, check_tile
-from rsvheat.inference.sliding import tile_starts
+from rsvheat.models.sliding import window_grid
 
 SPATIAL = ("entering", "corrected", "source", "conducted")
 SPECTRAL = ("spectrum", "kt")
@@ -172,12 +172,12 @@ def explain_scene(
         height, width = scene.height, scene.width
         scale = min(1.0, max_side / max(height, width))
         shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-        th, tw = min(tile, height), min(tile, width)
+        th, tw, _, tops, lefts = window_grid(height, width, tile, 0)
         canvases: dict = {}
         spectra: dict = {}
         count = 0
-        for top in tile_starts(height, th, 0):
-            for left in tile_starts(width, tw, 0):
+        for top in tops:
+            for left in lefts:
                 arrays, _ = scene.read(top, left, th, tw)
                 x = torch.from_numpy(arrays[modality])[None].to(device)
                 fields = heat_fields(model, x, modality)

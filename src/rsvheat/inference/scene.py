@@ -1,7 +1,7 @@
 """Whole-scene inference on georeferenced rasters of any size, in bounded memory.
 
 The scene is read in strips of ``tile`` rows (rasterio windowed reads). Each strip is cut into overlapping tiles that
-are predicted in batches and blended with the weights of :mod:`rsvheat.inference.sliding`; rows that no later strip
+are predicted in batches and blended with the weights of :mod:`rsvheat.models.sliding`; rows that no later strip
 touches are final and are written out at once. Memory therefore grows with ``tile × scene width``, never with the
 scene's height or area. Maps are written as tiled, compressed GeoTIFFs (converted to Cloud Optimized GeoTIFF when
 GDAL has the COG driver) with the input's CRS and transform; boxes as GeoJSON in longitude/latitude (with each box
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from rsvheat.data.io import ImageReadError
 from rsvheat.files import refuse_existing, staged_outputs, write_atomic
-from rsvheat.inference.sliding import blend_weights, tile_starts
+from rsvheat.models.sliding import blend_weights, window_grid
 
 #: GDAL's block cache for whole-scene runs (MB). Its default, 5 % of RAM, would grow with the scene's width as
 #: partly written output blocks pile up; the strips are written in order, so a small cache costs nothing.
@@ -165,13 +165,8 @@ def check_tile(tile: int, name: str | Path) -> None:
 
 
 def _windows(scene: Scene, tile: int, overlap: int) -> tuple[int, int, int, list[int], list[int]]:
-    height, width = scene.height, scene.width
     check_tile(tile, scene.name)
-    if not 0 <= overlap < tile:
-        raise ValueError(f"{scene.name}: the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
-    th, tw = min(tile, height), min(tile, width)
-    overlap = min(overlap, th - 1, tw - 1)
-    return th, tw, overlap, tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
+    return window_grid(scene.height, scene.width, tile, overlap)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:

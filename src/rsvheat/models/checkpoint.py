@@ -21,12 +21,16 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from rsvheat.files import write_atomic
-from rsvheat.models.rsvheat import RSVHeat, resize_embedding
+from rsvheat.operators.heat import resize_embedding
+
+if TYPE_CHECKING:  # the model module imports this one (timm's pretrained filter): annotations only
+    from rsvheat.models.rsvheat import RSVHeat
 
 _PREFIXES = ("module.", "encoder.", "backbone.", "model.", "_orig_mod.")
 

@@ -27,8 +27,9 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rsvheat.models.checkpoint import checkpoint_filter_fn
 from rsvheat.operators.dct import DctImpl
-from rsvheat.operators.heat import HeatConduction, tensor_version
+from rsvheat.operators.heat import HeatConduction, resize_embedding, tensor_version
 
 __all__ = ["RSVHeat", "VARIANTS"]
 
@@ -149,14 +150,6 @@ class HeatBlock(nn.Module):
         ffn = self.mlp(self.norm2(x))
         ffn = self.drop_path(ffn if self.gamma2 is None else ffn * self.gamma2)
         return x.add_(ffn) if inplace else x + ffn
-
-
-def resize_embedding(embed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize a per-stage ``(H, W, C)`` embedding (FVE or SCE) to ``size``, as RS-vHeat's loader does."""
-    if tuple(embed.shape[:2]) == tuple(size):
-        return embed
-    resized = F.interpolate(embed.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)
-    return resized[0].permute(1, 2, 0).contiguous()
 
 
 class HeatStage(nn.Module):
@@ -570,8 +563,6 @@ default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in VA
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RSVHeat:
-    from rsvheat.models.checkpoint import checkpoint_filter_fn
-
     if kwargs.get("features_only"):
         kwargs.setdefault("feature_norms", True)  # dense heads get per-stage normalised features
     return build_model_with_cfg(

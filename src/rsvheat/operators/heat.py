@@ -105,6 +105,15 @@ def heat_conduct_reference(x: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nh,mw,bnmc->bhwc", dh, dw, spectrum)
 
 
+def resize_embedding(embed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize a per-stage ``(H, W, C)`` embedding (FVE or SCE) to ``size``, as RS-vHeat's loader does:
+    ``(H', W', C)``; the tensor itself when it already has that size."""
+    if tuple(embed.shape[:2]) == tuple(size):
+        return embed
+    resized = F.interpolate(embed.permute(2, 0, 1)[None], size=size, mode="bilinear", align_corners=False)
+    return resized[0].permute(1, 2, 0).contiguous()
+
+
 def tensor_version(t: torch.Tensor) -> int:
     """In-place modification counter; inference tensors have none (and cannot be modified outside inference mode)."""
     return -1 if t.is_inference() else t._version

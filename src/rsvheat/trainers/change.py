@@ -12,7 +12,7 @@ from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, Binar
 
 from rsvheat.data.io import write_raster
 from rsvheat.datamodules.base import prediction_path
-from rsvheat.inference.sliding import sliding_window
+from rsvheat.models.sliding import sliding_window
 from rsvheat.models.tasks import ChangeDetectionModel
 from rsvheat.trainers.base import TaskModule
 

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 from rsvheat.data.io import write_raster
 from rsvheat.datamodules.base import TaskDataModule, prediction_path
 from rsvheat.files import write_atomic
-from rsvheat.inference.sliding import sliding_window
+from rsvheat.models.sliding import sliding_window
 from rsvheat.models.tasks import SegmentationModel
 from rsvheat.trainers.base import TaskModule
 

@@ -3,6 +3,10 @@
 Windows of ``tile`` pixels overlap by ``overlap`` pixels; each window's output is weighted by a separable ramp that
 falls towards the window's edges (but not at the image border), so seams between windows blend instead of jumping.
 The weights of all windows sum to the normaliser, so a model that returns its input reproduces the image exactly.
+
+The window grid and the weights are shared by the trainers (validation on whole images, :func:`sliding_window`) and
+by whole-scene inference (:mod:`rsvheat.inference.scene`, which blends the same windows strip by strip); it lives with
+the models so that both import it from below.
 """
 
 from __future__ import annotations
@@ -40,6 +44,17 @@ def blend_weights(size: int, start: int, length: int, overlap: int, device=None)
     return w
 
 
+def window_grid(height: int, width: int, tile: int, overlap: int) -> tuple[int, int, int, list[int], list[int]]:
+    """Windows over a ``height x width`` image: ``(th, tw, overlap, tops, lefts)``, windows of ``th x tw`` pixels
+    (``tile``, or the image's side where it is smaller: one window along that axis) starting at ``tops`` x ``lefts``,
+    with the overlap clamped to fit the window."""
+    if not 0 <= overlap < tile:
+        raise ValueError(f"the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
+    th, tw = min(tile, height), min(tile, width)
+    overlap = min(overlap, th - 1, tw - 1)
+    return th, tw, overlap, tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
+
+
 def _crop(x: Image, top: int, left: int, h: int, w: int) -> Image:
     if isinstance(x, Mapping):
         return {k: v[..., top : top + h, left : left + w] for k, v in x.items()}
@@ -58,17 +73,14 @@ def sliding_window(
     """Apply ``predict(*windows) -> (B, K, h, w)`` over windows of ``inputs`` (co-registered ``(B, C, H, W)`` tensors or
     ``{modality: tensor}`` mappings) and blend: returns ``(B, K, H, W)`` float32. An image no larger than ``tile`` is
     predicted in one call."""
-    if overlap >= tile or overlap < 0:
-        raise ValueError(f"the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
     height, width = _size(inputs[0])
     if any(_size(x) != (height, width) for x in inputs):
         raise ValueError(f"inputs must share their size, got {[_size(x) for x in inputs]}")
-    th, tw = min(tile, height), min(tile, width)
-    overlap = min(overlap, th - 1, tw - 1)  # an image smaller than the tile in one axis: one window along it
+    th, tw, overlap, tops, lefts = window_grid(height, width, tile, overlap)
     out = norm = None
-    for top in tile_starts(height, th, overlap):
+    for top in tops:
         wy = blend_weights(th, top, height, overlap)
-        for left in tile_starts(width, tw, overlap):
+        for left in lefts:
             pred = predict(*(_crop(x, top, left, th, tw) for x in inputs)).float()
             if out is None:
                 out = pred.new_zeros(pred.shape[0], pred.shape[1], height, width)

@@ -1,0 +1,16 @@
+"""The package keeps its layering: ``lint-imports`` checks the contracts of pyproject.toml ``[tool.importlinter]``
+(lower layers never import higher ones, lazy imports included; no import cycles inside a package)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_are_kept():
+    lint = Path(sys.executable).with_name("lint-imports")  # the venv's, next to its python
+    # --no-cache: no cache folder written into the shared work tree
+    result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
