@@ -207,9 +207,10 @@ def test_checkpoints_are_written_next_to_their_target(tmp_path, monkeypatch):
 
     target = tmp_path / "ckpts/last.ckpt"
     SameFolderCheckpointIO().save_checkpoint({"global_step": 1}, target)
-    orphan = target.parent / ".last.abc123.ckpt"
-    orphan.write_bytes(b"half a checkpoint")
-    os.utime(orphan, (time.time() - 60, time.time() - 60))
+    orphan = target.parent / ".rsvheat-killed.tmp"  # a killed run's staging folder: its lock died with it
+    orphan.mkdir()
+    (orphan / "last.ckpt").write_bytes(b"half a checkpoint")
+    (target.parent / ".mine.ckpt").write_bytes(b"a user's hidden file: never ours to delete")
     seen = []
 
     def interrupted(obj, path):
@@ -223,7 +224,7 @@ def test_checkpoints_are_written_next_to_their_target(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert target.parent in seen[0].parents and seen[0] != target  # a temporary in the checkpoint's own folder
     assert ckpt_step(target) == 1 and not orphan.exists()
-    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in target.parent.iterdir()) == [".mine.ckpt", "last.ckpt"]
 
 
 def test_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):

@@ -235,24 +235,41 @@ def checkpoint_filter_fn(state_dict: Mapping, model: RSVHeat) -> dict[str, torch
     return adapt_to_model(sd, model)
 
 
-def read_torch_file(path: str | os.PathLike) -> object:
+def read_torch_file(path: str | os.PathLike, mmap: bool = False) -> object:
     """The content of a torch file (``.pth``/``.pt``/``.ckpt``/``.bin``) read with ``weights_only=True``: tensors and
     plain Python data only, so a file that would run code when unpickled is refused, never executed. Every failure
-    is a :class:`CheckpointError` (``FileNotFoundError`` for a missing file) that names the file and the reason."""
+    is a :class:`CheckpointError` (``FileNotFoundError`` for a missing file) that names the file and the reason.
+    ``mmap``: map the tensors instead of reading them (cheap checks of large checkpoints; zip-format files only, others
+    are read whole)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise unreadable_checkpoint(path, err) from err
+
+
+def unreadable_checkpoint(path: str | os.PathLike, err: BaseException) -> CheckpointError:
+    """The error for a torch file that ``torch.load(weights_only=True)`` could not read, naming the file."""
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's own text advises loading the file unsafely; name only the object it refused
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        return CheckpointError(
             f"cannot read checkpoint {path}: it holds Python objects other than tensors and plain data, which rsvheat "
-            f"does not load (a file from an untrusted source can run code when unpickled): {_first_line(err)}"
-        ) from err
-    except Exception as err:  # truncated, corrupt, or not a torch file at all
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
+            "does not load (a file from an untrusted source can run code when unpickled)"
+            + (f"; it refers to {found.group(1)}" if found else "")
+        )
+    # truncated, corrupt, or not a torch file at all (a truncated zip is an OSError without the file's name)
+    first = _first_line(err).split(". ")[0].rstrip(".")  # torch's advice after the first sentence does not apply
+    return CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or not a torch file ({first})")
 
 
 def _first_line(err: BaseException) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 import importlib
 import os
-import pickle
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from rsvheat.files import write_atomic
+from rsvheat.models.checkpoint import read_torch_file, unreadable_checkpoint
 
 
 def _tensorboard_available() -> bool:
@@ -35,25 +34,15 @@ class SameFolderCheckpointIO(TorchCheckpointIO):
     Lightning's default goes through fsspec, whose temporary file lives in the system temp folder: when that is
     another filesystem, the final move is a copy onto ``last.ckpt`` that a kill can leave half-written, and a kill
     mid-write leaves a checkpoint-sized orphan in ``/tmp``. Temporaries left by a kill are removed by the next run's
-    first save (staging folders by ``write_atomic``, ``.<name>.*.ckpt`` files of older versions here). A failed write
+    write into that folder (:func:`rsvheat.files.sweep_staging`). A failed write
     (full disk) is an ``OSError`` naming the checkpoint, and a checkpoint that cannot be read (refused by
     ``weights_only``, truncated) a ``ValueError`` naming it. Remote paths (``s3://`` ...) keep Lightning's behaviour.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._started = time.time()
-        self._swept: set[Path] = set()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        if path.parent not in self._swept:
-            self._swept.add(path.parent)
-            for orphan in path.parent.glob(".*.ckpt"):  # hidden temporaries of a killed earlier run
-                if orphan.stat().st_mtime < self._started:
-                    orphan.unlink(missing_ok=True)
         try:
             write_atomic(path, lambda tmp: _save_synced(checkpoint, tmp))  # removes its temporary on any failure
         except (OSError, RuntimeError) as err:
@@ -67,34 +56,13 @@ class SameFolderCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise
         except Exception as err:  # a refused pickle, a truncated or foreign file
-            raise _unreadable(path, err) from err
+            raise unreadable_checkpoint(path, err) from err
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's content for checks (tensors memory-mapped, not read), loaded with ``weights_only=True``:
     refused pickles, truncated and foreign files are a ``ValueError`` that names the file."""
-    if Path(path).is_file() and Path(path).stat().st_size == 0:
-        raise ValueError(f"cannot read checkpoint {path}: the file is empty")
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # not a zip archive: read it whole
-    except FileNotFoundError:
-        raise
-    except Exception as err:  # a truncated zip is an OSError (EINVAL) without the file's name
-        raise _unreadable(path, err) from err
-
-
-def _unreadable(path: str | os.PathLike, err: BaseException) -> ValueError:
-    if isinstance(err, pickle.UnpicklingError):
-        return ValueError(
-            f"cannot read checkpoint {path}: it holds objects other than tensors and plain data, which are not loaded"
-            f" (a file from an untrusted source can run code when unpickled): {_first_line(err)}"
-        )
-    return ValueError(f"cannot read checkpoint {path} (truncated, or not a torch file?): {_first_line(err)}")
+    return read_torch_file(path, mmap=True)
 
 
 def check_checkpoint(checkpoint: dict[str, Any], module: pl.LightningModule) -> None:
