@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsvheat.data.io import ImageReadError, image_key, integer_labels, read_image
-from rsvheat.data.segmentation import match_files
+from rsvheat.data.io import ImageReadError, image_key, integer_labels, match_files, read_image
 from rsvheat.data.transforms import crop_and_flip, normalise
 
 

@@ -73,6 +73,48 @@ def images_by_key(root: str | Path, suffix: str = "") -> dict[str, Path]:
     return found
 
 
+def match_files(folders: dict[str, Path], suffixes: dict[str, str], required: Sequence[str]) -> list[dict[str, Path]]:
+    """Group the files of several folders into samples, one per file of the first folder, sorted by name.
+
+    A file's name is its path relative to its folder without the extension, minus the folder's suffix in
+    ``suffixes`` (:func:`image_key`): ``images/a/tile.tif`` and ``images/b/tile.tif`` are two samples
+    (``"a/tile"``, ``"b/tile"``), partnered by ``masks/a/tile.png`` and ``masks/b/tile.png``. Two files of one folder
+    with the same name (``x.png`` beside ``x.tif``) raise naming both; a file of the first folder without a partner in
+    a ``required`` folder raises naming it.
+
+    Returns:
+        ``[{folder key: path}]``, every ``required`` key present in every record.
+    """
+    listed = {k: images_by_key(folder, suffixes.get(k, "")) for k, folder in folders.items()}
+    first = next(iter(folders))
+    if not listed[first]:
+        raise ValueError(f"no images in {folders[first]}")
+    records = []
+    for name, path in sorted(listed[first].items()):
+        record = {first: path}
+        for k in folders:
+            if k == first:
+                continue
+            if name not in listed[k]:
+                if k in required:
+                    raise ImageReadError(f"{path}: no {k} file named like it in {folders[k]}{_hint(name, k, listed)}")
+                continue
+            record[k] = listed[k][name]
+        records.append(record)
+    return records
+
+
+def _hint(name: str, k: str, listed: dict[str, dict[str, Path]]) -> str:
+    """What the error of a missing partner adds: the name looked for, and a file of the same name in another
+    sub-folder (partners used to be matched by file name alone: a flat mask folder beside nested images)."""
+    base = name.rsplit("/", 1)[-1]
+    elsewhere = [p for key, p in listed[k].items() if key.rsplit("/", 1)[-1] == base]
+    hint = f" (looked for {name!r} relative to the folder, any image extension)"
+    if elsewhere:
+        hint += f"; {elsewhere[0]} has that file name in another sub-folder: partners need the same relative path"
+    return hint
+
+
 def integer_labels(values: np.ndarray, path: str | Path) -> np.ndarray:
     """``(H, W)`` or ``(C, H, W)`` label values read as float -> the same shape as int64.
 

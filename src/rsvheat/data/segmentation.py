@@ -15,7 +15,7 @@ reading, so the files stay as distributed:
 Files are matched by their path relative to their folder, without the extension and after removing
 ``image_suffix`` / ``mask_suffix`` / ``sar_suffix`` from the file name, e.g. Potsdam ``top_potsdam_2_10_RGB.tif`` ↔
 ``top_potsdam_2_10_label.tif`` with ``image_suffix="_RGB"``, ``mask_suffix="_label"``; ``images/a/tile.tif`` ↔
-``masks/a/tile.png``, and ``images/b/tile.tif`` is another sample (see :func:`match_files`).
+``masks/a/tile.png``, and ``images/b/tile.tif`` is another sample (see :func:`~rsvheat.data.io.match_files`).
 """
 
 from __future__ import annotations
@@ -27,54 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsvheat.data.io import ImageReadError, image_header, image_key, images_by_key, integer_labels, read_image
+from rsvheat.data.io import ImageReadError, image_header, image_key, integer_labels, match_files, read_image
 from rsvheat.data.transforms import crop_and_flip, normalise
 
 # ISPRS Potsdam / Vaihingen: impervious surfaces, building, low vegetation, tree, car, clutter.
 ISPRS_CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
 ISPRS_PALETTE = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
-
-
-def match_files(folders: dict[str, Path], suffixes: dict[str, str], required: Sequence[str]) -> list[dict[str, Path]]:
-    """Group the files of several folders into samples, one per file of the first folder, sorted by name.
-
-    A file's name is its path relative to its folder without the extension, minus the folder's suffix in
-    ``suffixes`` (:func:`~rsvheat.data.io.image_key`): ``images/a/tile.tif`` and ``images/b/tile.tif`` are two samples
-    (``"a/tile"``, ``"b/tile"``), partnered by ``masks/a/tile.png`` and ``masks/b/tile.png``. Two files of one folder
-    with the same name (``x.png`` beside ``x.tif``) raise naming both; a file of the first folder without a partner in
-    a ``required`` folder raises naming it.
-
-    Returns:
-        ``[{folder key: path}]``, every ``required`` key present in every record.
-    """
-    listed = {k: images_by_key(folder, suffixes.get(k, "")) for k, folder in folders.items()}
-    first = next(iter(folders))
-    if not listed[first]:
-        raise ValueError(f"no images in {folders[first]}")
-    records = []
-    for name, path in sorted(listed[first].items()):
-        record = {first: path}
-        for k in folders:
-            if k == first:
-                continue
-            if name not in listed[k]:
-                if k in required:
-                    raise ImageReadError(f"{path}: no {k} file named like it in {folders[k]}{_hint(name, k, listed)}")
-                continue
-            record[k] = listed[k][name]
-        records.append(record)
-    return records
-
-
-def _hint(name: str, k: str, listed: dict[str, dict[str, Path]]) -> str:
-    """What the error of a missing partner adds: the name looked for, and a file of the same name in another
-    sub-folder (partners used to be matched by file name alone: a flat mask folder beside nested images)."""
-    base = name.rsplit("/", 1)[-1]
-    elsewhere = [p for key, p in listed[k].items() if key.rsplit("/", 1)[-1] == base]
-    hint = f" (looked for {name!r} relative to the folder, any image extension)"
-    if elsewhere:
-        hint += f"; {elsewhere[0]} has that file name in another sub-folder: partners need the same relative path"
-    return hint
 
 
 def rgb_to_index(

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rsvheat.data.io import image_key, read_image
+from rsvheat.data.io import image_key, match_files, read_image
 from rsvheat.data.stats import Stats, band_stats, check_stats
 from rsvheat.data.transforms import normalise
 
@@ -120,7 +120,7 @@ def prediction_path(out_dir: str | Path, name: str, source: str | Path) -> Path:
 class UnlabelledImages(Dataset):
     """Images to predict: ``{"<key>": (C, H, W), ..., "name": str, "path": str}`` from one folder per key (e.g.
     ``{"image": dir}``, ``{"optical": dir, "sar": dir}`` or ``{"before": A, "after": B}``), matched by the path
-    relative to the folder (see :func:`~rsvheat.data.segmentation.match_files`). ``name`` is that relative path of
+    relative to the folder (see :func:`~rsvheat.data.io.match_files`). ``name`` is that relative path of
     the first folder's file without extension (the file's stem at the top level), ``path`` the file itself."""
 
     def __init__(
@@ -131,8 +131,6 @@ class UnlabelledImages(Dataset):
         modality_of: Mapping[str, str] | None = None,
         bands: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
-        from rsvheat.data.segmentation import match_files
-
         self.records = match_files({k: Path(v) for k, v in folders.items()}, {}, list(folders))
         self.first_root = Path(next(iter(folders.values())))
         self.modality_of = dict(modality_of or {k: k for k in folders})
