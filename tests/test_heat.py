@@ -77,8 +77,9 @@ def test_module_caches_filter_only_for_inference_and_tracks_weight_updates():
     out = hco(x, fve)
     out.sum().backward()  # grad mode: no cache, gradients reach to_k
     assert hco.to_k.weight.grad is not None and hco.to_k.weight.grad.abs().sum() > 0
-    hco.train()
-    assert not hco._filter_cache
+    assert hco.folded_filter is not None
+    hco.train()  # about to change the weights: the fold is dropped
+    assert hco.folded_filter is None
 
 
 def test_sce_is_required_when_built_with_it():

@@ -41,13 +41,27 @@ def test_folded_inference_equals_unfolded_and_is_reused():
         reference = model(x)  # grad mode: computes filters afresh every call
     model.fold((80, 72))
     stage = model.stages[2]
-    cached = stage.blocks[0].hco._filter_cache.copy()
+    fve, filt = stage.folded_fve, stage.blocks[0].hco.folded_filter
+    assert fve.shape == (5, 5, 64) and filt.shape == (5, 5, 64)
     with torch.no_grad():
         folded = model(x)
-    assert stage.blocks[0].hco._filter_cache.keys() == cached.keys()  # fold() already built what the forward used
+    # fold() already built what the forward used
+    assert stage.folded_fve is fve and stage.blocks[0].hco.folded_filter is filt
     torch.testing.assert_close(folded, reference, rtol=0, atol=0)
     with torch.no_grad():  # another size folds on first use, still equal
-        torch.testing.assert_close(model(x[..., :40, :48]), model.train().eval()(x[..., :40, :48]))
+        torch.testing.assert_close(model(x[..., :40, :48]), model.clear_caches()(x[..., :40, :48]))
+
+
+def test_folded_tensors_are_buffers_outside_the_state_dict_and_clear_caches_drops_them():
+    model = micro_model().fold((64, 64))
+    buffers = dict(model.named_buffers())
+    assert {"stages.0.folded_fve", "stages.0.folded_sce", "stages.3.blocks.0.hco.folded_filter"} <= buffers.keys()
+    # at the stored size the folded FVE is a copy, never the parameter itself
+    assert buffers["stages.0.folded_fve"].data_ptr() != model.stages[0].freq_embed.data_ptr()
+    assert not any("folded" in key for key in model.state_dict())
+    model.clear_caches()
+    assert not dict(model.named_buffers())
+    assert model.stages[0]._folded_for is None and model.stages[0].blocks[0].hco._folded_for is None
 
 
 def test_inference_mode_at_another_size_and_after_a_weight_change():
@@ -57,13 +71,13 @@ def test_inference_mode_at_another_size_and_after_a_weight_change():
     x = torch.randn(1, 3, 72, 56)
     with torch.inference_mode():
         first, again = model(x), model(x)
-    expected = model.train().eval()(x).detach()  # grad mode: nothing cached
+    expected = model.clear_caches()(x).detach()  # grad mode: computed afresh, nothing folded
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     torch.testing.assert_close(again, expected, rtol=0, atol=0)
     with torch.no_grad():
         for stage in model.stages:
             stage.freq_embed.mul_(3.0)
-        changed = model.train().eval()(x)
+        changed = model.clear_caches()(x)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), changed, rtol=0, atol=0)
     assert not torch.equal(changed, expected)

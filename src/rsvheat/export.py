@@ -13,8 +13,6 @@ difference is within the tolerance; an existing output is replaced only with ``o
 
 from __future__ import annotations
 
-import copy
-import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import nn
 
 from rsvheat.files import check_output, refuse_inputs_as_outputs, write_atomic
 from rsvheat.inference.scene import MIN_TILE
+from rsvheat.models.rsvheat import RSVHeat
 from rsvheat.operators.heat import HeatConduction
 
 #: Default largest accepted ``max |exported - PyTorch| / max |PyTorch|``.
@@ -57,59 +56,6 @@ def prepare(model: nn.Module, kind: str) -> nn.Module:
     return _Adapter(model, kind).eval()
 
 
-def _constant_filter(self: HeatConduction, freq_embed: torch.Tensor) -> torch.Tensor:
-    return self.folded_filter
-
-
-def _constant_embeddings(self: nn.Module, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if tuple(size) != self.folded_size:
-        raise ValueError(f"this stage was folded for {self.folded_size} feature maps, got {tuple(size)}")
-    return self.folded_fve, self.folded_sce
-
-
-def fold_constants(model: nn.Module, inputs: Sequence[torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` in which every heat stage returns precomputed buffers, for the feature-map sizes it sees on
-    ``inputs``, instead of computing them: the resized FVE/SCE and each block's decay filter ``exp(-k·t·ω²)``.
-
-    Exporters store the buffers as constants, so the program no longer recomputes them per call (the folding of
-    :meth:`RSVHeat.fold`, which its eval-mode caches cannot give a traced graph). A stage seen at several sizes
-    (none in the models of :func:`export_checkpoint`) is left as it is.
-    """
-    from rsvheat.models.rsvheat import HeatStage
-
-    folded = copy.deepcopy(model).eval()
-    stages = [m for m in folded.modules() if isinstance(m, HeatStage)]
-    sizes: dict[HeatStage, set] = {stage: set() for stage in stages}
-    for stage in stages:
-
-        def record(size, stage=stage):
-            sizes[stage].add(tuple(size))
-            return HeatStage.embeddings(stage, size)
-
-        stage.embeddings = record
-    try:
-        with torch.no_grad():
-            folded(*inputs)
-    finally:
-        for stage in stages:
-            del stage.embeddings
-    with torch.no_grad():
-        for stage, seen in sizes.items():
-            if len(seen) != 1:
-                continue
-            (size,) = seen
-            fve, sce = stage.embeddings(size)
-            stage.folded_size = size
-            stage.register_buffer("folded_fve", fve.clone(), persistent=False)
-            stage.register_buffer("folded_sce", None if sce is None else sce.clone(), persistent=False)
-            stage.embeddings = types.MethodType(_constant_embeddings, stage)
-            for block in stage.blocks:
-                hco = block.hco
-                hco.register_buffer("folded_filter", hco.decay_filter(fve).clone(), persistent=False)
-                hco.decay_filter = types.MethodType(_constant_filter, hco)
-    return folded
-
-
 def _check_output(out: str | Path, overwrite: bool) -> Path:
     return check_output(out, overwrite, (".onnx", ".pt2"), "an export (ONNX or torch.export program)")
 
@@ -137,6 +83,7 @@ def export_model(
     adapter = prepare(model, kind)
     inputs = tuple(inputs)
     with torch.no_grad():
+        # eval mode without autograd: this forward also folds every heat stage for the size it sees (RSVHeat.fold)
         reference = adapter(*inputs)
     result: dict = {"path": out, "reference_max_abs": float(reference.abs().max())}
 
@@ -158,7 +105,11 @@ def export_model(
         def write(tmp: Path) -> None:
             import onnxruntime
 
-            # the filters, computed from parameters only, are constant-folded by ONNX Runtime at load
+            # unfolded: the filters, computed from parameters only, are a constant subgraph that ONNX Runtime folds
+            # at load (the file stays as small as the weights)
+            for module in adapter.modules():
+                if isinstance(module, RSVHeat):
+                    module.clear_caches()
             torch.onnx.export(adapter, inputs, dynamo=True, opset_version=opset, verbose=False).save(str(tmp))
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), inputs, strict=True)}
@@ -167,7 +118,8 @@ def export_model(
     else:
 
         def write(tmp: Path) -> None:
-            torch.export.save(torch.export.export(fold_constants(adapter, inputs), inputs), str(tmp))
+            # folded by the reference forward: the program stores the resized FVE/SCE and filters as constants
+            torch.export.save(torch.export.export(adapter, inputs), str(tmp))
             with torch.no_grad():
                 check(torch.export.load(str(tmp)).module()(*inputs))
 

@@ -178,24 +178,59 @@ class HeatStage(nn.Module):
         # Output norm for dense tasks (the official detection/segmentation wrappers' `outnorm{i}`).
         self.out_norm = nn.LayerNorm(dim) if feature_norm else None
         self.grad_checkpointing = False
-        self._embed_cache: dict = {}
+        # The folded FVE/SCE (see `fold`): buffers, so that exporters store them as constants; not persistent, since
+        # they are derived from the weights.
+        self.register_buffer("folded_fve", None, persistent=False)
+        self.register_buffer("folded_sce", None, persistent=False)
+        self._folded_for: tuple | None = None  # (size, weights signature) of the folded buffers
+
+    def _resized(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sce = resize_embedding(self.heat_capacity, size) if self.heat_capacity is not None else None
+        return resize_embedding(self.freq_embed, size), sce
+
+    def _signature(self, size: tuple[int, int]) -> tuple:
+        params = [p for p in (self.freq_embed, self.heat_capacity) if p is not None]
+        return (tuple(size),) + tuple((p.data_ptr(), tensor_version(p), p.device, p.dtype) for p in params)
+
+    @torch.inference_mode(False)  # normal tensors even when folded under inference_mode: exporters can trace them
+    @torch.no_grad()
+    def fold(self, size: tuple[int, int]) -> None:
+        """Resize FVE and SCE to the feature-map ``size`` and keep them as the buffers ``folded_fve`` and
+        ``folded_sce``, then fold every block's decay filter for that FVE (:meth:`HeatConduction.fold`)."""
+        fve, sce = self._resized(size)
+        # at the stored size resize_embedding returns the parameter itself: a buffer must not alias it
+        fve = fve.clone() if fve is self.freq_embed else fve
+        sce = sce.clone() if sce is not None and sce is self.heat_capacity else sce
+        self.folded_fve, self.folded_sce = fve, sce
+        self._folded_for = self._signature(size)
+        for block in self.blocks:
+            block.hco.fold(fve)
+
+    def clear_cache(self) -> None:
+        """Drop the folded FVE/SCE and the blocks' folded filters."""
+        self.folded_fve, self.folded_sce, self._folded_for = None, None, None
+        for block in self.blocks:
+            block.hco.clear_cache()
 
     def embeddings(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """FVE and SCE resized to the feature-map ``size``, cached in eval mode without autograd."""
-        params = [p for p in (self.freq_embed, self.heat_capacity) if p is not None]
+        """FVE and SCE resized to the feature-map ``size``: ``(h, w, C)`` each (SCE ``None`` without one).
 
-        def resized() -> tuple[torch.Tensor, torch.Tensor | None]:
-            sce = resize_embedding(self.heat_capacity, size) if self.heat_capacity is not None else None
-            return resize_embedding(self.freq_embed, size), sce
-
-        # traced (torch.compile/export): computed in the graph, where exporters fold them into constants
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return resized()
-        key = (tuple(size),) + tuple((p.data_ptr(), tensor_version(p), p.device, p.dtype) for p in params)
-        if key not in self._embed_cache:
-            self._embed_cache.clear()
-            self._embed_cache[key] = resized()
-        return self._embed_cache[key]
+        In eval mode without autograd they are folded (:meth:`fold`) on first use and reused while the weights are
+        unchanged. While exporting (``torch.export``, ONNX) folded ones of the right size are used as they are
+        (constants of the program); otherwise, as in training, under autograd and under ``torch.compile``, they are
+        computed.
+        """
+        if self.training:
+            return self._resized(size)
+        if torch.compiler.is_exporting():
+            # traced tensors carry no version to check against: the exporter folds right before tracing
+            folded = self._folded_for is not None and self._folded_for[0] == tuple(size)
+            return (self.folded_fve, self.folded_sce) if folded else self._resized(size)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._resized(size)
+        if self._folded_for != self._signature(size):
+            self.fold(size)
+        return self.folded_fve, self.folded_sce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -206,7 +241,7 @@ class HeatStage(nn.Module):
         return x
 
     def train(self, mode: bool = True):
-        self._embed_cache.clear()
+        self.clear_cache()  # a fold is made for one set of weights; training is about to change them
         return super().train(mode)
 
 
@@ -488,12 +523,14 @@ class RSVHeat(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # inference folding
 
-    @torch.no_grad()
     def fold(self, img_size: int | Sequence[int] | None = None) -> RSVHeat:
-        """Switch to eval mode and precompute, for inputs of ``img_size``, every block's decay filter
-        ``exp(-kt (w_n^2 + w_m^2))`` and the resized FVE/SCE (the official ``infer_init``, for any size, SCE kept).
+        """Switch to eval mode and precompute, for inputs of ``img_size`` (default: the stored ``img_size``), the
+        resized FVE/SCE of every stage and every block's decay filter ``exp(-kt (w_n^2 + w_m^2))`` (the official
+        ``infer_init``, for any size, SCE kept), kept as buffers that ``torch.export`` and ONNX store as constants.
 
-        Outputs are identical to the unfolded model. Calls at other sizes still work: they fold on first use.
+        Outputs are identical to the unfolded model. An eval-mode forward without autograd folds by itself, for the
+        size it sees, and folds again after the weights change; calls at other sizes still work. Exporters take the
+        folded buffers as they are: fold (or run such a forward) after changing weights in eval mode.
         """
         self.eval()
         size = self.img_size if img_size is None else img_size
@@ -502,9 +539,14 @@ class RSVHeat(nn.Module):
         for i, stage in enumerate(self.stages):
             if i > 0:
                 h, w = -(-h // 2), -(-w // 2)
-            fve, _ = stage.embeddings((h, w))
-            for block in stage.blocks:
-                block.hco.decay_filter(fve)
+            stage.fold((h, w))
+        return self
+
+    def clear_caches(self) -> RSVHeat:
+        """Drop every folded FVE/SCE and decay filter (made by :meth:`fold` or by an eval-mode forward without
+        autograd); the next such forward folds again. Returns the model."""
+        for stage in self.stages:
+            stage.clear_cache()
         return self
 
 

@@ -139,31 +139,57 @@ class HeatConduction(nn.Module):
         self.to_k = nn.Linear(dim, dim)
         self.out_norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, dim)
-        self._filter_cache: dict = {}
+        # The folded decay filter (see `fold`): a buffer, so that exporters store it as a constant; not persistent,
+        # since it is derived from the weights.
+        self.register_buffer("folded_filter", None, persistent=False)
+        self._folded_for: tuple | None = None  # (FVE, weights signature) the folded filter was computed from
 
     def kt(self, freq_embed: torch.Tensor) -> torch.Tensor:
         """Diffusivity times time, ``ReLU(to_k(FVE))``: ``(H, W, C)``."""
         return F.relu(self.to_k(freq_embed))
 
+    def _signature(self, freq_embed: torch.Tensor) -> tuple:
+        return (tuple(freq_embed.shape), freq_embed.device, freq_embed.dtype, tensor_version(freq_embed)) + tuple(
+            (p.data_ptr(), tensor_version(p)) for p in (self.to_k.weight, self.to_k.bias)
+        )
+
+    @torch.inference_mode(False)  # a normal tensor even when folded under inference_mode: exporters can trace it
+    @torch.no_grad()
+    def fold(self, freq_embed: torch.Tensor) -> torch.Tensor:
+        """Compute the decay filter for ``freq_embed`` (``(H, W, C)``, resized to the feature map) and keep it as the
+        buffer ``folded_filter``, which :meth:`decay_filter` then returns: the official ``k_exp``, for any size."""
+        self.folded_filter = heat_filter(self.kt(freq_embed))
+        self._folded_for = (freq_embed, self._signature(freq_embed))
+        return self.folded_filter
+
+    def clear_cache(self) -> None:
+        """Drop the folded filter; the next forward in eval mode without autograd folds again."""
+        self.folded_filter, self._folded_for = None, None
+
     def decay_filter(self, freq_embed: torch.Tensor) -> torch.Tensor:
         """``exp(-kt (w_n^2 + w_m^2))`` for an FVE already resized to the feature map: ``(H, W, C)``.
 
-        In eval mode without autograd the result is cached per size and weight version: that is the inference folding
-        of the official code (``k_exp``), without its fixed input size.
+        In eval mode without autograd the filter is folded (:meth:`fold`) on first use and reused while the FVE and
+        ``to_k`` are unchanged. While exporting (``torch.export``, ONNX) a folded filter of the right size is used as
+        it is (a constant of the program); otherwise, as in training, under autograd and under ``torch.compile``, it
+        is computed from the weights.
         """
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if self.training:
             return heat_filter(self.kt(freq_embed))
-        key = (tuple(freq_embed.shape), freq_embed.device, freq_embed.dtype, tensor_version(freq_embed)) + tuple(
-            (p.data_ptr(), tensor_version(p)) for p in (self.to_k.weight, self.to_k.bias)
-        )
-        # The FVE is matched by identity (the cache holds it, so its id cannot be recycled): a resized FVE made under
+        if torch.compiler.is_exporting():
+            # traced tensors carry no identity or version to check against: the exporter folds right before tracing
+            folded = self.folded_filter
+            return (
+                folded if folded is not None and folded.shape == freq_embed.shape else heat_filter(self.kt(freq_embed))
+            )
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return heat_filter(self.kt(freq_embed))
+        # The FVE is matched by identity (the fold holds it, so its id cannot be recycled): one resized under
         # inference_mode has no version counter, and a fresh one may reuse a freed one's address.
-        source, cached = self._filter_cache.get(key, (None, None))
-        if source is not freq_embed:
-            self._filter_cache.clear()
-            cached = heat_filter(self.kt(freq_embed))
-            self._filter_cache[key] = (freq_embed, cached)
-        return cached
+        source, signature = self._folded_for or (None, None)
+        if source is not freq_embed or signature != self._signature(freq_embed):
+            self.fold(freq_embed)
+        return self.folded_filter
 
     def forward(
         self, x: torch.Tensor, freq_embed: torch.Tensor, sce: torch.Tensor | None = None, return_states: bool = False
@@ -199,5 +225,5 @@ class HeatConduction(nn.Module):
         return out, states
 
     def train(self, mode: bool = True):
-        self._filter_cache.clear()
+        self.clear_cache()  # a fold is made for one set of weights; training is about to change them
         return super().train(mode)
