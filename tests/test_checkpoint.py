@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import pytest
@@ -104,6 +105,54 @@ def test_our_safetensors_round_trip_and_metadata(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(other(x), model(x))
     assert not list(tmp_path.glob(".*tmp"))  # the temporary file of the atomic write is gone
+
+
+def test_model_rebuilt_from_its_weights_file_alone(tmp_path):
+    model = micro_model(
+        modalities={"optical": 3, "sar": 1, "s2": 12}, img_size=(96, 80), feature_norms=True, layer_scale=0.5
+    ).eval()
+    model.reset_classifier(7)  # the stored architecture follows the head
+    path = rsvheat.save_weights(model, tmp_path / "w.safetensors")
+    rebuilt = rsvheat.create_model_from_weights(path).eval()
+    assert rebuilt.modalities == model.modalities and rebuilt.img_size == (96, 80) and rebuilt.num_classes == 7
+    assert rebuilt.arch_config == model.arch_config
+    with torch.no_grad():
+        for modality, chans in model.modalities.items():
+            x = torch.randn(2, chans, 70, 90)
+            torch.testing.assert_close(rebuilt(x, modality), model(x, modality), rtol=0, atol=0)
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(
+            rebuilt.forward_intermediates(x, norm=True, intermediates_only=True),
+            model.forward_intermediates(x, norm=True, intermediates_only=True),
+            rtol=0,
+            atol=0,
+        )
+    # overrides are RSVHeat arguments, adapted as on any load: a backbone without classifier at another size
+    backbone = rsvheat.create_model_from_weights(path, num_classes=0, img_size=64)
+    assert backbone.num_classes == 0 and backbone.stages[0].freq_embed.shape == (16, 16, 16)
+    # a file written before feature_norms was stored: the output norms among its tensors tell
+    from safetensors.torch import save_file
+
+    older = {k: v for k, v in model.arch_config.items() if k != "feature_norms"}
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"format": "rsvheat", "config": json.dumps(older)})
+    assert rsvheat.create_model_from_weights(tmp_path / "old.safetensors").stages[3].out_norm is not None
+
+
+def test_only_our_weights_files_say_what_to_build(tmp_path):
+    torch.save({"model": official().state_dict()}, tmp_path / "official.pth")
+    with pytest.raises(CheckpointError, match=r"official\.pth holds weights without their architecture.*create_model"):
+        rsvheat.create_model_from_weights(tmp_path / "official.pth")
+    from safetensors.torch import save_file
+
+    save_file(micro_model().state_dict(), str(tmp_path / "plain.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"plain\.safetensors has no rsvheat architecture metadata.*load_checkpoint"
+    ):
+        rsvheat.create_model_from_weights(tmp_path / "plain.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*broken\.safetensors"):
+        rsvheat.create_model_from_weights(tmp_path / "broken.safetensors")
 
 
 def test_checkpoint_of_another_variant_names_both(tmp_path):

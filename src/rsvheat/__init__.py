@@ -3,7 +3,15 @@
 Importing the package registers ``rsvheat_{tiny,small,base}`` and ``vheat_{tiny,small,base}`` with timm.
 """
 
-from rsvheat.models import VARIANTS, CheckpointError, RSVHeat, adapt_stem_weight, load_checkpoint, save_weights
+from rsvheat.models import (
+    VARIANTS,
+    CheckpointError,
+    RSVHeat,
+    adapt_stem_weight,
+    create_model_from_weights,
+    load_checkpoint,
+    save_weights,
+)
 
 
 def create_model(name: str, **kwargs) -> RSVHeat:
@@ -25,6 +33,7 @@ __all__ = [
     "RSVHeat",
     "adapt_stem_weight",
     "create_model",
+    "create_model_from_weights",
     "load_checkpoint",
     "save_weights",
 ]

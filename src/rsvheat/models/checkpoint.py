@@ -320,8 +320,39 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {path} does not fit the model: {err}") from err
 
 
+def weights_config(path: str | os.PathLike) -> dict:
+    """The architecture stored in a weights file written by :func:`save_weights` (``RSVHeat``'s arguments, from the
+    safetensors metadata). Any other file raises :class:`CheckpointError`: it does not say what to build."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    other = (
+        "build the model with rsvheat.create_model(<variant>, ...) and load the file with "
+        "rsvheat.load_checkpoint(model, path)"
+    )
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path} holds weights without their architecture (not an rsvheat .safetensors): {other}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata, keys = f.metadata() or {}, list(f.keys())
+    except Exception as err:  # corrupt or truncated
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
+    try:
+        config = json.loads(metadata["config"]) if metadata.get("format") == "rsvheat" else None
+    except (KeyError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has no rsvheat architecture metadata (not written by save_weights): {other}")
+    # files written before feature_norms was stored: the per-stage output norms are among the tensors
+    config.setdefault("feature_norms", any(".out_norm." in key for key in keys))
+    return config
+
+
 def save_weights(model: RSVHeat, path: str | os.PathLike, extra: Mapping[str, str] | None = None) -> Path:
-    """Write ``model``'s weights as safetensors, atomically (temp file + rename), with its architecture as metadata."""
+    """Write ``model``'s weights as safetensors, atomically (temp file + rename), with its architecture
+    (``model.arch_config``) as metadata: :func:`rsvheat.create_model_from_weights` rebuilds the model from the file."""
     from safetensors.torch import save_file
 
     path = Path(path)

@@ -17,6 +17,7 @@ Public outputs (``forward_features``, ``forward_intermediates``) are NCHW.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -27,11 +28,11 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rsvheat.models.checkpoint import checkpoint_filter_fn
+from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
 from rsvheat.operators.dct import DctImpl
 from rsvheat.operators.heat import HeatConduction, resize_embedding, tensor_version
 
-__all__ = ["RSVHeat", "VARIANTS"]
+__all__ = ["RSVHeat", "VARIANTS", "create_model_from_weights"]
 
 #: Input-stem name used when a model has a single 3-band stem and no modality is given.
 DEFAULT_MODALITY = "optical"
@@ -314,7 +315,8 @@ class RSVHeat(nn.Module):
             raise ValueError("at least one input modality (stem) is required")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.modalities = dict(modalities)
-        # Everything needed to rebuild this architecture (stored in our checkpoints' metadata).
+        # The arguments that rebuild this module (JSON-able): save_weights stores them, create_model_from_weights
+        # builds RSVHeat(**arch_config) from them. Runtime switches (check_inputs, dct_impl) are not part of it.
         self.arch_config = dict(
             modalities=self.modalities,
             depths=list(depths),
@@ -325,6 +327,10 @@ class RSVHeat(nn.Module):
             layer_scale=layer_scale,
             mlp_ratio=mlp_ratio,
             num_classes=num_classes,
+            global_pool=global_pool,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            feature_norms=feature_norms,
         )
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.img_size = img_size
@@ -491,6 +497,7 @@ class RSVHeat(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         pool = self.head.global_pool if global_pool is None else global_pool
+        self.arch_config.update(num_classes=num_classes, global_pool=pool)  # what a rebuild must give the head
         device = self.head.norm.weight.device
         self.head = ClassifierHead(self.num_features, num_classes, pool, self.head.drop.p).to(device)
 
@@ -628,3 +635,17 @@ def _register(name: str):
 
 for _name in VARIANTS:
     globals()[_name] = _register(_name)
+
+
+def create_model_from_weights(path: str | os.PathLike, **overrides) -> RSVHeat:
+    """The model a weights file of :func:`~rsvheat.models.checkpoint.save_weights` describes, with its weights:
+    ``RSVHeat(**stored arguments, **overrides)``, then :func:`~rsvheat.models.checkpoint.load_checkpoint`.
+
+    ``overrides`` are ``RSVHeat`` arguments and are adapted as on any load: e.g. ``num_classes=0`` drops the
+    classifier, more ``modalities`` get stems built from the stored ones, another ``img_size`` resizes FVE/SCE, and
+    runtime switches (``check_inputs``, ``dct_impl``) apply. Other files (official ``.pth``, Lightning ``.ckpt``) do
+    not say what to build: they raise :class:`~rsvheat.models.checkpoint.CheckpointError`.
+    """
+    model = RSVHeat(**{**weights_config(path), **overrides})
+    load_checkpoint(model, path)
+    return model
