@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from timm.models import adapt_input_conv
 from torch import nn
 
 from rsvheat.files import write_atomic
@@ -146,26 +147,24 @@ def adapt_stem_weight(
     * ``band_map`` given: band ``i`` takes source channel ``band_map[i]``; bands mapped to ``None`` start at zero, so
       the model initially responds exactly as the pretrained one does to the mapped bands;
     * ``in_chans == 1``: the sum over source channels (a grey image gives the same response as its RGB copy);
-    * otherwise: channel ``i`` takes source channel ``i % C_src``, scaled by ``C_src / in_chans`` (timm's convention;
-      when ``in_chans`` is a multiple of ``C_src`` a constant image gives exactly the pretrained response).
+    * otherwise: channel ``i`` takes source channel ``i % C_src``, scaled by ``C_src / in_chans`` (when ``in_chans``
+      is a multiple of ``C_src`` a constant image gives exactly the pretrained response).
+
+    Without ``band_map`` the rule is timm's, and timm's ``adapt_input_conv`` computes it (in float32: float64
+    weights are rounded first). ``band_map`` is ours: timm has no band mapping.
     """
     c_out, c_src, kh, kw = weight.shape
-    if band_map is not None:
-        if len(band_map) != in_chans:
-            raise ValueError(f"band_map has {len(band_map)} entries, expected one per input band ({in_chans})")
-        out = weight.new_zeros(c_out, in_chans, kh, kw)
-        for i, src in enumerate(band_map):
-            if src is not None:
-                if not 0 <= src < c_src:
-                    raise ValueError(f"band_map[{i}] = {src} is not a channel of the {c_src}-channel source stem")
-                out[:, i] = weight[:, src]
-        return out
-    if in_chans == c_src:
-        return weight
-    if in_chans == 1:
-        return weight.sum(dim=1, keepdim=True)
-    index = torch.arange(in_chans) % c_src
-    return weight[:, index] * (c_src / in_chans)
+    if band_map is None:
+        return adapt_input_conv(in_chans, weight, base_chans=c_src)
+    if len(band_map) != in_chans:
+        raise ValueError(f"band_map has {len(band_map)} entries, expected one per input band ({in_chans})")
+    out = weight.new_zeros(c_out, in_chans, kh, kw)
+    for i, src in enumerate(band_map):
+        if src is not None:
+            if not 0 <= src < c_src:
+                raise ValueError(f"band_map[{i}] = {src} is not a channel of the {c_src}-channel source stem")
+            out[:, i] = weight[:, src]
+    return out
 
 
 def adapt_to_model(
