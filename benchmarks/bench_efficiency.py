@@ -2,10 +2,10 @@
 
     python benchmarks/bench_efficiency.py [--models ...] [--sizes 224 512 1024 2048] [--quick]
 
-See ``rsvheat.bench`` for what is measured and how; results go to ``benchmarks/results/efficiency.{csv,md,png}``.
+See ``rsvheat.apps.bench`` for what is measured and how; results go to ``benchmarks/results/efficiency.{csv,md,png}``.
 """
 
-from rsvheat.bench import main
+from rsvheat.apps.bench import main
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rsvheat.bench import machine_description
+from rsvheat.apps.bench import machine_description
 from rsvheat.pretraining.model import FrequencyPretrainer
 
 

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rsvheat.bench import machine_description  # noqa: E402
+from rsvheat.apps.bench import machine_description  # noqa: E402
 from rsvheat.trainers.pretrain import pretrain_cli  # noqa: E402
 
 TERMS = {"spa": "L_spa (pixel L1)", "fre": "L_fre (DCT L1)", "con": "L_con (InfoNCE)"}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsvheat.bench import machine_description
+from rsvheat.apps.bench import machine_description
 
 CHILD = """
 import json, resource, sys, time

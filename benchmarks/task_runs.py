@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from rsvheat.bench import machine_description
+from rsvheat.apps.bench import machine_description
 
 SAMPLES = Path("data/samples")
 METRICS = {

@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from rsvheat.bench import _fit_exponent, gmacs, run_case, write_report
+from rsvheat.apps.bench import _fit_exponent, gmacs, run_case, write_report
 
 
 def test_a_case_measures_time_and_memory():

@@ -40,7 +40,7 @@ def test_user_errors_are_one_line_with_status_2_and_a_traceback_on_request(tmp_p
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     """``rsvheat demo --out .`` in a repository must not delete its ``configs/``."""
-    from rsvheat.demo import MARKER, _claim
+    from rsvheat.apps.demo import MARKER, _claim
 
     repo = tmp_path / "repo"
     (repo / "configs").mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_demo_labels_a_large_scene_on_a_decimated_overview(tmp_path):
     import rasterio
     from rasterio.transform import from_origin
 
-    from rsvheat.demo import _labelling_image
+    from rsvheat.apps.demo import _labelling_image
 
     assert _labelling_image(sample_scene_path(), tmp_path) == sample_scene_path()  # small: used as it is
     big = tmp_path / "big.tif"

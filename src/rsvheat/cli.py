@@ -104,10 +104,75 @@ def _guarded(command: str, run, *args) -> None:
         raise SystemExit(2) from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="rsvheat", description="RS-vHeat: heat-conduction remote-sensing backbone")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _demo(args: argparse.Namespace) -> None:
+    from rsvheat.apps.demo import run_demo
 
+    run_demo(
+        args.out,
+        args.image,
+        args.model,
+        args.weights,
+        args.bench_size,
+        args.train_root,
+        args.num_classes,
+        args.pretrain_steps,
+        args.epochs,
+        overwrite=args.overwrite,
+    )
+
+
+def _make_samples(args: argparse.Namespace) -> None:
+    from rsvheat.data.samples import write_all
+
+    for task, path in write_all(args.out, overwrite=args.overwrite).items():
+        print(f"{task:15s} {path}")
+
+
+def _predict_scene(args: argparse.Namespace) -> None:
+    from rsvheat.inference.tasks import predict_scene
+
+    written = predict_scene(
+        args.checkpoint,
+        args.images,
+        args.output,
+        probabilities=args.probabilities,
+        bands=args.bands,
+        tile=args.tile,
+        overlap=args.tile // 4 if args.overlap is None else args.overlap,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+        cog=not args.no_cog,
+    )
+    print("written:", *written, sep="\n  ")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from rsvheat.export import export_checkpoint
+
+    result = export_checkpoint(
+        args.out,
+        args.size,
+        args.checkpoint,
+        args.model,
+        args.weights,
+        args.channels,
+        overwrite=args.overwrite,
+        tolerance=args.tolerance,
+    )
+    print(
+        f"{result['path']}: max |exported - PyTorch| = {result['max_abs_diff']:.2e} "
+        f"(outputs up to {result['reference_max_abs']:.2f}; relative {result['relative_diff']:.1e})"
+    )
+
+
+def _export_encoder(args: argparse.Namespace) -> None:
+    from rsvheat.trainers.pretrain import export_encoder
+
+    print(f"encoder weights written to {export_encoder(args.checkpoint, args.out)}")
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo", help="the whole pipeline on a real scene: pre-train, fine-tune, whole-scene map, heat maps, report"
     )
@@ -126,16 +191,15 @@ def main(argv: list[str] | None = None) -> None:
         help="use a non-empty --out that is not an earlier demo's folder (its data/, configs/, pretrain/, finetune/, "
         "scene/, heat_maps/ are replaced)",
     )
+    demo.set_defaults(handler=_demo)
 
+
+def _add_info_and_samples(sub) -> None:
     info = sub.add_parser("info", help="parameters and GMACs of a variant in both counting conventions")
     info.add_argument("--model", default="rsvheat_base")
     info.add_argument("--img-size", type=_SIZE, default=224)
     info.add_argument("--num-classes", type=_at_least(0), default=0)
-
-    sub.add_parser("bench", help="efficiency benchmark vs Swin / ViT / official structure (see --help)", add_help=False)
-    sub.add_parser("pretrain", help="self-supervised pre-training (LightningCLI: --config, see --help)", add_help=False)
-    for command in TASK_COMMANDS:
-        sub.add_parser(command, help=f"downstream tasks: {command} (--config, see --help)", add_help=False)
+    info.set_defaults(handler=_info)
     samples = sub.add_parser("make-samples", help="write small task datasets cut from the embedded Landsat scene")
     samples.add_argument("out", type=Path, nargs="?", default=Path("data/samples"), help="default data/samples")
     samples.add_argument(
@@ -144,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         help="write into a non-empty folder that make-samples did not write (its classification/, segmentation/, "
         "change/, detection/ subfolders are replaced; nothing else is touched)",
     )
+    samples.set_defaults(handler=_make_samples)
+
+
+def _add_predict_scene(sub) -> None:
     scene = sub.add_parser(
         "predict-scene",
         help="run a fine-tuned checkpoint over whole GeoTIFF scenes (tiled, bounded memory, georeferenced output)",
@@ -164,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     scene.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     scene.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     scene.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
+    scene.set_defaults(handler=_predict_scene)
+
+
+def _add_explain(sub) -> None:
     explain = sub.add_parser("explain", help="heat maps: how each HCO diffuses the features of an image (PNGs)")
     explain.add_argument("image", type=Path, help="a raster (GeoTIFF, PNG, ...) of any size")
     explain.add_argument("--out", type=Path, default=Path("outputs/explain"), help="default outputs/explain")
@@ -175,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     explain.add_argument("--bands", type=_bands, default=None, help="1-based bands to read, e.g. 4,3,2")
     explain.add_argument("--tile", type=_SIZE, default=1024, help="scenes larger than this are explained per tile")
     explain.add_argument("--overwrite", action="store_true", help="replace the heat maps in a non-empty --out")
+    explain.set_defaults(handler=_explain)
+
+
+def _add_export(sub) -> None:
     onnx = sub.add_parser(
         "export", help="export a folded backbone or a task model to ONNX (.onnx) or torch.export (.pt2)"
     )
@@ -191,10 +267,31 @@ def main(argv: list[str] | None = None) -> None:
         default=1e-3,
         help="largest accepted max |exported - PyTorch| / max |PyTorch| (default 1e-3); above it nothing is written",
     )
-    export = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
-    export.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
-    export.add_argument("out", type=Path, help="output .safetensors file")
+    onnx.set_defaults(handler=_export)
+    encoder = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
+    encoder.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
+    encoder.add_argument("out", type=Path, help="output .safetensors file")
+    encoder.set_defaults(handler=_export_encoder)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rsvheat`` parser; each subcommand's ``handler`` runs it. The Lightning commands (``pretrain``, the
+    tasks') and ``bench`` only appear for ``--help``: their own parsers read their arguments."""
+    parser = argparse.ArgumentParser(prog="rsvheat", description="RS-vHeat: heat-conduction remote-sensing backbone")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_info_and_samples(sub)
+    sub.add_parser("bench", help="efficiency benchmark vs Swin / ViT / official structure (see --help)", add_help=False)
+    sub.add_parser("pretrain", help="self-supervised pre-training (LightningCLI: --config, see --help)", add_help=False)
+    for command in TASK_COMMANDS:
+        sub.add_parser(command, help=f"downstream tasks: {command} (--config, see --help)", add_help=False)
+    _add_predict_scene(sub)
+    _add_explain(sub)
+    _add_export(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TASK_COMMANDS:
         from rsvheat.trainers.cli import task_cli
@@ -203,79 +300,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] in ("bench", "pretrain"):
         if argv[0] == "bench":
-            from rsvheat.bench import main as passthrough
+            from rsvheat.apps.bench import main as passthrough
         else:
             from rsvheat.trainers.pretrain import pretrain_cli as passthrough
         _guarded(argv[0], passthrough, argv[1:])
         return
-    args = parser.parse_args(argv)
-    _guarded(args.command, _run, args)
-
-
-def _run(args: argparse.Namespace) -> None:
-    """Run the (non-Lightning) subcommand of ``args``."""
-    if args.command == "demo":
-        from rsvheat.demo import run_demo
-
-        run_demo(
-            args.out,
-            args.image,
-            args.model,
-            args.weights,
-            args.bench_size,
-            args.train_root,
-            args.num_classes,
-            args.pretrain_steps,
-            args.epochs,
-            overwrite=args.overwrite,
-        )
-    elif args.command == "info":
-        _info(args)
-    elif args.command == "make-samples":
-        from rsvheat.data.samples import write_all
-
-        for task, path in write_all(args.out, overwrite=args.overwrite).items():
-            print(f"{task:15s} {path}")
-    elif args.command == "predict-scene":
-        from rsvheat.inference.tasks import predict_scene
-
-        written = predict_scene(
-            args.checkpoint,
-            args.images,
-            args.output,
-            probabilities=args.probabilities,
-            bands=args.bands,
-            tile=args.tile,
-            overlap=args.tile // 4 if args.overlap is None else args.overlap,
-            batch_size=args.batch_size,
-            device=args.device,
-            overwrite=args.overwrite,
-            cog=not args.no_cog,
-        )
-        print("written:", *written, sep="\n  ")
-    elif args.command == "explain":
-        _explain(args)
-    elif args.command == "export":
-        from rsvheat.export import export_checkpoint
-
-        result = export_checkpoint(
-            args.out,
-            args.size,
-            args.checkpoint,
-            args.model,
-            args.weights,
-            args.channels,
-            overwrite=args.overwrite,
-            tolerance=args.tolerance,
-        )
-        print(
-            f"{result['path']}: max |exported - PyTorch| = {result['max_abs_diff']:.2e} "
-            f"(outputs up to {result['reference_max_abs']:.2f}; relative {result['relative_diff']:.1e})"
-        )
-    elif args.command == "export-encoder":
-        from rsvheat.trainers.pretrain import export_encoder
-
-        print(f"encoder weights written to {export_encoder(args.checkpoint, args.out)}")
+    args = build_parser().parse_args(argv)
+    _guarded(args.command, args.handler, args)
 
 
 if __name__ == "__main__":

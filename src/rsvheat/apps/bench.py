@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from rsvheat.files import write_atomic
+
 BASELINES = {
     "swin_tiny": "swin_tiny_patch4_window7_224",
     "swin_base": "swin_base_patch4_window7_224",
@@ -175,7 +177,7 @@ def _subprocess_case(args: argparse.Namespace, name: str, size: int, mode: str) 
         long_seconds=args.long_seconds,
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "rsvheat.bench", "--case", json.dumps(spec)],
+        [sys.executable, "-m", "rsvheat.apps.bench", "--case", json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=args.case_timeout,
@@ -227,21 +229,39 @@ def _value(rows: list[dict], model: str, size: int, mode: str, key: str) -> floa
 ANALYSIS_MARKER = "<!-- analysis: written by hand, kept when the benchmark is re-run -->"
 
 
-def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: dict) -> str:
-    models = [m for m in ALL_MODELS if any(r["model"] == m for r in rows)]
-    sizes = sorted({r["size"] for r in rows})
-    lines = [
-        "# Efficiency benchmark",
-        "",
-        f"Machine: {machine_description(args.device)}.",
-        "",
-        f"Command: `rsvheat bench {' '.join(args.argv)}`. Infer batch {args.batch}, train batch "
-        f"{args.train_batch}; median of the timed runs after {args.warmup} warm-up (count in the CSV; one run "
-        f"at 2048², and a single run when the warm-up exceeds {args.long_seconds:.0f} s). Memory = peak RSS "
-        "of the case's own process minus its RSS after building the model (activations, workspace, "
-        "gradients). GMACs: matmul + conv, batch 1.",
-        "",
-    ]
+#: The efficiency targets the report checks: ``(label, numerator model, denominator model or None, size, mode, key,
+#: comparison, goal)``; the value is the numerator's measurement, divided by the denominator's when there is one.
+TARGETS = [
+    ("RS-vHeat-B inference at 1024², s", "rsvheat_base", None, 1024, "infer", "median_s", "≤", 4.5),
+    ("speed-up over official_base at 1024²", "official_base", "rsvheat_base", 1024, "infer", "median_s", "≥", 1.6),
+    ("speed-up over swin_base at 1024²", "swin_base", "rsvheat_base", 1024, "infer", "median_s", "≥", 1.0),
+    ("speed-up over vit_base at 1024²", "vit_base", "rsvheat_base", 1024, "infer", "median_s", "≥", 1.0),
+    ("speed-up over vit_base at 2048²", "vit_base", "rsvheat_base", 2048, "infer", "median_s", "≥", 3.0),
+    *[
+        (
+            f"train activation memory at 1024² (batch {{train_batch}}), {ours} / {other}",
+            ours,
+            other,
+            1024,
+            "train",
+            "activation_mb",
+            "≤",
+            0.5,
+        )
+        for ours in ("rsvheat_base", "rsvheat_base_gc")
+        for other in ("swin_base", "vit_base")
+    ],
+]
+
+
+def _cell(value: float | None, key: str, error: str) -> str:
+    if value is None:
+        return "error" if error else "—"
+    return f"{value:.3f}" if key == "median_s" else f"{value:.0f}"
+
+
+def _measurement_tables(rows: list[dict], models: list[str], sizes: list[int]) -> list[str]:
+    lines = []
     for mode, key, unit in (
         ("infer", "median_s", "s"),
         ("train", "median_s", "s"),
@@ -250,35 +270,22 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: di
     ):
         if not any(r["mode"] == mode for r in rows):
             continue
-        what = "latency" if key == "median_s" else "memory"
+        errors = {(r["model"], r["size"]): r["error"] for r in rows if r["mode"] == mode and r.get("error")}
         lines += [
-            f"## {mode}: {what} ({unit})",
+            f"## {mode}: {'latency' if key == 'median_s' else 'memory'} ({unit})",
             "",
             "| model | " + " | ".join(f"{s}²" for s in sizes) + " |",
             "|---|" + "---:|" * len(sizes),
         ]
         for m in models:
-            cells = []
-            for s in sizes:
-                v = _value(rows, m, s, mode, key)
-                err = next(
-                    (
-                        r["error"]
-                        for r in rows
-                        if r["model"] == m and r["size"] == s and r["mode"] == mode and r.get("error")
-                    ),
-                    "",
-                )
-                cells.append(
-                    f"{v:.3f}"
-                    if v is not None and key == "median_s"
-                    else f"{v:.0f}"
-                    if v is not None
-                    else ("error" if err else "—")
-                )
+            cells = [_cell(_value(rows, m, s, mode, key), key, errors.get((m, s), "")) for s in sizes]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [
+    return lines
+
+
+def _ratio_table(rows: list[dict], models: list[str], sizes: list[int]) -> list[str]:
+    lines = [
         "## Ratios: other model / RS-vHeat of the same scale (>1 means RS-vHeat is better)",
         "",
         "| model | vs | mode | quantity | " + " | ".join(f"{s}²" for s in sizes) + " |",
@@ -292,10 +299,13 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: di
             for s in sizes:
                 a, b = _value(rows, m, s, mode, key), _value(rows, ref, s, mode, key)
                 cells.append(f"{a / b:.2f}" if a and b else "—")
-            lines.append(
-                f"| {m} | {ref} | {mode} | {'latency' if key == 'median_s' else 'memory'} | " + " | ".join(cells) + " |"
-            )
-    lines += [
+            quantity = "latency" if key == "median_s" else "memory"
+            lines.append(f"| {m} | {ref} | {mode} | {quantity} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _growth_tables(rows: list[dict], models: list[str], sizes: list[int], gmac: dict) -> list[str]:
+    lines = [
         "",
         "## GMACs (forward, batch 1)",
         "",
@@ -315,42 +325,55 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: di
         lat = _fit_exponent([(s, v) for s in sizes if (v := _value(rows, m, s, "infer", "median_s"))])
         flo = _fit_exponent([(s, gmac[(m, s)]) for s in sizes if (m, s) in gmac])
         lines.append(f"| {m} | {lat:.2f} | {flo:.2f} |" if lat and flo else f"| {m} | — | — |")
-    lines += ["", "## Targets (issue A)", ""]
+    return lines
 
-    def target(text: str, value: float | None, goal: str, ok: bool | None) -> None:
+
+def _target_lines(rows: list[dict], train_batch: int) -> list[str]:
+    lines = ["", "## Targets (issue A)", ""]
+    for label, model, reference, size, mode, key, comparison, goal in TARGETS:
+        value = _value(rows, model, size, mode, key)
+        if reference is not None:
+            denominator = _value(rows, reference, size, mode, key)
+            value = value / denominator if value and denominator else None
+        ok = None if value is None else (value <= goal if comparison == "≤" else value >= goal)
         shown = "not measured" if value is None else f"{value:.2f}"
-        lines.append(f"- {text}: {shown} (target {goal}) — {'n/a' if ok is None else 'MET' if ok else 'MISSED'}")
+        verdict = "n/a" if ok is None else "MET" if ok else "MISSED"
+        lines.append(f"- {label.format(train_batch=train_batch)}: {shown} (target {comparison} {goal}) — {verdict}")
+    return lines
 
-    b1024 = _value(rows, "rsvheat_base", 1024, "infer", "median_s")
-    target("RS-vHeat-B inference at 1024², s", b1024, "≤ 4.5", None if b1024 is None else b1024 <= 4.5)
-    for other, goal in (("official_base", 1.6), ("swin_base", 1.0), ("vit_base", 1.0)):
-        o = _value(rows, other, 1024, "infer", "median_s")
-        ratio = o / b1024 if o and b1024 else None
-        target(f"speed-up over {other} at 1024²", ratio, f"≥ {goal}", None if ratio is None else ratio >= goal)
-    b2048, v2048 = (_value(rows, m, 2048, "infer", "median_s") for m in ("rsvheat_base", "vit_base"))
-    ratio = v2048 / b2048 if b2048 and v2048 else None
-    target("speed-up over vit_base at 2048²", ratio, "≥ 3", None if ratio is None else ratio >= 3)
-    for ours in ("rsvheat_base", "rsvheat_base_gc"):
-        mem = _value(rows, ours, 1024, "train", "activation_mb")
-        for other in ("swin_base", "vit_base"):
-            o = _value(rows, other, 1024, "train", "activation_mb")
-            ratio = mem / o if mem and o else None
-            what = f"train activation memory at 1024² (batch {args.train_batch}), {ours} / {other}"
-            target(what, ratio, "≤ 0.5", None if ratio is None else ratio <= 0.5)
-    lines.append("")
+
+def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: dict) -> str:
+    """``efficiency.md``: the measurements, ratios, counts and :data:`TARGETS`; a hand-written analysis after
+    :data:`ANALYSIS_MARKER` in an earlier report is kept."""
+    models = [m for m in ALL_MODELS if any(r["model"] == m for r in rows)]
+    sizes = sorted({r["size"] for r in rows})
+    lines = [
+        "# Efficiency benchmark",
+        "",
+        f"Machine: {machine_description(args.device)}.",
+        "",
+        f"Command: `rsvheat bench {' '.join(args.argv)}`. Infer batch {args.batch}, train batch "
+        f"{args.train_batch}; median of the timed runs after {args.warmup} warm-up (count in the CSV; one run "
+        f"at 2048², and a single run when the warm-up exceeds {args.long_seconds:.0f} s). Memory = peak RSS "
+        "of the case's own process minus its RSS after building the model (activations, workspace, "
+        "gradients). GMACs: matmul + conv, batch 1.",
+        "",
+        *_measurement_tables(rows, models, sizes),
+        *_ratio_table(rows, models, sizes),
+        *_growth_tables(rows, models, sizes, gmac),
+        *_target_lines(rows, args.train_batch),
+        "",
+    ]
     errors = [r for r in rows if r.get("error")]
     if errors:
-        lines += (
-            ["## Cases that did not run", ""]
-            + [f"- {r['model']} {r['size']}² {r['mode']}: {r['error']}" for r in errors]
-            + [""]
-        )
+        lines += ["## Cases that did not run", ""]
+        lines += [f"- {r['model']} {r['size']}² {r['mode']}: {r['error']}" for r in errors] + [""]
     text = "\n".join(lines)
     path = out / "efficiency.md"
     # The analysis of missed targets is written by hand; a re-run keeps it.
     if path.exists() and ANALYSIS_MARKER in (previous := path.read_text()):
         text += "\n" + previous[previous.index(ANALYSIS_MARKER) :]
-    path.write_text(text)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
     return text
 
 
