@@ -238,7 +238,8 @@ def test_a_failed_explain_leaves_no_folder(files, tmp_path, capsys):
 
 
 #: ``(argv with placeholders, exit status, fragment of the last stderr line)``: the CLI's bad-input battery.
-#: Placeholders are keys of the ``files`` fixture, ``OUT`` (a fresh folder) and ``EXISTING_DIR`` (a folder).
+#: Placeholders are keys of the ``files`` fixture, ``OUT`` (a fresh folder), ``EXISTING_DIR`` (a folder) and
+#: ``SEG_CONFIG``/``PRETRAIN_CONFIG`` (shipped configs).
 BATTERY = [
     (["predict-scene", "CK", "G", "-o", "OUT/map.png"], 2, "must be named .tif or .tiff"),
     (["predict-scene", "DET", "G", "-o", "OUT/boxes.tif"], 2, "must be named .geojson or .json"),
@@ -272,6 +273,13 @@ BATTERY = [
     (["demo", "--pretrain-steps", "-5", "--out", "OUT/demo"], 2, "--pretrain-steps: must be at least 1"),
     (["demo", "--epochs", "0", "--out", "OUT/demo"], 2, "--epochs: must be at least 1"),
     (["make-samples", "EXISTING_DIR"], 2, "not empty"),
+    (["test", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "last"], 2, "last.ckpt"),
+    (["test", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "EVIL"], 2, "not load"),
+    (
+        ["pretrain", "--config", "PRETRAIN_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "EMPTY"],
+        2,
+        "empty",
+    ),
 ]
 
 
@@ -290,6 +298,12 @@ def test_bad_input_battery(files, tmp_path, capsys, monkeypatch, argv, status, f
     def resolve(arg: str) -> str:
         if arg in files:
             return str(files[arg])
+        configs = {
+            "SEG_CONFIG": "segmentation/landsat_tiny_cpu.yaml",
+            "PRETRAIN_CONFIG": "pretrain/rsvheat_tiny_bigearthnet_landsat.yaml",
+        }
+        if arg in configs:
+            return str(REPO / "configs" / configs[arg])
         return arg.replace("OUT", str(out)).replace("EXISTING_DIR", str(existing))
 
     code, err = run_cli([resolve(a) for a in argv], capsys)
