@@ -72,7 +72,8 @@ def test_classification_layout_split_file_and_descend(tmp_path):
     assert len(split["train"]) == 9 and len(split["val"]) == 1 and len(split["test"]) == 9
     assert split["classes"] == dm.classes and not set(split["val"]) & set(split["test"])
     dm.setup("fit")
-    images, labels = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))  # TorchGeo's keys
+    images, labels = batch["image"], batch["label"]
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.long
     assert [p for p, _ in dm.datasets["val"].samples] == split["val"] and dm.has_validation
     # the same settings read the written split back
@@ -177,10 +178,10 @@ def test_segmentation_index_masks_with_sar_fusion(tmp_path):
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["optical"].shape == (2, 3, 32, 32) and batch["sar"].shape == (2, 1, 32, 32)
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["sar"].shape == (2, 1, 32, 32)  # TorchGeo's keys
     assert batch["mask"].shape == (2, 32, 32) and batch["mask"].dtype == torch.long
     val = next(iter(dm.val_dataloader()))
-    assert val["optical"].shape == (1, 3, 48, 48)  # evaluation sees whole images
+    assert val["image"].shape == (1, 3, 48, 48)  # evaluation sees whole images
     assert abs(float(torch.cat([b["sar"].flatten() for b in dm.train_dataloader()]).mean())) < 0.3  # normalised
 
 
@@ -377,7 +378,7 @@ def test_voc_annotations_mirror_nested_image_folders(tmp_path):
     spec = {"images": str(root / "images"), "annotations": str(root / "annotations")}
     dm = DetectionDataModule(spec, spec, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}})
     dm.setup("validate")
-    boxes = [dm.datasets["val"][i][1]["boxes"].tolist() for i in range(2)]
+    boxes = [dm.datasets["val"][i]["bbox_xyxy"].tolist() for i in range(2)]
     assert boxes == [[[4, 4, 20, 20]], [[29, 29, 50, 50]]]  # each image its own XML, not one XML for both
     # nested images with a flat XML of the same stem: ambiguous, refused rather than read as negatives
     (root / "annotations" / "a" / "x.xml").rename(root / "annotations" / "x.xml")
@@ -444,7 +445,7 @@ def test_change_detection_levir_layout(tmp_path):
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["before"].shape == batch["after"].shape == (2, 3, 32, 32)
+    assert batch["image"].shape == (2, 2, 3, 32, 32)  # the two dates stacked, as TorchGeo 0.8's LEVIR-CD
     full = dm.datasets["val"][0]
     assert full["mask"].shape == (48, 48) and full["mask"].sum() == 10 * 25 and full["mask"].max() == 1
 
@@ -489,11 +490,12 @@ def test_detection_voc_with_negatives_and_coco(tmp_path):
         dm = DetectionDataModule(spec, spec, num_workers=0, batch_size=3, eval_batch_size=3)
         dm.setup("fit")
     assert dm.classes == ["airplane", "ship"]
-    images, targets = next(iter(dm.val_dataloader()))
+    batch = next(iter(dm.val_dataloader()))  # TorchGeo's detection keys, one list entry per image
+    images, boxes, labels = batch["image"], batch["bbox_xyxy"], batch["label"]
     assert len(images) == 3 and images[0].shape == (3, 64, 64)
-    assert targets[0]["labels"].tolist() == [2, 1]
-    assert targets[0]["boxes"].tolist() == [[4, 5, 20, 30], [29, 29, 60, 50]]  # VOC's 1-based corners moved by -1
-    assert targets[1]["boxes"].shape == (0, 4) and targets[2]["labels"].numel() == 0  # negatives are valid
+    assert labels[0].tolist() == [2, 1]
+    assert boxes[0].tolist() == [[4, 5, 20, 30], [29, 29, 60, 50]]  # VOC's 1-based corners moved by -1
+    assert boxes[1].shape == (0, 4) and labels[2].numel() == 0  # negatives are valid
 
     coco = {
         "images": [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}],
@@ -504,7 +506,7 @@ def test_detection_voc_with_negatives_and_coco(tmp_path):
     cspec = {"images": spec["images"], "annotation_file": str(tmp_path / "coco.json")}
     dm = DetectionDataModule(cspec, cspec, format="coco", num_workers=0)
     dm.setup("validate")
-    assert dm.classes == ["ship"] and dm.datasets["val"][0][1]["boxes"].tolist() == [[5, 6, 20, 30]]
+    assert dm.classes == ["ship"] and dm.datasets["val"][0]["bbox_xyxy"].tolist() == [[5, 6, 20, 30]]
 
 
 def pasted_square(root, left, top, side, size=(48, 64)):
@@ -530,17 +532,19 @@ def test_detection_voc_box_is_exactly_the_pasted_pixels_also_flipped(tmp_path):
         inside[y1:y2, x1:x2] = True
         return inside, image[0] > 100
 
-    image, target = dm.datasets["val"][0]
-    assert target["boxes"].tolist() == [[10, 30, 20, 40]]  # pixels 10..19 × 30..39 = [10, 20) × [30, 40)
-    inside, bright = covered(image, target["boxes"][0])
+    sample = dm.datasets["val"][0]
+    image, box = sample["image"], sample["bbox_xyxy"]
+    assert box.tolist() == [[10, 30, 20, 40]]  # pixels 10..19 × 30..39 = [10, 20) × [30, 40)
+    inside, bright = covered(image, box[0])
     assert torch.equal(inside, bright)
     torch.manual_seed(0)
     seen = set()
     for _ in range(16):  # the training set flips half of the time; each draw must still box the square exactly
-        image, target = dm.datasets["train"][0]
-        inside, bright = covered(image, target["boxes"][0])
+        sample = dm.datasets["train"][0]
+        image, box = sample["image"], sample["bbox_xyxy"]
+        inside, bright = covered(image, box[0])
         assert torch.equal(inside, bright)
-        seen.add(tuple(target["boxes"][0].tolist()))
+        seen.add(tuple(box[0].tolist()))
     assert seen == {(10.0, 30.0, 20.0, 40.0), (64 - 20.0, 30.0, 64 - 10.0, 40.0)}  # W - x2, W - x1
 
 
@@ -548,7 +552,7 @@ def test_detection_voc_box_touching_the_image_border_is_valid(tmp_path):
     spec = voc(tmp_path, {"a": [("ship", 1, 1, 64, 64)]})
     dm = DetectionDataModule(spec, spec, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}})
     dm.setup("validate")
-    assert dm.datasets["val"][0][1]["boxes"].tolist() == [[0, 0, 64, 64]]  # the whole 64×64 image
+    assert dm.datasets["val"][0]["bbox_xyxy"].tolist() == [[0, 0, 64, 64]]  # the whole 64×64 image
 
 
 @pytest.mark.parametrize(
@@ -601,9 +605,9 @@ def test_detection_coco_classes_follow_category_ids(tmp_path):
     dm = DetectionDataModule(spec, spec, format="coco", num_workers=0)
     assert dm.classes == ["ship", "airplane", "vehicle"]  # category-id order, airplane kept
     dm.setup("validate")
-    (_, a), (_, b) = dm.datasets["val"][0], dm.datasets["val"][1]
-    assert a["labels"].tolist() == [3] and a["boxes"].tolist() == [[0, 0, 64, 10]]  # x + w = W is inside
-    assert b["labels"].tolist() == [1] and b["boxes"].tolist() == [[3.5, 4, 13.5, 24]]
+    a, b = dm.datasets["val"][0], dm.datasets["val"][1]
+    assert a["label"].tolist() == [3] and a["bbox_xyxy"].tolist() == [[0, 0, 64, 10]]  # x + w = W is inside
+    assert b["label"].tolist() == [1] and b["bbox_xyxy"].tolist() == [[3.5, 4, 13.5, 24]]
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,8 @@ def check_same_grid(first: Path, second: Path) -> None:
 
 
 class ChangeDetectionFolder(Dataset):
-    """``{"before": (C, H, W), "after": (C, H, W), "mask": (H, W) int64 in {0, 1}, "name": str}`` samples."""
+    """``{"image": (2, C, H, W) (the dates A and B stacked, as TorchGeo 0.8's LEVIR-CD and OSCD), "mask": (H, W)
+    int64 in {0, 1}, "name": str}`` samples."""
 
     def __init__(
         self,
@@ -93,8 +94,7 @@ class ChangeDetectionFolder(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         raw = self.read_raw(index)
         sample = {
-            "before": normalise(raw["A"], self.mean, self.std),
-            "after": normalise(raw["B"], self.mean, self.std),
+            "image": torch.stack([normalise(raw[k], self.mean, self.std) for k in ("A", "B")]),
             "mask": torch.from_numpy(self.read_mask(index)),
         }
         sample = crop_and_flip(sample, self.crop_size if self.train else None, self.train)

@@ -86,7 +86,8 @@ def write_json_atomic(data: object, path: str | Path) -> Path:
 
 
 class SceneClassification(Dataset):
-    """``(image (C, size, size), label)`` pairs from ``root`` for the given relative paths.
+    """``{"image": (C, size, size) float32, "label": () int64}`` samples (TorchGeo's keys) from ``root`` for the given
+    relative paths.
 
     Args:
         samples: ``[(relative path, label)]`` (from :func:`scan_class_folders` and a split).
@@ -118,10 +119,10 @@ class SceneClassification(Dataset):
     def read_raw(self, index: int) -> np.ndarray:
         return read_image(self.root / self.samples[index][0], self.bands, self.channels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image = normalise(self.read_raw(index), self.mean, self.std)
         if self.size is not None and tuple(image.shape[-2:]) != (self.size, self.size):
             image = F.interpolate(image[None], (self.size, self.size), mode="bilinear", align_corners=False)[0]
         if self.train:
             image = crop_and_flip({"image": image}, None, True)["image"]
-        return image, self.samples[index][1]
+        return {"image": image, "label": torch.tensor(self.samples[index][1])}

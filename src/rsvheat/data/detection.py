@@ -162,8 +162,8 @@ def load_coco(images: Path, annotation_file: Path) -> tuple[list[Item], list[str
 
 
 class DetectionDataset(Dataset):
-    """``(image (C, H, W), {"boxes": (N, 4) float32, "labels": (N,) int64, "name": str})`` samples; boxes are
-    ``(x1, y1, x2, y2)``, 0-based continuous pixel coordinates (torchvision's convention).
+    """``{"image": (C, H, W), "bbox_xyxy": (N, 4) float32, "label": (N,) int64, "name": str}`` samples (TorchGeo 0.8's
+    detection keys); boxes are ``(x1, y1, x2, y2)``, 0-based continuous pixel coordinates (torchvision's convention).
 
     Build with :meth:`from_voc` or :meth:`from_coco`. ``classes``: the class names in label order (``None``: for
     COCO the categories in id order, for VOC the sorted names found in the annotations); a name in the data that is
@@ -221,14 +221,14 @@ class DetectionDataset(Dataset):
     def read_raw(self, index: int) -> np.ndarray:
         return read_image(self.items[index][0], self.bands, self.channels)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict:
         path, boxes, labels = self.items[index]
         image = normalise(self.read_raw(index), self.mean, self.std)
         boxes = torch.from_numpy(boxes.copy())
         if self.train and torch.rand(()) < 0.5:
             image = image.flip(-1)
             boxes = hflip_boxes(boxes, image.shape[-1])
-        return image, {"boxes": boxes, "labels": torch.from_numpy(labels), "name": path.stem}
+        return {"image": image, "bbox_xyxy": boxes, "label": torch.from_numpy(labels), "name": path.stem}
 
 
 def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
@@ -265,7 +265,7 @@ def check_boxes(boxes: np.ndarray, width: int, height: int, origin: str, box_for
             )
 
 
-def collate_detection(batch):
-    """Lists, not stacks: detection images keep their own sizes."""
-    images, targets = zip(*batch, strict=True)
-    return list(images), list(targets)
+def collate_detection(batch: Sequence[dict]) -> dict[str, list]:
+    """``{key: [value of each sample]}``: lists, not stacks, as TorchGeo's ``collate_fn_detection`` for the boxes, and
+    for the images too, which keep their own sizes (torchvision's detectors take a list)."""
+    return {k: [sample[k] for sample in batch] for k in batch[0]}

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rsvheat.data.io import ImageReadError, image_header, image_key, integer_labels, match_files, read_image
-from rsvheat.data.transforms import crop_and_flip, normalise
+from rsvheat.data.transforms import crop_and_flip, normalise, sample_keys
 
 # ISPRS Potsdam / Vaihingen: impervious surfaces, building, low vegetation, tree, car, clutter.
 ISPRS_CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
@@ -94,7 +94,8 @@ def reduce_zero(mask: np.ndarray, ignore_index: int) -> np.ndarray:
 
 
 class SegmentationFolder(Dataset):
-    """``{"image": (C, H, W), ["sar": (C_s, H, W),] "mask": (H, W) int64}`` samples.
+    """``{"image": (C, H, W), ["sar": (C_s, H, W),] "mask": (H, W) int64, "name": str}`` samples: the optical bands
+    in ``image`` and the other stems' under their names (:func:`~rsvheat.data.transforms.sample_keys`).
 
     Args:
         images, masks, sar: folders (``sar`` optional: co-registered SAR, fused with the optical image in the stem).
@@ -177,7 +178,8 @@ class SegmentationFolder(Dataset):
         return mask
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = {m: normalise(x, **self.stats[m]) for m, x in self.read_raw(index).items()}
+        keys = sample_keys(self.channels)
+        sample = {keys[m]: normalise(x, **self.stats[m]) for m, x in self.read_raw(index).items()}
         sample["mask"] = torch.from_numpy(self.read_mask(index))
         sample = crop_and_flip(sample, self.crop_size if self.train else None, self.train)
         # the image's path relative to the image folder, without extension: tiles of the same file name in different

@@ -1,12 +1,25 @@
-"""Tensor transforms shared by the task datasets: normalisation, joint random crops and flips of co-registered
-images and label maps (the same window and flip for every array of a sample)."""
+"""The sample layout and tensor transforms shared by the task datasets: TorchGeo's key names, normalisation, joint
+random crops and flips of co-registered images and label maps (the same window and flip for every array of a sample).
+
+Samples are dicts with TorchGeo 0.8's keys: ``image`` ``(C, H, W)`` (a change pair: ``(2, C, H, W)``, the two dates
+stacked), ``mask`` ``(H, W)`` int64 for segmentation and change, ``label`` (a class index; for detection ``(N,)``
+labels beside ``bbox_xyxy`` ``(N, 4)``). A model fusing several stems finds the optical (or only) stem's bands in
+``image`` and every other stem's under its own name, e.g. ``sar`` (see :func:`sample_keys`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+
+def sample_keys(modalities: Iterable[str]) -> dict[str, str]:
+    """``{modality: sample key}``: the optical stem (or the only one, e.g. SAR-only) reads ``image``, as in TorchGeo's
+    datasets; further stems read their own name (``{"optical": "image", "sar": "sar"}``)."""
+    names = list(modalities)
+    main = "optical" if "optical" in names else names[0]
+    return {m: "image" if m == main else m for m in names}
 
 
 def normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

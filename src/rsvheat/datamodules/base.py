@@ -119,8 +119,8 @@ def prediction_path(out_dir: str | Path, name: str, source: str | Path) -> Path:
 
 class UnlabelledImages(Dataset):
     """Images to predict: ``{"<key>": (C, H, W), ..., "name": str, "path": str}`` from one folder per key (e.g.
-    ``{"image": dir}``, ``{"optical": dir, "sar": dir}`` or ``{"before": A, "after": B}``), matched by the path
-    relative to the folder (see :func:`~rsvheat.data.io.match_files`). ``name`` is that relative path of
+    ``{"image": dir}``, ``{"image": optical dir, "sar": dir}``, or the change pair ``{"A": dir, "B": dir}``), matched
+    by the path relative to the folder (see :func:`~rsvheat.data.io.match_files`). ``name`` is that relative path of
     the first folder's file without extension (the file's stem at the top level), ``path`` the file itself."""
 
     def __init__(

@@ -5,10 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from rsvheat.data.change import ChangeDetectionFolder
 from rsvheat.data.stats import Stats
 from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
+
+
+class UnlabelledPairs(UnlabelledImages):
+    """Image pairs to predict, in the labelled samples' layout: ``{"image": (2, C, H, W), "name", "path"}``."""
+
+    def __getitem__(self, index: int) -> dict:
+        sample = super().__getitem__(index)
+        sample["image"] = torch.stack([sample.pop("A"), sample.pop("B")])
+        return sample
 
 
 class ChangeDetectionDataModule(TaskDataModule):
@@ -64,11 +74,11 @@ class ChangeDetectionDataModule(TaskDataModule):
             return None
         if split == "predict":
             root = Path(self.roots[split])
-            return UnlabelledImages(
-                {"before": root / "A", "after": root / "B"},
+            return UnlabelledPairs(
+                {"A": root / "A", "B": root / "B"},
                 self.channels,
                 stats,
-                {"before": self.modality, "after": self.modality},
+                {"A": self.modality, "B": self.modality},
                 {self.modality: self.bands} if self.bands else None,
             )
         return self._dataset(split, stats)

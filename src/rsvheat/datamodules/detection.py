@@ -10,10 +10,6 @@ from rsvheat.data.stats import Stats
 from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
 
 
-def _collate_unlabelled(batch: list[dict]) -> dict:
-    return {k: [b[k] for b in batch] for k in batch[0]}
-
-
 class DetectionDataModule(TaskDataModule):
     """
     Args:
@@ -93,4 +89,4 @@ class DetectionDataModule(TaskDataModule):
         return self._dataset(split, stats) if self.specs[split] is not None else None
 
     def collate(self, split: str):
-        return _collate_unlabelled if split == "predict" else collate_detection
+        return collate_detection

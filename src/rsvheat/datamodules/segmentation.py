@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rsvheat.data.segmentation import ISPRS_PALETTE, SegmentationFolder, check_label_map
 from rsvheat.data.stats import Stats
+from rsvheat.data.transforms import sample_keys
 from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
 
 PALETTES = {"isprs": ISPRS_PALETTE}
@@ -106,8 +107,10 @@ class SegmentationDataModule(TaskDataModule):
             return None
         if split == "predict":
             root = Path(self.roots[split])
-            folders = {"optical": root / self.dirs["images"]}
+            keys = sample_keys(self._channels)  # the sample keys of the labelled splits: image (optical), sar
+            folders = {"image": root / self.dirs["images"]}
             if self.dirs["sar"]:
                 folders["sar"] = root / self.dirs["sar"]
-            return UnlabelledImages(folders, self._channels, stats, bands=self.bands)
+            modality_of = {key: m for m, key in keys.items()}
+            return UnlabelledImages(folders, self._channels, stats, modality_of, self.bands)
         return self._dataset(split, stats)

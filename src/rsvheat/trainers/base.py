@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
 
 import rsvheat
 from rsvheat.models.checkpoint import load_checkpoint
@@ -45,17 +46,77 @@ def build_backbone(
     return model
 
 
-class TaskModule(pl.LightningModule):
-    """Base of the downstream tasks. Subclasses build ``self.backbone`` (via :meth:`init_backbone`) and their head,
-    and set ``monitor`` (metric name, ``"max"``/``"min"``) for the best checkpoint.
+def check_window(eval_tile: int, eval_overlap: int) -> None:
+    """The sliding window of evaluation: ``0 <= eval_overlap < eval_tile``."""
+    if not 0 <= eval_overlap < eval_tile:
+        raise ValueError(f"eval_overlap ({eval_overlap}) must be in [0, eval_tile) with eval_tile = {eval_tile}")
 
-    Optimisation hyper-parameters every task takes: ``lr``, ``weight_decay`` (none on norms, biases, FVE and SCE),
-    ``layer_decay`` (< 1: the backbone's learning rate shrinks by this factor per block from the top, as in BEiT and
-    the vHeat detection/segmentation recipes), ``warmup_fraction``, ``min_lr_ratio``; ``freeze_backbone`` (linear
-    probe: the backbone is frozen and kept in eval mode) and ``freeze_stages`` (stems and the first N stages frozen).
+
+class TaskModule(pl.LightningModule):
+    """Base of the downstream tasks, shaped like TorchGeo's ``BaseTask``: ``__init__`` saves the hyper-parameters and
+    calls the template methods :meth:`configure_models` (``self.backbone`` via :meth:`init_backbone`, and
+    ``self.model``, what ``forward`` and inference run), :meth:`configure_losses` and :meth:`configure_metrics` (one
+    collection, cloned into ``val_metrics`` and ``test_metrics`` with the prefixes ``val/`` and ``test/``). Subclasses
+    set ``monitor`` (metric name, ``"max"``/``"min"``) for the best checkpoint.
+
+    Samples and batches are dicts with TorchGeo 0.8's keys (``image``, ``mask``, ``label``, ``bbox_xyxy``; see
+    :mod:`rsvheat.data.transforms`), so a task trains on TorchGeo's datasets and data modules as on rsvheat's.
+
+    Args:
+        backbone: variant (``rsvheat_base`` = the paper's model); ``weights``: checkpoint to start from (see
+            :func:`build_backbone`); ``modalities``: stems, e.g. ``{"optical": 3}`` (the default) or
+            ``{"optical": 4, "sar": 1}``; ``img_size``: the task resolution (FVE/SCE resized to it);
+            ``drop_path_rate``; ``encoder_kwargs``: further options of the backbone (e.g. ``depths``, ``dims``).
+        freeze_backbone: linear probe: the backbone is frozen and kept in eval mode.
+        freeze_stages: the stems and the first N stages are frozen.
+        lr: AdamW learning rate (of the head; the backbone's shrinks by ``layer_decay`` per block from the top, as in
+            BEiT and the vHeat detection/segmentation recipes, when ``layer_decay < 1``).
+        weight_decay: none on norms, biases, FVE and SCE.
+        warmup_fraction, min_lr_ratio: linear warm-up over this share of the steps, then cosine decay to
+            ``min_lr_ratio`` × ``lr``.
     """
 
     monitor: tuple[str, str] = ("val/loss", "min")
+
+    def __init__(
+        self,
+        backbone: str = "rsvheat_base",
+        weights: str | None = None,
+        modalities: dict[str, int] | None = None,
+        img_size: int = 224,
+        drop_path_rate: float = 0.1,
+        freeze_backbone: bool = False,
+        freeze_stages: int = 0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.9,
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        encoder_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # with the subclass's arguments: Lightning collects every __init__ frame
+        classes, num_classes = self.hparams.get("classes"), self.hparams.get("num_classes")
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f"num_classes is {num_classes} but {len(classes)} class names are given")
+        self.configure_models()
+        self.configure_losses()
+        metrics = self.configure_metrics()
+        if metrics is not None:
+            self.val_metrics = metrics.clone(prefix="val/")
+            self.test_metrics = metrics.clone(prefix="test/")
+
+    # template methods ------------------------------------------------------------------------------------------------
+    def configure_models(self) -> None:
+        """Build ``self.backbone`` (:meth:`init_backbone`) and ``self.model``."""
+        raise NotImplementedError
+
+    def configure_losses(self) -> None:
+        """Build the loss (``self.criterion``); none for models that compute their own (detection)."""
+
+    def configure_metrics(self) -> MetricCollection | None:
+        """The validation/test metrics, without prefix; per-class test metrics are kept by the subclass."""
+        return None
 
     @property
     def modalities(self) -> dict[str, int]:
@@ -63,9 +124,10 @@ class TaskModule(pl.LightningModule):
         return dict(self.hparams.modalities or {"optical": 3})
 
     def init_backbone(self, num_classes: int = 0) -> None:
+        """``self.backbone`` with its classifier of ``num_classes`` (0: dense tasks), frozen as configured."""
         h = self.hparams
         self.backbone = build_backbone(
-            h.backbone, self.modalities, h.img_size, h.weights, h.drop_path_rate, num_classes, h.get("encoder_kwargs")
+            h.backbone, self.modalities, h.img_size, h.weights, h.drop_path_rate, num_classes, h.encoder_kwargs
         )
         if num_classes == 0:
             self.backbone.head.requires_grad_(False)  # dense tasks do not use the classifier's norm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -22,10 +23,11 @@ class ClassificationTask(TaskModule):
     """
     Args:
         num_classes, classes: the classes (``classes`` optional, checked against the data's class folders).
-        backbone: variant (``rsvheat_base`` = the paper's model); ``weights``: checkpoint to start from;
-            ``modalities``: stems, e.g. ``{"optical": 3}``; ``img_size``: training resolution (FVE/SCE resized to it).
-        label_smoothing: of the cross-entropy.
-        (optimisation and freezing: see :class:`TaskModule`; ``freeze_backbone=True`` is the linear probe)
+        label_smoothing: of the training cross-entropy (the validation loss is the plain cross-entropy).
+        **kwargs: backbone, optimisation and freezing options of :class:`TaskModule` (``freeze_backbone=True`` is the
+            linear probe).
+
+    Batches: ``{"image": (B, C, H, W), "label": (B,) int64}`` (predict: ``image`` and ``path``).
 
     Metrics: overall accuracy (``OA``, the papers' metric), mean per-class accuracy (``AA``); the test run also writes
     per-class accuracy (CSV) and the confusion matrix (CSV and PNG) into the log folder.
@@ -37,34 +39,29 @@ class ClassificationTask(TaskModule):
         self,
         num_classes: int,
         classes: list[str] | None = None,
-        backbone: str = "rsvheat_base",
-        weights: str | None = None,
-        modalities: dict[str, int] | None = None,
-        img_size: int = 224,
-        drop_path_rate: float = 0.1,
         label_smoothing: float = 0.1,
-        freeze_backbone: bool = False,
-        freeze_stages: int = 0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        layer_decay: float = 0.9,
-        warmup_fraction: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        encoder_kwargs: dict | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if classes is not None and len(classes) != num_classes:
-            raise ValueError(f"num_classes is {num_classes} but {len(classes)} class names are given")
-        self.save_hyperparameters()
-        self.init_backbone(num_classes)
-        metrics = MetricCollection(
-            {"OA": MulticlassAccuracy(num_classes, average="micro"), "AA": MulticlassAccuracy(num_classes)}
-        )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
-        self.per_class = MulticlassAccuracy(num_classes, average="none")
-        self.confusion = MulticlassConfusionMatrix(num_classes)
+        super().__init__(**kwargs)
         self.predictions: list[dict] = []
+
+    def configure_models(self) -> None:
+        self.init_backbone(self.hparams.num_classes)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The backbone with its classifier head: ``(B, C, H, W)`` -> logits ``(B, K)``. A property, not a second
+        name of the module, so that the checkpoints' weight names stay ``backbone.*``."""
+        return self.backbone
+
+    def configure_losses(self) -> None:
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.hparams.label_smoothing)
+
+    def configure_metrics(self) -> MetricCollection:
+        k = self.hparams.num_classes
+        self.per_class = MulticlassAccuracy(k, average="none")
+        self.confusion = MulticlassConfusionMatrix(k)
+        return MetricCollection({"OA": MulticlassAccuracy(k, average="micro"), "AA": MulticlassAccuracy(k)})
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -77,26 +74,27 @@ class ClassificationTask(TaskModule):
             self.check_classes(self.hparams.classes, dm.classes, str(dm.root))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        """``(B, C, H, W)`` -> logits ``(B, K)``."""
+        return self.model(x)
 
-    def training_step(self, batch, batch_idx):
-        images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        labels = batch["label"]
+        logits = self(batch["image"])
+        loss = self.criterion(logits, labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         self.log("train/acc", (logits.argmax(1) == labels).float().mean(), batch_size=len(labels))
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        images, labels = batch
-        logits = self(images)
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        labels = batch["label"]
+        logits = self(batch["image"])
         self.log("val/loss", F.cross_entropy(logits, labels), batch_size=len(labels))
         self.val_metrics.update(logits, labels)
         self.log_dict(self.val_metrics, prog_bar=True, batch_size=len(labels))
 
-    def test_step(self, batch, batch_idx):
-        images, labels = batch
-        logits = self(images)
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        labels = batch["label"]
+        logits = self(batch["image"])
         self.test_metrics.update(logits, labels)
         self.per_class.update(logits, labels)
         self.confusion.update(logits, labels)

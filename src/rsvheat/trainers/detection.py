@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import torch
+from torchmetrics import MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
 
 from rsvheat.datamodules.base import TaskDataModule
@@ -13,17 +16,26 @@ from rsvheat.models.tasks import faster_rcnn
 from rsvheat.trainers.base import TaskModule
 
 
+def targets_of(batch: dict) -> list[dict[str, torch.Tensor]]:
+    """torchvision's targets (``boxes`` ``(N, 4)`` xyxy, ``labels`` ``(N,)`` in 1..K) of a batch with TorchGeo's keys:
+    per image ``bbox_xyxy`` and ``label``."""
+    return [{"boxes": b, "labels": c} for b, c in zip(batch["bbox_xyxy"], batch["label"], strict=True)]
+
+
 class DetectionTask(TaskModule):
     """
     Args:
         num_classes, classes: object classes (without the background); checked against the data module's list.
-        backbone, weights, modalities (one stem: ``{"optical": 3}`` or ``{"sar": 1}`` for SAR-AIRcraft),
-            img_size (where FVE/SCE are stored; images of any size are accepted), drop_path_rate.
         min_size, max_size: the detector resizes each image so that its short side is ``min_size`` (long side at most
             ``max_size``); DIOR's 800² images: 800.
         box_score_thresh, box_detections_per_img: of the output.
         detector_kwargs: further options of torchvision's ``FasterRCNN``, e.g. ``rpn_post_nms_top_n_train``,
             ``box_batch_size_per_image`` (RoIAlign's backward is the costliest op on CPU: fewer sampled boxes, faster).
+        img_size (where FVE/SCE are stored; images of any size are accepted), drop_path_rate, modalities (one stem:
+            ``{"optical": 3}`` or ``{"sar": 1}`` for SAR-AIRcraft), **kwargs: options of :class:`TaskModule`.
+
+    Batches: ``{"image": list of (C, H, W) or (B, C, H, W), "bbox_xyxy": list of (N, 4), "label": list of (N,)}``
+    (TorchGeo 0.8's ``collate_fn_detection`` keys).
 
     Metrics (torchmetrics, COCO protocol through pycocotools): ``mAP50`` (VOC-style mAP at IoU 0.5, DIOR's metric) and
     ``mAP`` (COCO mAP@[.5:.95]).
@@ -35,44 +47,38 @@ class DetectionTask(TaskModule):
         self,
         num_classes: int,
         classes: list[str] | None = None,
-        backbone: str = "rsvheat_base",
-        weights: str | None = None,
-        modalities: dict[str, int] | None = None,
-        img_size: int = 800,
-        drop_path_rate: float = 0.2,
         min_size: int = 800,
         max_size: int = 1333,
         box_score_thresh: float = 0.05,
         box_detections_per_img: int = 100,
-        freeze_backbone: bool = False,
-        freeze_stages: int = 0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        layer_decay: float = 0.9,
-        warmup_fraction: float = 0.05,
-        min_lr_ratio: float = 0.01,
         detector_kwargs: dict | None = None,
-        encoder_kwargs: dict | None = None,
+        img_size: int = 800,
+        drop_path_rate: float = 0.2,
+        modalities: dict[str, int] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         if modalities is not None and len(modalities) != 1:
             raise ValueError(f"detection takes one modality, got {modalities}")
-        if classes is not None and len(classes) != num_classes:
-            raise ValueError(f"num_classes is {num_classes} but {len(classes)} class names are given")
-        self.save_hyperparameters()
+        super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, modalities=modalities, **kwargs)
+        self.predictions: list[dict] = []
+
+    def configure_models(self) -> None:
+        h = self.hparams
         self.init_backbone()
         self.model = faster_rcnn(
             self.backbone,
-            num_classes,
-            min_size,
-            max_size,
-            box_detections_per_img,
-            box_score_thresh,
-            **dict(detector_kwargs or {}),
+            h.num_classes,
+            h.min_size,
+            h.max_size,
+            h.box_detections_per_img,
+            h.box_score_thresh,
+            **dict(h.detector_kwargs or {}),
         )
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
-        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
-        self.predictions: list[dict] = []
+
+    def configure_metrics(self) -> MetricCollection:
+        return MetricCollection(
+            {"mAP": MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")}
+        )
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -85,40 +91,35 @@ class DetectionTask(TaskModule):
                 )
             self.check_classes(self.hparams.classes, dm.classes, source)
 
-    @staticmethod
-    def _targets(targets: list[dict]) -> list[dict]:
-        return [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-
-    def training_step(self, batch, batch_idx):
-        images, targets = batch
-        losses = self.model(images, self._targets(targets))
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        losses = self.model(batch["image"], targets_of(batch))
         loss = sum(losses.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(images))
+        size = len(batch["image"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=size)
         return loss
 
-    def _evaluate(self, batch, metric: MeanAveragePrecision, prefix: str) -> None:
-        images, targets = batch
-        metric.update(self.model(images), self._targets(targets))
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_metrics.update(self.model(batch["image"]), targets_of(batch))
 
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, self.val_map, "val")
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.test_metrics.update(self.model(batch["image"]), targets_of(batch))
 
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch, self.test_map, "test")
-
-    def _log_map(self, metric: MeanAveragePrecision, prefix: str) -> None:
-        scores = metric.compute()
-        self.log_dict({f"{prefix}/mAP": scores["map"], f"{prefix}/mAP50": scores["map_50"]}, prog_bar=True)
-        metric.reset()
+    def _log_map(self, metrics: MetricCollection, prefix: str) -> None:
+        scores = metrics.compute()
+        # the collection flattens the metric's dict into "<prefix>/map", "<prefix>/map_50", ...
+        self.log_dict(
+            {f"{prefix}/mAP": scores[f"{prefix}/map"], f"{prefix}/mAP50": scores[f"{prefix}/map_50"]}, prog_bar=True
+        )
+        metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_map(self.val_map, "val")
+        self._log_map(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_map(self.test_map, "test")
+        self._log_map(self.test_metrics, "test")
 
-    def predict_step(self, batch, batch_idx):
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         detections = self.model(batch["image"])
         return [
             {"path": p, "boxes": d["boxes"].cpu(), "labels": d["labels"].cpu(), "scores": d["scores"].cpu()}

@@ -4,38 +4,47 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from rsvheat.data.io import write_raster
+from rsvheat.data.transforms import sample_keys
 from rsvheat.datamodules.base import TaskDataModule, prediction_path
 from rsvheat.files import write_atomic
 from rsvheat.models.sliding import sliding_window
 from rsvheat.models.tasks import SegmentationModel
-from rsvheat.trainers.base import TaskModule
+from rsvheat.trainers.base import TaskModule, check_window
 
 
 def split_inputs(batch: dict, modalities: dict[str, int]) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The model input of a batch: the optical tensor, or ``{modality: tensor}`` when several stems are fused."""
-    present = [m for m in modalities if m in batch]
-    if len(present) != len(modalities):
-        raise ValueError(f"the model fuses {list(modalities)}, the batch has {[k for k in batch if k in modalities]}")
-    return batch[present[0]] if len(present) == 1 else {m: batch[m] for m in present}
+    """The model input of a batch: the ``image`` tensor ``(B, C, H, W)``, or ``{modality: tensor}`` when several stems
+    are fused, the optical one read from ``image`` and the others from their names (``sar``; see
+    :func:`~rsvheat.data.transforms.sample_keys`)."""
+    keys = sample_keys(modalities)
+    missing = [key for key in keys.values() if key not in batch]
+    if missing:
+        raise ValueError(
+            f"the model fuses {list(modalities)} (batch keys {list(keys.values())}), the batch has no {missing}"
+        )
+    return batch["image"] if len(keys) == 1 else {m: batch[key] for m, key in keys.items()}
 
 
 class SegmentationTask(TaskModule):
     """
     Args:
         num_classes, classes: class ids ``0..num_classes-1`` (names optional); ``ignore_index`` pixels are not scored.
-        backbone, weights, modalities, img_size, drop_path_rate: see :func:`build_backbone`; ``modalities`` with two
-            entries (``{"optical": 3, "sar": 1}``) fuses co-registered optical and SAR images in the stems.
         decoder_width, decoder_norm: UPerNet channels and norm (``"batchnorm"``, or ``"groupnorm"``-free
             alternatives SMP accepts such as ``"layernorm"`` for batches of 1).
         eval_tile, eval_overlap: sliding window for validation/test/predict on images larger than ``eval_tile``.
+        img_size, drop_path_rate, **kwargs: backbone, optimisation and freezing options of :class:`TaskModule`;
+            ``modalities`` with two entries (``{"optical": 3, "sar": 1}``) fuses co-registered optical and SAR images
+            in the stems.
+
+    Batches: ``{"image": (B, C, H, W), ["sar": (B, C_s, H, W),] "mask": (B, H, W) int64}`` (TorchGeo's keys).
 
     Metrics (ignore index excluded): mIoU, mF1 (the papers' metrics), OA; the test run writes per-class IoU/F1 (CSV).
     """
@@ -46,45 +55,37 @@ class SegmentationTask(TaskModule):
         self,
         num_classes: int,
         classes: list[str] | None = None,
-        backbone: str = "rsvheat_base",
-        weights: str | None = None,
-        modalities: dict[str, int] | None = None,
-        img_size: int = 512,
-        drop_path_rate: float = 0.2,
         ignore_index: int = 255,
         decoder_width: int = 256,
         decoder_norm: str = "batchnorm",
         eval_tile: int = 512,
         eval_overlap: int = 128,
-        freeze_backbone: bool = False,
-        freeze_stages: int = 0,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        layer_decay: float = 0.9,
-        warmup_fraction: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        encoder_kwargs: dict | None = None,
+        img_size: int = 512,
+        drop_path_rate: float = 0.2,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if classes is not None and len(classes) != num_classes:
-            raise ValueError(f"num_classes is {num_classes} but {len(classes)} class names are given")
-        if not 0 <= eval_overlap < eval_tile:
-            raise ValueError(f"eval_overlap ({eval_overlap}) must be in [0, eval_tile) with eval_tile = {eval_tile}")
-        self.save_hyperparameters()
+        check_window(eval_tile, eval_overlap)
+        super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, **kwargs)
+
+    def configure_models(self) -> None:
+        h = self.hparams
         self.init_backbone()
-        self.model = SegmentationModel(self.backbone, num_classes, decoder_width, decoder_norm)
-        kw = dict(num_classes=num_classes, ignore_index=ignore_index)
-        metrics = MetricCollection(
+        self.model = SegmentationModel(self.backbone, h.num_classes, h.decoder_width, h.decoder_norm)
+
+    def configure_losses(self) -> None:
+        self.criterion = torch.nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index)
+
+    def configure_metrics(self) -> MetricCollection:
+        kw = dict(num_classes=self.hparams.num_classes, ignore_index=self.hparams.ignore_index)
+        self.per_class = MetricCollection(
+            {"IoU": MulticlassJaccardIndex(average="none", **kw), "F1": MulticlassF1Score(average="none", **kw)}
+        )
+        return MetricCollection(
             {
                 "mIoU": MulticlassJaccardIndex(**kw),
                 "mF1": MulticlassF1Score(**kw),
                 "OA": MulticlassAccuracy(average="micro", **kw),
             }
-        )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
-        self.per_class = MetricCollection(
-            {"IoU": MulticlassJaccardIndex(average="none", **kw), "F1": MulticlassF1Score(average="none", **kw)}
         )
 
     def setup(self, stage: str) -> None:
@@ -110,13 +111,13 @@ class SegmentationTask(TaskModule):
 
     def training_step(self, batch, batch_idx):
         logits = self(split_inputs(batch, self.modalities))
-        loss = F.cross_entropy(logits, batch["mask"], ignore_index=self.hparams.ignore_index)
+        loss = self.criterion(logits, batch["mask"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["mask"]))
         return loss
 
     def _evaluate(self, batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
         logits = self.predict_logits(split_inputs(batch, self.modalities))
-        loss = F.cross_entropy(logits, batch["mask"], ignore_index=self.hparams.ignore_index)
+        loss = self.criterion(logits, batch["mask"])
         metrics.update(logits.argmax(1), batch["mask"])
         self.log(f"{prefix}/loss", loss, batch_size=len(batch["mask"]))
         self.log_dict(metrics, prog_bar=prefix == "val", batch_size=len(batch["mask"]))
