@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from rsvheat.data.io import ImageReadError, read_image
+from rsvheat.data.io import ImageReadError, open_raster, read_image
 from rsvheat.data.pretrain import (
     BigEarthNetPretrain,
     ImageFolderPretrain,
@@ -159,6 +159,19 @@ def test_corrupt_file_is_named(tmp_path):
     with pytest.warns(UserWarning, match="bad.tif"):
         ds = ImageFolderPretrain(tmp_path / "opt", crop_size=32, skip_bad=True)
     assert len(ds) == 1 and ds.skipped == 1
+
+
+def test_open_raster_names_the_file_and_keeps_quiet_about_georeferencing(tmp_path):
+    path = write(tmp_path / "plain.png", ramp(3, 32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a PNG has no CRS: no NotGeoreferencedWarning for it
+        with open_raster(path) as src:
+            assert src.read().shape == (3, 32, 32)
+    with pytest.raises(ImageReadError, match=r"^SAR raster not found: .*missing\.tif$"):
+        open_raster(tmp_path / "missing.tif", "SAR raster").__enter__()
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00 definitely not a tiff")
+    with pytest.raises(ImageReadError, match=r"^cannot read image .*bad\.tif: "):
+        open_raster(tmp_path / "bad.tif").__enter__()
 
 
 def test_truncated_file_is_named_when_read(tmp_path):

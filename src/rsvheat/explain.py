@@ -20,16 +20,14 @@ display size of at most ``max_side`` pixels, so a 10 000² scene costs one tile'
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsvheat.data.io import ImageReadError
+from rsvheat.data.io import open_raster
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import Input, Scene, check_tile
 from rsvheat.models.sliding import window_grid
@@ -77,27 +75,12 @@ def heat_fields(model, x: torch.Tensor | Mapping[str, torch.Tensor], modality: s
     return fields
 
 
-@contextlib.contextmanager
-def _reading(path: str | Path) -> Iterator[None]:
-    """GDAL's read errors ("Read failed. See previous exception") turned into an :class:`ImageReadError` that names
-    the file."""
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            yield
-    except RasterioError as err:
-        raise ImageReadError(f"cannot read {path} (truncated or corrupt?): {err}") from err
-
-
 def image_stats(path: str | Path, bands: Sequence[int] | None = None, max_side: int = 1024) -> dict:
     """Per-band mean/std over the valid pixels of a decimated read: normalisation when no training statistics are
     known (e.g. an encoder without its data)."""
-    import rasterio
     from rasterio.enums import Resampling
 
-    with _reading(path), rasterio.open(path) as src:
+    with open_raster(path) as src:
         scale = min(1.0, max_side / max(src.height, src.width))
         shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
         data = src.read(list(bands) if bands else None, out_shape=shape, resampling=Resampling.nearest)
@@ -112,10 +95,9 @@ def image_stats(path: str | Path, bands: Sequence[int] | None = None, max_side: 
 
 def _overview(path: Path, bands: Sequence[int] | None, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Display image ``(h, w, 3)`` in [0, 1] (first three bands, or grey for one band) and its valid mask."""
-    import rasterio
     from rasterio.enums import Resampling
 
-    with _reading(path), rasterio.open(path) as src:
+    with open_raster(path) as src:
         data = src.read(list(bands) if bands else None, out_shape=shape, resampling=Resampling.bilinear)
         valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
     data = data[:3].astype(np.float64) if data.shape[0] >= 3 else np.repeat(data[:1].astype(np.float64), 3, 0)

@@ -5,13 +5,18 @@ Everything goes through rasterio (GDAL), which reads GeoTIFF, TIFF, PNG and JPEG
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rsvheat.files import write_atomic
+
+if TYPE_CHECKING:
+    from rasterio.io import DatasetReader
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -134,6 +139,40 @@ def integer_labels(values: np.ndarray, path: str | Path) -> np.ndarray:
     return values.astype(np.int64)
 
 
+@contextlib.contextmanager
+def quiet_georeferencing() -> Iterator[None]:
+    """rasterio's ``NotGeoreferencedWarning`` silenced: PNG/JPEG tiles and plain TIFFs have no CRS, which is fine for
+    training data (whole-scene inference says it once, where outputs lose their georeferencing). rasterio warns when
+    a dataset is opened, so only the opening needs it."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
+@contextlib.contextmanager
+def open_raster(path: str | Path, what: str = "image") -> Iterator[DatasetReader]:
+    """``rasterio.open(path)`` for reading, without the not-georeferenced warning (:func:`quiet_georeferencing`).
+
+    A missing file raises :class:`ImageReadError` ``"{what} not found: {path}"``; GDAL's errors while opening or
+    reading in the ``with`` block (corrupt or truncated files) raise ``"cannot read {what} {path}: {reason}"``.
+    """
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{what} not found: {path}")
+    try:
+        with quiet_georeferencing():
+            src = rasterio.open(path)
+        with src:
+            yield src
+    except RasterioError as err:
+        raise ImageReadError(f"cannot read {what} {path}: {err}") from err
+
+
 def read_image(
     path: str | Path,
     bands: Sequence[int] | None = None,
@@ -147,27 +186,13 @@ def read_image(
         expected_bands: raise if the number of bands read differs.
         out_shape: resample (bilinear) to this ``(H, W)`` while reading, e.g. 20 m Sentinel-2 bands onto the 10 m grid.
     """
-    import rasterio
     from rasterio.enums import Resampling
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"image not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                if bands is not None and (min(bands) < 1 or max(bands) > src.count):
-                    raise ImageReadError(f"{path}: bands {list(bands)} requested, the file has {src.count} band(s)")
-                shape = None if out_shape is None else (len(bands or range(src.count)), *out_shape)
-                data = src.read(
-                    list(bands) if bands is not None else None,
-                    out_shape=shape,
-                    resampling=Resampling.bilinear,
-                )
-    except RasterioError as err:  # corrupt or truncated files surface here (GDAL read errors)
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
+    with open_raster(path) as src:  # corrupt or truncated files surface here (GDAL read errors)
+        if bands is not None and (min(bands) < 1 or max(bands) > src.count):
+            raise ImageReadError(f"{path}: bands {list(bands)} requested, the file has {src.count} band(s)")
+        shape = None if out_shape is None else (len(bands or range(src.count)), *out_shape)
+        data = src.read(list(bands) if bands is not None else None, out_shape=shape, resampling=Resampling.bilinear)
     if expected_bands is not None and data.shape[0] != expected_bands:
         raise ImageReadError(f"{path}: expected {expected_bands} band(s), got {data.shape[0]}")
     data = data.astype(np.float32, copy=False)
@@ -178,19 +203,8 @@ def read_image(
 
 def image_header(path: str | Path) -> tuple[int, int, int]:
     """``(bands, H, W)`` from the file header, with :class:`ImageReadError` for missing or unreadable files."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
-
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"image not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                return src.count, src.height, src.width
-    except RasterioError as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
+    with open_raster(path) as src:
+        return src.count, src.height, src.width
 
 
 def to_decibels(linear: np.ndarray, floor: float = 1e-6) -> np.ndarray:
@@ -205,17 +219,14 @@ def write_raster(
     e.g. PNG), atomically (temporary file, then rename). With ``like`` (a raster of the same size), its CRS and
     transform are copied, so maps predicted from a GeoTIFF stay georeferenced."""
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
 
     path = Path(path)
     data = data[None] if data.ndim == 2 else data
     profile = {"count": data.shape[0], "height": data.shape[1], "width": data.shape[2], "dtype": data.dtype.name}
     if like is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(like) as src:
-                if (src.height, src.width) == data.shape[1:] and src.crs is not None:
-                    profile.update(crs=src.crs, transform=src.transform)
+        with open_raster(like, "raster") as src:
+            if (src.height, src.width) == data.shape[1:] and src.crs is not None:
+                profile.update(crs=src.crs, transform=src.transform)
     tiff = path.suffix.lower() in (".tif", ".tiff")
     profile["driver"] = "GTiff" if tiff else {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}[path.suffix.lower()]
     if tiff:
@@ -224,10 +235,8 @@ def write_raster(
         profile["nodata"] = nodata
 
     def write(tmp: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(tmp, "w", **profile) as dst:
-                dst.write(data)
+        with quiet_georeferencing(), rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
 
     write_atomic(path, write)
     return path

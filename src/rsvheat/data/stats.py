@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rsvheat.data.io import ImageReadError
+from rsvheat.files import write_atomic
 
 Stats = dict[str, dict[str, list[float]]]
 
@@ -84,9 +84,5 @@ def band_stats(
         mean = total[m] / pixels[m]
         std = np.sqrt(np.maximum(total_sq[m] / pixels[m] - mean**2, 0.0))
         stats[m] = {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(stats, f)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(stats)))  # a concurrent run never reads half a file
     return stats

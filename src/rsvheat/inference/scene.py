@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rsvheat.data.io import ImageReadError
+from rsvheat.data.io import ImageReadError, open_raster, quiet_georeferencing
 from rsvheat.files import refuse_existing, staged_outputs, write_atomic
 from rsvheat.models.sliding import blend_weights, window_grid
 
@@ -76,18 +76,8 @@ class Scene:
         }
 
     def _open_and_check(self, channels: Mapping[str, int]) -> None:
-        import rasterio
-        from rasterio.errors import NotGeoreferencedWarning, RasterioError
-
         for role, item in self.inputs.items():
-            if not Path(item.path).is_file():
-                raise ImageReadError(f"{role} raster not found: {item.path}")
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    src = self._stack.enter_context(rasterio.open(item.path))
-            except RasterioError as err:
-                raise ImageReadError(f"cannot read {role} raster {item.path}: {err}") from err
+            src = self._stack.enter_context(open_raster(item.path, f"{role} raster"))
             self.sources[role] = src
             count = len(item.bands) if item.bands else src.count
             if item.bands and max(item.bands) > src.count:
@@ -270,15 +260,13 @@ def write_dense(
     driver. The files appear under their names only when all of them are complete, together (with ``overwrite``,
     replacing the old ones together: a failure leaves the old set, never a mix)."""
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window
 
     paths = [Path(t[0]) for t in targets]
     for path in paths:
         refuse_existing(path, overwrite)
     convert = cog and _has_driver("COG")
-    with staged_outputs(paths, overwrite) as temporaries, warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+    with staged_outputs(paths, overwrite) as temporaries, quiet_georeferencing():
         # without COG the tiled GeoTIFF is the output; with it, the scratch file beside it is converted at the end
         plain = [t.with_name(f"plain-{t.name}") if convert else t for t in temporaries]
         with ExitStack() as stack:
