@@ -2,7 +2,6 @@
 COCO JSON, LEVIR-CD) and every failure the issue lists."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -691,24 +690,3 @@ def test_best_checkpoint_is_overwritten_and_is_last_without_validation(tmp_path)
     (tmp_path / "run/checkpoints/best.ckpt").unlink()
     best, last = fit_once(tmp_path, dm, lr=3e-3)
     assert best["hyper_parameters"]["lr"] == 3e-3 and best["global_step"] == last["global_step"] > 0
-
-
-def test_task_setup_errors_name_the_data_folders(tmp_path):
-    import lightning.pytorch as pl
-
-    from rsvheat.trainers import DetectionTask, SegmentationTask
-
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    seg_split(tmp_path / "seg")
-    root = str(tmp_path / "seg")
-    dm = SegmentationDataModule(
-        root, root, num_classes=3, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}}
-    )
-    folders = re.escape(f"(train_root={root}, val_root={root})")
-    with pytest.raises(ValueError, match=rf"num_classes=4, the data module {folders} 3"):
-        trainer.fit(SegmentationTask(num_classes=4, img_size=32, **MICRO), dm)
-    spec = voc(tmp_path / "det", {"a": [("ship", 5, 5, 20, 20)]})
-    dm = DetectionDataModule(spec, spec, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}})
-    folders = re.escape(f"(images={spec['images']}, annotations={spec['annotations']})")
-    with pytest.raises(ValueError, match=rf"num_classes=2, the data {folders} 1 classes"):
-        trainer.fit(DetectionTask(num_classes=2, img_size=64, min_size=64, max_size=64, **MICRO), dm)

@@ -179,19 +179,6 @@ def test_detection_on_sar_and_empty_images():
     assert backbone.stems.sar.conv1.weight.grad is not None
 
 
-def test_class_list_mismatch_between_config_and_data(tmp_path):
-    samples.write_classification(tmp_path / "cls", per_class=2)
-    dm = ClassificationDataModule(
-        str(tmp_path / "cls"), train_ratio=1.0, split_file=str(tmp_path / "s.json"), num_workers=0
-    )
-    task = ClassificationTask(num_classes=5, img_size=32, **COMMON)
-    with pytest.raises(ValueError, match=r"class list mismatch: the model has num_classes=5, the data .* 3 classes"):
-        trainer(tmp_path, 1).fit(task, dm)
-    named = ClassificationTask(num_classes=3, classes=["a", "b", "c"], img_size=32, **COMMON)
-    with pytest.raises(ValueError, match=r"class list mismatch: the model has \['a', 'b', 'c'\], the data"):
-        trainer(tmp_path, 1).fit(named, dm)
-
-
 def write_config(path, task, data, root, **trainer_args):
     config = {
         "trainer": {
@@ -363,6 +350,18 @@ def classification_config(tmp_path: Path, epochs: int = 3, **init_args) -> str:
         tmp_path / "run",
         max_epochs=epochs,
     )
+
+
+def test_cli_passes_the_data_facts_to_the_model(tmp_path):
+    """The model's class count, class names and stems are the data module's (LightningCLI ``link_arguments``, applied
+    when the data module is built): a config needs none of them, and a stale one is overridden."""
+    config = classification_config(tmp_path, epochs=1, num_classes=5, classes=list("abcde"))
+    task_cli(["fit", "--config", config])
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    folders = sorted(p.name for p in (tmp_path / "cls").iterdir() if p.is_dir())
+    hparams = ckpt["hyper_parameters"]
+    assert (hparams["num_classes"], hparams["classes"], hparams["modalities"]) == (3, folders, {"optical": 3})
+    assert ckpt["rsvheat"]["classes"] == folders  # the checkpoint metadata is unchanged
 
 
 def saved(path: Path) -> tuple[int, int]:

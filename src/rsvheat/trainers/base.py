@@ -4,7 +4,6 @@ layer-wise learning-rate decay and a warm-up + cosine schedule, the best-checkpo
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -221,13 +220,6 @@ class TaskModule(pl.LightningModule):
         """A checkpoint of another task or model shape is a ``ValueError`` naming both (see :func:`check_checkpoint`),
         raised before Lightning loads the weights."""
         check_checkpoint(checkpoint, self)
-
-    def check_classes(self, classes: Sequence[str] | None, data_classes: Sequence[str] | None, source: str) -> None:
-        """The model's class list (config) against the data's: a mismatch is an error that names both."""
-        if classes is not None and data_classes is not None and list(classes) != list(data_classes):
-            raise ValueError(
-                f"class list mismatch: the model has {list(classes)}, the data ({source}) {list(data_classes)}"
-            )
 
     def class_names(self) -> list[str]:
         """From the config (``classes``), else from the data module, else ``"0".."K-1"``."""

@@ -83,11 +83,6 @@ class ChangeDetectionTask(TaskModule):
             }
         )
 
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "channels") and dm.channels != dict(self.modalities):
-            raise ValueError(f"the data gives bands {dm.channels}, the model's stem takes {self.modalities}")
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """``(B, 2, C, H, W)`` pairs -> change logits ``(B, 1, H, W)``."""
         return self.model(image[:, 0], image[:, 1])

@@ -22,7 +22,7 @@ from rsvheat.trainers.base import TaskModule  # noqa: E402
 class ClassificationTask(TaskModule):
     """
     Args:
-        num_classes, classes: the classes (``classes`` optional, checked against the data's class folders).
+        num_classes, classes: the classes (``classes`` optional); ``rsvheat fit`` passes the data module's.
         label_smoothing: of the training cross-entropy (the validation loss is the plain cross-entropy).
         **kwargs: backbone, optimisation and freezing options of :class:`TaskModule` (``freeze_backbone=True`` is the
             linear probe).
@@ -62,16 +62,6 @@ class ClassificationTask(TaskModule):
         self.per_class = MulticlassAccuracy(k, average="none")
         self.confusion = MulticlassConfusionMatrix(k)
         return MetricCollection({"OA": MulticlassAccuracy(k, average="micro"), "AA": MulticlassAccuracy(k)})
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "classes"):
-            if len(dm.classes) != self.hparams.num_classes:
-                raise ValueError(
-                    f"class list mismatch: the model has num_classes={self.hparams.num_classes}, the data "
-                    f"({dm.root}) has {len(dm.classes)} classes {dm.classes}"
-                )
-            self.check_classes(self.hparams.classes, dm.classes, str(dm.root))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> logits ``(B, K)``."""

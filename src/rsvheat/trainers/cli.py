@@ -257,6 +257,12 @@ def task_cli(argv: list[str] | None = None) -> None:
             # fine-tuning runs are short epochs over fixed datasets: a checkpoint (last.ckpt) per epoch
             parser.set_defaults({"checkpoint.every_n_train_steps": 0, "checkpoint.every_n_epochs": 1})
             parser.add_lightning_class_args(PredictionWriter, "predictions")
+            # Facts of the data go to the model once the data module is built, instead of the task probing it in
+            # setup(): its bands per stem (data.channels, e.g. {"optical": 4, "sar": 1}) become the model's stems, its
+            # class count and names the model's. A data module without the attribute (change detection has no
+            # classes, segmentation no class names) or a task without the argument leaves the link out.
+            for source, target in (("channels", "modalities"), ("num_classes", "num_classes"), ("classes", "classes")):
+                parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
         def before_instantiate_classes(self) -> None:
             super().before_instantiate_classes()

@@ -10,7 +10,6 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
 
-from rsvheat.datamodules.base import TaskDataModule
 from rsvheat.files import write_atomic
 from rsvheat.models.tasks import faster_rcnn
 from rsvheat.trainers.base import TaskModule
@@ -25,7 +24,7 @@ def targets_of(batch: dict) -> list[dict[str, torch.Tensor]]:
 class DetectionTask(TaskModule):
     """
     Args:
-        num_classes, classes: object classes (without the background); checked against the data module's list.
+        num_classes, classes: object classes (without the background); ``rsvheat fit`` passes the data module's.
         min_size, max_size: the detector resizes each image so that its short side is ``min_size`` (long side at most
             ``max_size``); DIOR's 800² images: 800.
         box_score_thresh, box_detections_per_img: of the output.
@@ -79,17 +78,6 @@ class DetectionTask(TaskModule):
         return MetricCollection(
             {"mAP": MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")}
         )
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "classes"):
-            source = dm.describe() if isinstance(dm, TaskDataModule) else type(dm).__name__
-            if len(dm.classes) != self.hparams.num_classes:
-                raise ValueError(
-                    f"class list mismatch: the model has num_classes={self.hparams.num_classes}, the data "
-                    f"({source}) {len(dm.classes)} classes {dm.classes}"
-                )
-            self.check_classes(self.hparams.classes, dm.classes, source)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.model(batch["image"], targets_of(batch))

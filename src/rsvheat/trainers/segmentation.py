@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 
 from rsvheat.data.io import write_raster
 from rsvheat.data.transforms import sample_keys
-from rsvheat.datamodules.base import TaskDataModule, prediction_path
+from rsvheat.datamodules.base import prediction_path
 from rsvheat.files import write_atomic
 from rsvheat.models.sliding import sliding_window
 from rsvheat.models.tasks import SegmentationModel
@@ -87,19 +87,6 @@ class SegmentationTask(TaskModule):
                 "OA": MulticlassAccuracy(average="micro", **kw),
             }
         )
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is None:
-            return
-        source = dm.describe() if isinstance(dm, TaskDataModule) else type(dm).__name__
-        if getattr(dm, "num_classes", self.hparams.num_classes) != self.hparams.num_classes:
-            raise ValueError(
-                f"class list mismatch: the model has num_classes={self.hparams.num_classes}, the data module "
-                f"({source}) {dm.num_classes}"
-            )
-        if hasattr(dm, "channels") and dm.channels != dict(self.modalities):
-            raise ValueError(f"the data ({source}) gives bands {dm.channels}, the model's stems take {self.modalities}")
 
     def forward(self, x) -> torch.Tensor:
         return self.model(x)
