@@ -690,3 +690,11 @@ def test_best_checkpoint_is_overwritten_and_is_last_without_validation(tmp_path)
     (tmp_path / "run/checkpoints/best.ckpt").unlink()
     best, last = fit_once(tmp_path, dm, lr=3e-3)
     assert best["hyper_parameters"]["lr"] == 3e-3 and best["global_step"] == last["global_step"] > 0
+
+
+def test_single_stem_data_modules_take_channels_as_a_dict(tmp_path):
+    # channels is {stem: bands} in every data module (segmentation fuses several stems, the others read one)
+    spec = voc(tmp_path / "det", {"a": [("ship", 5, 5, 20, 20)]})
+    assert DetectionDataModule(spec, spec, channels={"optical": 3}, num_workers=0).channels == {"optical": 3}
+    with pytest.raises(ValueError, match=r"detection reads one stem: channels must have one entry"):
+        DetectionDataModule(spec, spec, channels={"optical": 3, "sar": 1}, num_workers=0)

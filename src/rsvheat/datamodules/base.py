@@ -101,6 +101,15 @@ class TaskDataModule(pl.LightningDataModule):
         return self._loader("predict", False)
 
 
+def one_stem(channels: Mapping[str, int] | None, what: str) -> tuple[str, int]:
+    """``(modality, band count)`` of a data module that feeds one stem; ``channels`` is ``{modality: bands}`` as in
+    every data module (default ``{"optical": 3}``)."""
+    channels = dict(channels or {"optical": 3})
+    if len(channels) != 1:
+        raise ValueError(f"{what} reads one stem: channels must have one entry, e.g. {{sar: 1}}, got {channels}")
+    return next(iter(channels.items()))
+
+
 def prediction_path(out_dir: str | Path, name: str, source: str | Path) -> Path:
     """Where the map predicted for the input file ``source`` is written: ``out_dir/<name>.tif`` for a TIFF source (it
     keeps the georeferencing), ``out_dir/<name>.png`` otherwise.

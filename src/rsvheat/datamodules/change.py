@@ -9,7 +9,7 @@ import torch
 
 from rsvheat.data.change import ChangeDetectionFolder
 from rsvheat.data.stats import Stats
-from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
+from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages, one_stem
 
 
 class UnlabelledPairs(UnlabelledImages):
@@ -27,7 +27,8 @@ class ChangeDetectionDataModule(TaskDataModule):
         train_root, val_root, test_root: LEVIR-CD split folders (``A/``, ``B/``, ``label/``); ``predict_root`` needs
             only ``A/`` and ``B/``.
         crop_size: random training crops (LEVIR-CD: 256 from the 1024² tiles); evaluation uses whole tiles.
-        channels, bands, modality: band count of both dates, 1-based band selection, and the stem to use.
+        channels, bands: ``{stem: band count}`` of both dates (one stem, default ``{"optical": 3}``), 1-based band
+            selection.
     """
 
     def __init__(
@@ -37,9 +38,8 @@ class ChangeDetectionDataModule(TaskDataModule):
         test_root: str | None = None,
         predict_root: str | None = None,
         crop_size: int = 256,
-        channels: int = 3,
+        channels: dict[str, int] | None = None,
         bands: list[int] | None = None,
-        modality: str = "optical",
         batch_size: int = 8,
         eval_batch_size: int = 1,
         num_workers: int = 2,
@@ -48,16 +48,17 @@ class ChangeDetectionDataModule(TaskDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples)
         self.roots = {"train": train_root, "val": val_root, "test": test_root, "predict": predict_root}
-        self.crop_size, self._channels, self.bands, self.modality = crop_size, channels, bands, modality
+        self.crop_size, self.bands = crop_size, bands
+        self.modality, self.band_count = one_stem(channels, "change detection")
 
     @property
     def channels(self) -> dict[str, int]:
-        return {self.modality: self._channels}
+        return {self.modality: self.band_count}
 
     def _dataset(self, split: str, stats: Stats) -> ChangeDetectionFolder:
-        s = stats.get(self.modality, {"mean": [0.0] * self._channels, "std": [1.0] * self._channels})
+        s = stats.get(self.modality, {"mean": [0.0] * self.band_count, "std": [1.0] * self.band_count})
         return ChangeDetectionFolder(
-            self.roots[split], self._channels, s["mean"], s["std"], self.crop_size, split == "train", self.bands
+            self.roots[split], self.band_count, s["mean"], s["std"], self.crop_size, split == "train", self.bands
         )
 
     def stats_source(self):

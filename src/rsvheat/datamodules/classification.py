@@ -15,7 +15,7 @@ from rsvheat.data.classification import (
     write_json_atomic,
 )
 from rsvheat.data.stats import Stats
-from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
+from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages, one_stem
 
 
 class ClassificationDataModule(TaskDataModule):
@@ -33,7 +33,8 @@ class ClassificationDataModule(TaskDataModule):
             ``seed``, and other values than the file's are an error). Default
             ``splits/<root name>_tr<train_ratio>_val<val_ratio>_seed<seed>.json`` in the working directory.
         img_size: images are resized to ``img_size × img_size``.
-        channels, bands, modality: band count after selecting the 1-based ``bands``; the backbone stem to use.
+        channels, bands: ``{stem: band count}`` after selecting the 1-based ``bands`` (one stem, default
+            ``{"optical": 3}``; 13-band EuroSAT-MS: ``{"optical": 13}``).
         predict_dir: a folder of unlabelled images for ``rsvheat predict``.
     """
 
@@ -46,9 +47,8 @@ class ClassificationDataModule(TaskDataModule):
         seed: int = 0,
         split_file: str | None = None,
         img_size: int = 224,
-        channels: int = 3,
+        channels: dict[str, int] | None = None,
         bands: Sequence[int] | None = None,
-        modality: str = "optical",
         predict_dir: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 64,
@@ -60,7 +60,8 @@ class ClassificationDataModule(TaskDataModule):
         self.root = resolve_root(root) if Path(root).is_dir() else Path(root)
         self.classes, samples = scan_class_folders(self.root, classes)
         self.samples = samples
-        self.img_size, self.bands, self.modality, self._channels = img_size, bands, modality, channels
+        self.img_size, self.bands = img_size, bands
+        self.modality, self.band_count = one_stem(channels, "classification")
         self.predict_dir = predict_dir
         default_file = f"splits/{self.root.name}_tr{train_ratio:g}_val{val_ratio:g}_seed{seed}.json"
         self.split_file = Path(split_file or default_file)
@@ -68,7 +69,7 @@ class ClassificationDataModule(TaskDataModule):
 
     @property
     def channels(self) -> dict[str, int]:
-        return {self.modality: self._channels}
+        return {self.modality: self.band_count}
 
     @property
     def num_classes(self) -> int:
@@ -129,7 +130,7 @@ class ClassificationDataModule(TaskDataModule):
         return SceneClassification(
             self.root,
             [(f, label[f]) for f in files],
-            self._channels,
+            self.band_count,
             **stats[self.modality],
             size=self.img_size,
             bands=self.bands,

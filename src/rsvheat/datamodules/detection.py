@@ -7,7 +7,7 @@ from typing import Literal
 
 from rsvheat.data.detection import DetectionDataset, collate_detection
 from rsvheat.data.stats import Stats
-from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
+from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages, one_stem
 
 
 class DetectionDataModule(TaskDataModule):
@@ -20,7 +20,8 @@ class DetectionDataModule(TaskDataModule):
         classes: names in label order (labels 1..K). Default: the training JSON's COCO categories in category-id
             order (categories without boxes included), or the sorted VOC names of the training annotations; val/test
             use the same list.
-        channels, bands, modality: band count (e.g. 1 for SAR-AIRcraft), 1-based band selection, stem.
+        channels, bands: ``{stem: band count}`` (one stem, default ``{"optical": 3}``; SAR-AIRcraft: ``{"sar": 1}``),
+            1-based band selection.
     """
 
     def __init__(
@@ -31,9 +32,8 @@ class DetectionDataModule(TaskDataModule):
         format: Literal["voc", "coco"] = "voc",
         classes: Sequence[str] | None = None,
         predict_dir: str | None = None,
-        channels: int = 3,
+        channels: dict[str, int] | None = None,
         bands: list[int] | None = None,
-        modality: str = "optical",
         batch_size: int = 4,
         eval_batch_size: int = 4,
         num_workers: int = 2,
@@ -45,13 +45,14 @@ class DetectionDataModule(TaskDataModule):
             raise ValueError(f"format must be 'voc' or 'coco', got {format!r}")
         self.specs = {"train": train, "val": val, "test": test}
         self.format, self.predict_dir = format, predict_dir
-        self._channels, self.bands, self.modality = channels, bands, modality
+        self.bands = bands
+        self.modality, self.band_count = one_stem(channels, "detection")
         # The class list is fixed by the training split and imposed on the others.
         self.classes = list(self._dataset("train", None, classes).classes)
 
     @property
     def channels(self) -> dict[str, int]:
-        return {self.modality: self._channels}
+        return {self.modality: self.band_count}
 
     @property
     def num_classes(self) -> int:
@@ -62,11 +63,11 @@ class DetectionDataModule(TaskDataModule):
         return ", ".join(f"{k}={v}" for k, v in (self.specs["train"] or {}).items())
 
     def _dataset(self, split: str, stats: Stats | None, classes=None) -> DetectionDataset:
-        s = (stats or {}).get(self.modality, {"mean": [0.0] * self._channels, "std": [1.0] * self._channels})
+        s = (stats or {}).get(self.modality, {"mean": [0.0] * self.band_count, "std": [1.0] * self.band_count})
         kwargs = dict(
             # None (first call, no list configured): the loader's default, COCO categories or sorted VOC names
             classes=classes if classes is not None else getattr(self, "classes", None),
-            channels=self._channels,
+            channels=self.band_count,
             mean=s["mean"],
             std=s["std"],
             train=split == "train",
