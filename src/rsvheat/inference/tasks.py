@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rsvheat.data.io import image_header
 from rsvheat.files import check_output, refuse_existing, refuse_inputs_as_outputs
 from rsvheat.inference.scene import (
     GDAL_CACHE_MB,
@@ -114,74 +115,97 @@ def predict_scene(
     """
     import rasterio
 
-    from rsvheat.trainers import ChangeDetectionTask, DetectionTask, SegmentationTask
+    from rsvheat.trainers import DetectionTask
 
-    if batch_size < 1:
-        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
-    check_tile(tile, "--tile")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
-    refuse_existing(output, overwrite)
-    if probabilities is not None:
-        check_output(probabilities, overwrite, TIFF, "probabilities (a GeoTIFF)")
-    refuse_inputs_as_outputs([output, probabilities], [checkpoint, *images])
+    images = [Path(p) for p in images]
+    bands = list(bands) if bands is not None else [None] * len(images)
+    _check_request(checkpoint, images, bands, output, probabilities, tile, overlap, batch_size, overwrite)
     device = resolve_device(device)
     task, meta = load_task(checkpoint, device)
     detection = isinstance(task, DetectionTask)
     suffixes, kind = (GEOJSON, "boxes (GeoJSON)") if detection else (TIFF, f"the {type(task).__name__} map (a GeoTIFF)")
     check_output(output, overwrite, suffixes, kind)
-    modalities = task.modalities
-    images = [Path(p) for p in images]
-    bands = list(bands) if bands is not None else [None] * len(images)
+    if detection and probabilities is not None:
+        raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
+    inputs = _scene_inputs(task, images, bands)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, task.modalities, meta["stats"]) as scene:
+        if detection:
+            found = detect_scene(scene, task.model, tile, overlap, batch_size, device=device, progress=progress)
+            return [write_geojson(scene, found, list(meta["classes"]), output, overwrite)]
+        predict, outputs, names, encode = _dense_head(task, meta)
+        targets = [(Path(output), encode, 1, "uint8", 255, None)]
+        if probabilities is not None:
+            targets.append((Path(probabilities), lambda v: v, outputs, "float32", -1.0, names))
+        strips = dense_strips(scene, predict, outputs, tile, overlap, batch_size, device, progress)
+        return write_dense(scene, strips, targets, overwrite=overwrite, cog=cog)
+
+
+def _check_request(checkpoint, images, bands, output, probabilities, tile, overlap, batch_size, overwrite) -> None:
+    """Everything about a ``predict_scene`` call that can be checked before the model is loaded: option values,
+    output names, and that every raster exists and can be read."""
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    check_tile(tile, "--tile")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"the overlap ({overlap}) must be in [0, tile) with tile = {tile}")
     if len(bands) != len(images):
-        raise ValueError(f"{len(bands)} band selections for {len(images)} images")
+        raise ValueError(
+            f"give one band selection per image: {len(images)} image(s), {len(bands)} selection(s) "
+            "(e.g. --bands 3,2,1 1 for an optical and a SAR raster)"
+        )
+    refuse_existing(output, overwrite)
+    if probabilities is not None:
+        check_output(probabilities, overwrite, TIFF, "probabilities (a GeoTIFF)")
+    refuse_inputs_as_outputs([output, probabilities], [checkpoint, *images])
+    for image in images:  # a bad raster is named before the (possibly large) checkpoint is read
+        image_header(image)
 
-    def spec(roles: list[str], modality_of) -> dict[str, Input]:
-        if len(images) != len(roles):
-            wanted = f"{len(roles)} image(s) ({', '.join(roles)})"
-            raise ValueError(f"{type(task).__name__} takes {wanted}, got {len(images)}")
-        return {
-            role: Input(p, modality_of(role), tuple(b) if b else None)
-            for role, p, b in zip(roles, images, bands, strict=True)
-        }
 
-    only = next(iter(modalities))
+def _scene_inputs(task, images: list[Path], bands: list) -> dict[str, Input]:
+    """``{role: Input}`` of the rasters a task reads: one per stem (segmentation), ``before``/``after`` (change
+    detection), one (detection)."""
+    from rsvheat.trainers import ChangeDetectionTask, SegmentationTask
+
+    only = next(iter(task.modalities))
     if isinstance(task, SegmentationTask):
-        inputs = spec(list(modalities), lambda role: role)
+        roles = {name: name for name in task.modalities}
+    elif isinstance(task, ChangeDetectionTask):
+        roles = {"before": only, "after": only}
+    else:
+        roles = {only: only}
+    if len(images) != len(roles):
+        wanted = f"{len(roles)} image(s) ({', '.join(roles)})"
+        raise ValueError(f"{type(task).__name__} takes {wanted}, got {len(images)}")
+    return {
+        role: Input(path, modality, tuple(b) if b else None)
+        for (role, modality), path, b in zip(roles.items(), images, bands, strict=True)
+    }
+
+
+def _dense_head(task, meta: dict):
+    """``(predict, outputs, names, encode)`` of a dense task: ``predict({role: (B, C, t, t)}) -> (B, outputs, t, t)``
+    probabilities, the band names of the probability map, and ``encode`` from blended probabilities
+    ``(outputs, rows, W)`` to the class/change map ``(1, rows, W)``."""
+    from rsvheat.trainers import ChangeDetectionTask, SegmentationTask
+
+    if isinstance(task, SegmentationTask):
+        only = next(iter(task.modalities))
 
         def predict(batch):
             return task.model(batch[only] if len(batch) == 1 else batch).softmax(1)
 
-        outputs, names = task.hparams.num_classes, meta.get("classes")
-
         def encode(values: np.ndarray) -> np.ndarray:
             return values.argmax(0)[None].astype(np.uint8)
 
-    elif isinstance(task, ChangeDetectionTask):
-        inputs = spec(["before", "after"], lambda role: only)
+        return predict, task.hparams.num_classes, meta.get("classes"), encode
+    if isinstance(task, ChangeDetectionTask):
+        threshold = task.hparams.threshold
 
         def predict(batch):
             return task.model(batch["before"], batch["after"]).sigmoid()
 
-        outputs, names = 1, ["change"]
-        threshold = task.hparams.threshold
-
         def encode(values: np.ndarray) -> np.ndarray:
             return (values > threshold).astype(np.uint8)
 
-    elif isinstance(task, DetectionTask):
-        if probabilities is not None:
-            raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
-        inputs = spec([only], lambda role: only)
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, modalities, meta["stats"]) as scene:
-            found = detect_scene(scene, task.model, tile, overlap, batch_size, device=device, progress=progress)
-            return [write_geojson(scene, found, list(meta["classes"]), output, overwrite)]
-    else:
-        raise ValueError(f"predict-scene does not handle {type(task).__name__}")
-
-    targets = [(Path(output), encode, 1, "uint8", 255, None)]
-    if probabilities is not None:
-        targets.append((Path(probabilities), lambda v: v, outputs, "float32", -1.0, names))
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, modalities, meta["stats"]) as scene:
-        strips = dense_strips(scene, predict, outputs, tile, overlap, batch_size, device, progress)
-        return write_dense(scene, strips, targets, overwrite=overwrite, cog=cog)
+        return predict, 1, ["change"], encode
+    raise ValueError(f"predict-scene does not handle {type(task).__name__}")
