@@ -134,11 +134,6 @@ def explain_scene(
     ``out_dir`` must be new or empty unless ``overwrite`` (then heat maps of an earlier run that this one does not
     redraw, e.g. of a deeper model, are removed so the folder never mixes two runs). Each PNG is written atomically.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     image, out_dir = Path(image), Path(out_dir)
     if modality not in model.modalities:
         raise ValueError(f"the model has no {modality!r} stem (it has {list(model.modalities)})")
@@ -148,45 +143,57 @@ def explain_scene(
     # no mkdir here: the first heat map written creates the folder, so a run that fails leaves none behind
     stats = dict(stats) if stats is not None else image_stats(image, bands)
     model = model.eval().to(device)
-    with Scene(
-        {modality: Input(image, modality, tuple(bands) if bands else None)}, model.modalities, {modality: stats}
-    ) as scene:
-        height, width = scene.height, scene.width
-        scale = min(1.0, max_side / max(height, width))
-        shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-        th, tw, _, tops, lefts = window_grid(height, width, tile, 0)
-        canvases: dict = {}
-        spectra: dict = {}
-        count = 0
-        for top in tops:
-            for left in lefts:
-                arrays, _ = scene.read(top, left, th, tw)
-                x = torch.from_numpy(arrays[modality])[None].to(device)
-                fields = heat_fields(model, x, modality)
-                count += 1
-                y0, x0 = round(top * scale), round(left * scale)
-                y1, x1 = round((top + th) * scale), round((left + tw) * scale)
-                for key, maps in fields.items():
-                    for name in SPATIAL:
-                        field = F.interpolate(
-                            maps[name][:, None].float(),
-                            (max(1, y1 - y0), max(1, x1 - x0)),
-                            mode="bilinear",
-                            align_corners=False,
-                        )[0, 0]
-                        canvas = canvases.setdefault((key, name), np.zeros(shape, np.float32))
-                        canvas[y0:y1, x0:x1] = field.cpu().numpy()[: shape[0] - y0, : shape[1] - x0]
-                    for name in SPECTRAL:
-                        value = maps[name][0] if maps[name].ndim == 3 else maps[name]
-                        spectra[(key, name)] = spectra.get((key, name), 0) + value.float().cpu().numpy()
-    spectra = {k: v / count for k, v in spectra.items()}
+    source = Input(image, modality, tuple(bands) if bands else None)
+    with Scene({modality: source}, model.modalities, {modality: stats}) as scene:
+        size = (scene.height, scene.width)
+        canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device)
+    shape = next(iter(canvases.values())).shape
     rgb, valid = _overview(image, bands, shape)
-    blocks = sorted({key for key, _ in canvases})
+    title = f"Heat conduction in {type(model).__name__} ({modality}, {size[0]}×{size[1]} px)"
+    written = _draw(canvases, spectra, rgb, valid, title, out_dir)
+    for stale in set(out_dir.glob("stage*_block*.png")) - set(written.values()):
+        stale.unlink()
+    return written
 
-    def draw(axes_row, key, with_image: bool) -> None:
+
+def _stitched_fields(model, scene: Scene, modality: str, tile: int, max_side: int, device) -> tuple[dict, dict]:
+    """The heat fields of every block over the whole scene, tile by tile: ``{(block, name): (h, w)}`` spatial
+    fields stitched on a display canvas of at most ``max_side`` px, ``{(block, name): (h', w')}`` spectra averaged
+    over tiles."""
+    scale = min(1.0, max_side / max(scene.height, scene.width))
+    shape = (max(1, round(scene.height * scale)), max(1, round(scene.width * scale)))
+    th, tw, _, tops, lefts = window_grid(scene.height, scene.width, tile, 0)
+    canvases: dict = {}
+    spectra: dict = {}
+    for top in tops:
+        for left in lefts:
+            arrays, _ = scene.read(top, left, th, tw)
+            fields = heat_fields(model, torch.from_numpy(arrays[modality])[None].to(device), modality)
+            y0, x0 = round(top * scale), round(left * scale)
+            y1, x1 = round((top + th) * scale), round((left + tw) * scale)
+            for key, maps in fields.items():
+                for name in SPATIAL:
+                    size = (max(1, y1 - y0), max(1, x1 - x0))
+                    field = F.interpolate(maps[name][:, None].float(), size, mode="bilinear", align_corners=False)
+                    canvas = canvases.setdefault((key, name), np.zeros(shape, np.float32))
+                    canvas[y0:y1, x0:x1] = field[0, 0].cpu().numpy()[: shape[0] - y0, : shape[1] - x0]
+                for name in SPECTRAL:
+                    value = maps[name][0] if maps[name].ndim == 3 else maps[name]
+                    spectra[(key, name)] = spectra.get((key, name), 0) + value.float().cpu().numpy()
+    tiles = len(tops) * len(lefts)
+    return canvases, {k: v / tiles for k, v in spectra.items()}
+
+
+def _draw(canvases: dict, spectra: dict, rgb: np.ndarray, valid: np.ndarray, title: str, out_dir: Path) -> dict:
+    """``summary.png`` (last block of each stage) and one figure per block; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def draw(axes_row, key) -> None:
         axes = list(axes_row)
-        if with_image:
-            axes.pop(0).imshow(rgb)
+        axes.pop(0).imshow(rgb)
         for ax, name in zip(axes, SPATIAL + SPECTRAL, strict=True):
             if name in SPATIAL:
                 field = canvases[(key, name)]
@@ -202,29 +209,29 @@ def explain_scene(
             ax.set_xticks([])
             ax.set_yticks([])
 
-    written: dict[str, Path] = {}
+    def titles(axes_row) -> None:
+        for ax, name in zip(axes_row, ("input", *SPATIAL, *SPECTRAL), strict=True):
+            ax.set_title(TITLES.get(name, name), fontsize=9)
+
+    blocks = sorted({key for key, _ in canvases})
     columns = 1 + len(SPATIAL) + len(SPECTRAL)
     last = [max(k for k in blocks if k[0] == s) for s in sorted({s for s, _ in blocks})]
     fig, axes = plt.subplots(len(last), columns, figsize=(2.6 * columns, 2.6 * len(last)), squeeze=False)
     for row, key in zip(axes, last, strict=True):
-        draw(row, key, True)
+        draw(row, key)
         row[0].set_ylabel(f"stage {key[0] + 1}, block {key[1] + 1}")
-    for ax, name in zip(axes[0], ("input", *SPATIAL, *SPECTRAL), strict=True):
-        ax.set_title(TITLES.get(name, name), fontsize=9)
-    fig.suptitle(f"Heat conduction in {type(model).__name__} ({modality}, {height}×{width} px)", fontsize=10)
+    titles(axes[0])
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    written["summary"] = _save_png(fig, out_dir / "summary.png", dpi=90)
+    written = {"summary": _save_png(fig, out_dir / "summary.png", dpi=90)}
     plt.close(fig)
     for key in blocks:
         fig, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 2.9), squeeze=False)
-        draw(axes[0], key, True)
-        for ax, name in zip(axes[0], ("input", *SPATIAL, *SPECTRAL), strict=True):
-            ax.set_title(TITLES.get(name, name), fontsize=9)
+        draw(axes[0], key)
+        titles(axes[0])
         fig.suptitle(f"stage {key[0] + 1}, block {key[1] + 1}", fontsize=10)
         fig.tight_layout()
         path = _save_png(fig, out_dir / f"stage{key[0] + 1}_block{key[1] + 1}.png", dpi=80)
         plt.close(fig)
         written[path.stem] = path
-    for stale in set(out_dir.glob("stage*_block*.png")) - set(written.values()):
-        stale.unlink()
     return written
