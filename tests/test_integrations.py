@@ -57,3 +57,22 @@ def test_torchgeo_segmentation_and_change_detection_tasks():
     cd = trainers.ChangeDetectionTask(model="unet", backbone="tu-rsvheat_tiny", weights=None, in_channels=3)
     pair = {"image": torch.randn(2, 2, 3, 64, 64), "mask": torch.randint(0, 2, (2, 1, 64, 64)).float()}
     assert torch.isfinite(cd.training_step(pair, 0))
+
+
+def _run(code: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_import_is_light_and_registers_with_timm_in_either_order():
+    """``import rsvheat`` and ``rsvheat --help`` load no torch; the variants reach timm however timm is imported."""
+    assert (
+        _run("import sys, rsvheat; from rsvheat.cli import build_parser; build_parser(); print('torch' in sys.modules)")
+        == "False\n"
+    )
+    for code in ("import rsvheat, timm", "import timm, rsvheat", "import rsvheat, segmentation_models_pytorch, timm"):
+        assert _run(code + "; print(sorted(timm.list_models('*vheat_tiny')))") == "['rsvheat_tiny', 'vheat_tiny']\n"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
@@ -32,7 +33,7 @@ from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, wei
 from rsvheat.operators.dct import DctImpl
 from rsvheat.operators.heat import HeatConduction, resize_embedding, tensor_version
 
-__all__ = ["RSVHeat", "VARIANTS", "create_model_from_weights"]
+__all__ = ["RSVHeat", "VARIANTS", "create_model", "create_model_from_weights"]
 
 #: Input-stem name used when a model has a single 3-band stem and no modality is given.
 DEFAULT_MODALITY = "optical"
@@ -635,6 +636,16 @@ def _register(name: str):
 
 for _name in VARIANTS:
     globals()[_name] = _register(_name)
+
+
+def create_model(name: str, **kwargs) -> RSVHeat:
+    """``timm.create_model`` restricted to our variants.
+
+    Example: ``create_model("rsvheat_base", modalities={"optical": 3, "sar": 1})``.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(VARIANTS)}")
+    return timm.create_model(name, **kwargs)
 
 
 def create_model_from_weights(path: str | os.PathLike, **overrides) -> RSVHeat:
