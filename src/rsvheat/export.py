@@ -150,22 +150,18 @@ def export_checkpoint(
     height, width = (size[0], size[0]) if len(size) == 1 else size[:2]
     if checkpoint is not None:
         from rsvheat.inference.tasks import load_task
-        from rsvheat.trainers import ChangeDetectionTask, ClassificationTask, SegmentationTask
+        from rsvheat.trainers import ChangeDetectionTask, DetectionTask
 
         task, _ = load_task(checkpoint)
         if len(task.modalities) != 1:
             raise ValueError(f"export takes single-stem models; this one fuses {list(task.modalities)}")
         channels = next(iter(task.modalities.values()))
-        if isinstance(task, ClassificationTask):
-            model, kind, count = task.backbone, "single", 1
-        elif isinstance(task, SegmentationTask):
-            model, kind, count = task.model, "single", 1
-        elif isinstance(task, ChangeDetectionTask):
-            model, kind, count = task.model, "change", 2
-        else:
+        if isinstance(task, DetectionTask):
             raise ValueError(
                 f"export does not handle {type(task).__name__} (Faster R-CNN: use torchvision's detection export)"
             )
+        model = task.model  # every task's network: the classifier, the segmenter, the siamese change model
+        kind, count = ("change", 2) if isinstance(task, ChangeDetectionTask) else ("single", 1)
     else:
         model = rsvheat.create_model(variant, num_classes=0, modalities={"optical": channels})
         if weights is not None:
