@@ -449,6 +449,19 @@ def test_change_detection_levir_layout(tmp_path):
     assert full["mask"].shape == (48, 48) and full["mask"].sum() == 10 * 25 and full["mask"].max() == 1
 
 
+def test_change_detection_predicts_pairs_in_the_training_layout(tmp_path):
+    # the predict split gives pairs as the labelled splits do, image (2, C, H, W), and one 0/255 map per pair
+    from rsvheat.trainers import ChangeDetectionTask
+
+    root = levir(tmp_path / "cd")
+    stats = {"optical": {"mean": [0] * 3, "std": [1] * 3}}
+    dm = ChangeDetectionDataModule(str(root), str(root), predict_root=str(root), stats=stats, num_workers=0)
+    dm.setup("predict")
+    assert dm.datasets["predict"][0]["image"].shape == (2, 3, 48, 48)
+    task = ChangeDetectionTask(img_size=32, eval_tile=32, eval_overlap=8, **MICRO)
+    assert predict_run(task, dm, tmp_path / "out") == ["p0.png", "p1.png"]
+
+
 def test_change_detection_mismatched_pairs_and_masks(tmp_path):
     levir(tmp_path / "size")
     write(tmp_path / "size" / "B" / "p1.png", ramp(3, 40, 48))
