@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from rsvheat.data.io import open_raster
 from rsvheat.files import write_atomic
@@ -126,6 +127,7 @@ def explain_scene(
     max_side: int = 768,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    progress: bool = True,
 ) -> dict[str, Path]:
     """Write ``stage{S}_block{B}.png`` for every block and ``summary.png`` (last block of each stage) for ``image``
     through ``model`` (an :class:`~rsvheat.models.rsvheat.RSVHeat`), and return their paths (``"summary"`` first).
@@ -146,17 +148,19 @@ def explain_scene(
     source = Input(image, modality, tuple(bands) if bands else None)
     with Scene({modality: source}, model.modalities, {modality: stats}) as scene:
         size = (scene.height, scene.width)
-        canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device)
+        canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device, progress)
     shape = next(iter(canvases.values())).shape
     rgb, valid = _overview(image, bands, shape)
     title = f"Heat conduction in {type(model).__name__} ({modality}, {size[0]}×{size[1]} px)"
-    written = _draw(canvases, spectra, rgb, valid, title, out_dir)
+    written = _draw(canvases, spectra, rgb, valid, title, out_dir, progress)
     for stale in set(out_dir.glob("stage*_block*.png")) - set(written.values()):
         stale.unlink()
     return written
 
 
-def _stitched_fields(model, scene: Scene, modality: str, tile: int, max_side: int, device) -> tuple[dict, dict]:
+def _stitched_fields(
+    model, scene: Scene, modality: str, tile: int, max_side: int, device, progress: bool
+) -> tuple[dict, dict]:
     """The heat fields of every block over the whole scene, tile by tile: ``{(block, name): (h, w)}`` spatial
     fields stitched on a display canvas of at most ``max_side`` px, ``{(block, name): (h', w')}`` spectra averaged
     over tiles."""
@@ -165,26 +169,28 @@ def _stitched_fields(model, scene: Scene, modality: str, tile: int, max_side: in
     th, tw, _, tops, lefts = window_grid(scene.height, scene.width, tile, 0)
     canvases: dict = {}
     spectra: dict = {}
-    for top in tops:
-        for left in lefts:
-            arrays, _ = scene.read(top, left, th, tw)
-            fields = heat_fields(model, torch.from_numpy(arrays[modality])[None].to(device), modality)
-            y0, x0 = round(top * scale), round(left * scale)
-            y1, x1 = round((top + th) * scale), round((left + tw) * scale)
-            for key, maps in fields.items():
-                for name in SPATIAL:
-                    size = (max(1, y1 - y0), max(1, x1 - x0))
-                    field = F.interpolate(maps[name][:, None].float(), size, mode="bilinear", align_corners=False)
-                    canvas = canvases.setdefault((key, name), np.zeros(shape, np.float32))
-                    canvas[y0:y1, x0:x1] = field[0, 0].cpu().numpy()[: shape[0] - y0, : shape[1] - x0]
-                for name in SPECTRAL:
-                    value = maps[name][0] if maps[name].ndim == 3 else maps[name]
-                    spectra[(key, name)] = spectra.get((key, name), 0) + value.float().cpu().numpy()
+    windows = [(top, left) for top in tops for left in lefts]
+    for top, left in tqdm(windows, desc="heat maps", unit="tile", disable=not progress or len(windows) == 1):
+        arrays, _ = scene.read(top, left, th, tw)
+        fields = heat_fields(model, torch.from_numpy(arrays[modality])[None].to(device), modality)
+        y0, x0 = round(top * scale), round(left * scale)
+        y1, x1 = round((top + th) * scale), round((left + tw) * scale)
+        for key, maps in fields.items():
+            for name in SPATIAL:
+                size = (max(1, y1 - y0), max(1, x1 - x0))
+                field = F.interpolate(maps[name][:, None].float(), size, mode="bilinear", align_corners=False)
+                canvas = canvases.setdefault((key, name), np.zeros(shape, np.float32))
+                canvas[y0:y1, x0:x1] = field[0, 0].cpu().numpy()[: shape[0] - y0, : shape[1] - x0]
+            for name in SPECTRAL:
+                value = maps[name][0] if maps[name].ndim == 3 else maps[name]
+                spectra[(key, name)] = spectra.get((key, name), 0) + value.float().cpu().numpy()
     tiles = len(tops) * len(lefts)
     return canvases, {k: v / tiles for k, v in spectra.items()}
 
 
-def _draw(canvases: dict, spectra: dict, rgb: np.ndarray, valid: np.ndarray, title: str, out_dir: Path) -> dict:
+def _draw(
+    canvases: dict, spectra: dict, rgb: np.ndarray, valid: np.ndarray, title: str, out_dir: Path, progress: bool
+) -> dict:
     """``summary.png`` (last block of each stage) and one figure per block; returns their paths."""
     import matplotlib
 
@@ -225,7 +231,7 @@ def _draw(canvases: dict, spectra: dict, rgb: np.ndarray, valid: np.ndarray, tit
     fig.tight_layout()
     written = {"summary": _save_png(fig, out_dir / "summary.png", dpi=90)}
     plt.close(fig)
-    for key in blocks:
+    for key in tqdm(blocks, desc="figures", unit="block", disable=not progress):
         fig, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 2.9), squeeze=False)
         draw(axes[0], key)
         titles(axes[0])

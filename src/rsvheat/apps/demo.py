@@ -334,9 +334,8 @@ class Demo:
 
         task, meta = self.fine_tuned
         stats = meta["stats"]["optical"]
-        self.heat = explain_scene(
-            task.backbone, self.scene, self.out_dir / "heat_maps", "optical", stats, self.band_list
-        )
+        out = self.out_dir / "heat_maps"
+        self.heat = explain_scene(task.backbone, self.scene, out, "optical", stats, self.band_list, progress=False)
 
     # 6. efficiency ----------------------------------------------------------------------------------------------------
     def measure_efficiency(self) -> None:
