@@ -64,37 +64,35 @@ def _labelling_image(scene: Path, folder: Path, max_side: int = LABEL_MAX_SIDE) 
     """``scene`` if no side exceeds ``max_side``, else a decimated overview of its first three bands (GeoTIFF in
     ``folder``, on the coarser grid): the k-means labelling reads its whole input, so a large scene is read through
     rasterio's ``out_shape`` instead."""
-    import warnings
-
     import rasterio
     from rasterio.enums import Resampling
-    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.transform import Affine
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(scene) as src:
-            if max(src.height, src.width) <= max_side:
-                return scene
-            scale = max_side / max(src.height, src.width)
-            shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
-            bands = list(range(1, min(src.count, 3) + 1))
-            data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.average)
-            profile = {
-                "driver": "GTiff",
-                "count": len(bands),
-                "height": shape[0],
-                "width": shape[1],
-                "dtype": data.dtype.name,
-                "crs": src.crs,
-                "transform": src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0]),
-                "nodata": src.nodata,
-            }
-        path = Path(folder) / f"{scene.stem}_overview.tif"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with rasterio.open(path, "w", **profile) as dst:
+    from rsvheat.data.io import open_raster, quiet_georeferencing
+
+    with open_raster(scene, "scene") as src:
+        if max(src.height, src.width) <= max_side:
+            return scene
+        scale = max_side / max(src.height, src.width)
+        shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+        bands = list(range(1, min(src.count, 3) + 1))
+        data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.average)
+        profile = {
+            "driver": "GTiff",
+            "count": len(bands),
+            "height": shape[0],
+            "width": shape[1],
+            "dtype": data.dtype.name,
+            "crs": src.crs,
+            "transform": src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0]),
+            "nodata": src.nodata,
+        }
+
+    def write(tmp: Path) -> None:
+        with quiet_georeferencing(), rasterio.open(tmp, "w", **profile) as dst:
             dst.write(data)
-    return path
+
+    return write_atomic(Path(folder) / f"{scene.stem}_overview.tif", write)
 
 
 def _median_seconds(fn, repeats: int = 3) -> float:
@@ -141,12 +139,12 @@ def _map_png(scene: Path, classes_tif: Path, names: list[str], out: Path) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import rasterio
     from matplotlib.patches import Patch
 
+    from rsvheat.data.io import open_raster
     from rsvheat.explain import _overview
 
-    with rasterio.open(classes_tif) as src:
+    with open_raster(classes_tif, "map") as src:
         scale = min(1.0, 768 / max(src.height, src.width))
         shape = (round(src.height * scale), round(src.width * scale))
         labels = src.read(1, out_shape=shape)
@@ -167,7 +165,7 @@ def _map_png(scene: Path, classes_tif: Path, names: list[str], out: Path) -> Non
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
 
 

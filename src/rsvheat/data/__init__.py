@@ -15,14 +15,10 @@ def sample_scene_path() -> Path:
 
 def read_raster(path: str | Path) -> tuple[np.ndarray, dict]:
     """Read a whole raster as ``(bands, H, W)`` with its rasterio profile; clear errors for missing/corrupt files."""
-    import rasterio
-    from rasterio.errors import RasterioIOError
+    from rsvheat.data.io import open_raster
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"raster not found: {path}")
-    try:
-        with rasterio.open(path) as src:
-            return src.read(), dict(src.profile)
-    except RasterioIOError as err:
-        raise ValueError(f"cannot read raster {path}: {err}") from err
+    with open_raster(path, "raster") as src:
+        return src.read(), dict(src.profile)

@@ -31,9 +31,9 @@ IGNORE = 255
 
 def read_scene(path: str | Path | None = None):
     """``(image (C, H, W), rasterio profile)`` of ``path``, by default the embedded scene."""
-    import rasterio
+    from rsvheat.data.io import open_raster
 
-    with rasterio.open(path or sample_scene_path()) as src:
+    with open_raster(path or sample_scene_path(), "scene") as src:
         return src.read(), src.profile
 
 
