@@ -103,3 +103,12 @@ def test_explain_overwrite_replaces_the_figures_of_an_earlier_run(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([*(p.name for p in written.values()), "notes.txt"])  # no stale block, no temporary file
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_explain_on_a_png_says_nothing_about_crs(tmp_path, recwarn):
+    """Heat maps are figures: an image without georeference loses nothing, so no CRS warning."""
+    from rsvheat.cli import main
+
+    path = write(tmp_path / "s.png", ramp(3, 64, 64, np.uint8))
+    main(["explain", str(path), "--out", str(tmp_path / "out"), "--model", "vheat_tiny"])
+    assert not [w for w in recwarn if "CRS" in str(w.message)]

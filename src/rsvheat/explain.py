@@ -146,7 +146,7 @@ def explain_scene(
     stats = dict(stats) if stats is not None else image_stats(image, bands)
     model = model.eval().to(device)
     source = Input(image, modality, tuple(bands) if bands else None)
-    with Scene({modality: source}, model.modalities, {modality: stats}) as scene:
+    with Scene({modality: source}, model.modalities, {modality: stats}, georeferenced_outputs=False) as scene:
         size = (scene.height, scene.width)
         canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device, progress)
     shape = next(iter(canvases.values())).shape

@@ -48,9 +48,16 @@ class Scene:
     """Co-registered rasters read window by window: ``{role: Input}`` (roles: the modality names for segmentation,
     ``before``/``after`` for change detection). Checks that they share size, CRS and transform, that each has the
     bands its stem expects, and that the scene is at least :data:`MIN_TILE` pixels on each side; a raster without CRS
-    is accepted with a warning (outputs then have none either, but keep its transform if it has one)."""
+    is accepted with a warning (outputs then have none either, but keep its transform if it has one), unless
+    ``georeferenced_outputs`` is false (outputs that are not maps, such as figures)."""
 
-    def __init__(self, inputs: Mapping[str, Input], channels: Mapping[str, int], stats: Mapping[str, Mapping]) -> None:
+    def __init__(
+        self,
+        inputs: Mapping[str, Input],
+        channels: Mapping[str, int],
+        stats: Mapping[str, Mapping],
+        georeferenced_outputs: bool = True,
+    ) -> None:
         self.inputs = dict(inputs)
         self._stack = ExitStack()
         self.sources = {}
@@ -60,13 +67,14 @@ class Scene:
             self.close()  # the rasters opened before the problem was found
             raise
         first = next(iter(self.sources.values()))
-        if self.crs is None and self.transform.is_identity:
-            warnings.warn(f"{first.name} is not georeferenced: the outputs will have no CRS", stacklevel=2)
-        elif self.crs is None:
-            warnings.warn(
-                f"{first.name} has a transform but no CRS: the outputs keep the transform and have no CRS",
-                stacklevel=2,
-            )
+        if georeferenced_outputs and self.crs is None:  # figures (heat maps) lose nothing without a CRS
+            if self.transform.is_identity:
+                warnings.warn(f"{first.name} is not georeferenced: the outputs will have no CRS", stacklevel=2)
+            else:
+                warnings.warn(
+                    f"{first.name} has a transform but no CRS: the outputs keep the transform and have no CRS",
+                    stacklevel=2,
+                )
         self.stats = {
             role: (
                 np.asarray(stats[item.modality]["mean"], np.float32)[:, None, None],
@@ -286,7 +294,8 @@ def write_dense(
             from rasterio.shutil import copy as raster_copy
 
             for source, tmp, target in zip(plain, temporaries, targets, strict=True):
-                resampling = "NEAREST" if np.issubdtype(np.dtype(target[3]), np.integer) else "AVERAGE"
+                # class ids: the most frequent class of the pixels an overview pixel covers, never an average of ids
+                resampling = "MODE" if np.issubdtype(np.dtype(target[3]), np.integer) else "AVERAGE"
                 raster_copy(source, tmp, driver="COG", compress="DEFLATE", overview_resampling=resampling)
     return paths
 
