@@ -68,6 +68,7 @@ def files(tmp_path_factory):
         "DET": task_checkpoint(root / "det.ckpt", DetectionTask, num_classes=2, min_size=64, max_size=64),
         "EVIL": task_checkpoint(root / "evil.ckpt", SegmentationTask, payload=marker, num_classes=3),
         "G": write(root / "g.tif", ramp(3, 256, 256, np.uint8)),
+        "PNG": write(root / "g.png", ramp(3, 64, 64, np.uint8)),
         "EMPTY": root / "empty.ckpt",
         "RANDOM": root / "random.ckpt",
         "TRUNCATED": root / "truncated.ckpt",
@@ -243,6 +244,7 @@ def test_a_failed_explain_leaves_no_folder(files, tmp_path, capsys):
 BATTERY = [
     (["predict-scene", "CK", "G", "-o", "OUT/map.png"], 2, "must be named .tif or .tiff"),
     (["predict-scene", "DET", "G", "-o", "OUT/boxes.tif"], 2, "must be named .geojson or .json"),
+    (["predict-scene", "DET", "PNG", "-o", "OUT/boxes.geojson"], 2, "has no CRS"),
     (["predict-scene", "CK", "G", "-o", "OUT/m.tif", "--probabilities", "OUT/p.png"], 2, ".tif or .tiff"),
     (["predict-scene", "CK", "G", "-o", "G", "--overwrite"], 2, "is the input"),
     (["predict-scene", "CK", "G", "-o", "EXISTING_DIR", "--overwrite"], 2, "is a folder"),

@@ -19,7 +19,15 @@ from rasterio.windows import Window
 
 from rsvheat.data.io import ImageReadError
 from rsvheat.inference import sliding_window
-from rsvheat.inference.scene import Input, Scene, dense_strips, detect_scene, write_dense, write_geojson
+from rsvheat.inference.scene import (
+    Input,
+    Scene,
+    dense_strips,
+    detect_scene,
+    write_box_json,
+    write_dense,
+    write_geojson,
+)
 from tests.rasters import ramp, write
 
 UNIT = {"optical": {"mean": [0.0] * 3, "std": [1.0] * 3}}
@@ -319,14 +327,16 @@ def test_scene_without_crs_keeps_its_transform(tmp_path):
         warnings.simplefilter("ignore")
         strips = dense_strips(scene, identity, 3, 64, 16, progress=False)
         (out,) = write_dense(scene, strips, [(tmp_path / "m.tif", lambda v: v[:1], 1, "uint8", 255, None)])
-        collection = json.loads(write_geojson(scene, boxes, ["thing"], tmp_path / "b.geojson").read_text())
+        # GeoJSON holds longitude/latitude, which a grid without CRS cannot give: refused, plain JSON instead
+        with pytest.raises(ValueError, match=r"local\.tif has no CRS.*name the output \.json"):
+            write_geojson(scene, boxes, ["thing"], tmp_path / "b.geojson")
+        listed = json.loads(write_box_json(scene, boxes, ["thing"], tmp_path / "b.json").read_text())
     with rasterio.open(path) as src, rasterio.open(out) as pred:
         assert pred.crs is None and not pred.transform.is_identity and pred.transform == src.transform
-    (feature,) = collection["features"]
-    assert feature["properties"]["crs"] is None
-    assert feature["properties"]["bbox_map"] == [400100.0, 5299500.0, 400300.0, 5299800.0]  # through the transform
-    ring = feature["geometry"]["coordinates"][0]
-    assert sorted(map(tuple, ring[:-1])) == [(10, 20), (10, 50), (30, 20), (30, 50)]  # pixels: no CRS to go to
+    assert listed["crs"] is None and not (tmp_path / "b.geojson").exists()
+    (box,) = listed["boxes"]
+    assert box["bbox_xyxy"] == [10.0, 20.0, 30.0, 50.0] and box["class"] == "thing"
+    assert box["bbox_map"] == [400100.0, 5299500.0, 400300.0, 5299800.0]  # through the transform
 
 
 def shoelace(ring):

@@ -378,6 +378,54 @@ def _counter_clockwise(ring: list[tuple[float, float]]) -> list[tuple[float, flo
     return ring if area > 0 else ring[::-1]
 
 
+def check_geojson(scene: Scene) -> None:
+    """GeoJSON holds longitude/latitude (RFC 7946): a scene without CRS cannot give them."""
+    if scene.crs is None:
+        raise ValueError(
+            f"{scene.name} has no CRS, so its boxes have no longitude/latitude for GeoJSON: name the output .json to "
+            "get them in pixels (and in the scene's grid when it has a transform)"
+        )
+
+
+def _box_records(scene: Scene, detections: Mapping[str, torch.Tensor], class_names: list[str]) -> list[dict]:
+    """One dict per box: ``class``, ``label``, ``score``, the pixel box ``bbox_xyxy``, the box in the scene's grid
+    ``bbox_map`` ``[xmin, ymin, xmax, ymax]`` and its ``corners_map`` (4 points)."""
+    records = []
+    for box, label, score in zip(
+        detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist(), strict=True
+    ):
+        x1, y1, x2, y2 = box
+        corners = [scene.transform @ c for c in ((x1, y1), (x2, y1), (x2, y2), (x1, y2))]
+        xs, ys = zip(*corners, strict=True)
+        records.append(
+            {
+                "class": class_names[label - 1],
+                "label": label,
+                "score": round(score, 4),
+                "bbox_xyxy": [round(v, 2) for v in box],
+                "bbox_map": [min(xs), min(ys), max(xs), max(ys)],
+                "corners_map": corners,
+            }
+        )
+    return records
+
+
+def write_box_json(
+    scene: Scene,
+    detections: Mapping[str, torch.Tensor],
+    class_names: list[str],
+    path: str | Path,
+    overwrite: bool = False,
+) -> Path:
+    """Boxes ``{boxes (N, 4) xyxy pixels, labels (N,), scores (N,)}`` as plain JSON for any scene, georeferenced or
+    not: ``{"image", "crs", "boxes": [{class, label, score, bbox_xyxy (pixels), bbox_map (the scene's grid)}]}``."""
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    boxes = [{k: v for k, v in r.items() if k != "corners_map"} for r in _box_records(scene, detections, class_names)]
+    content = {"image": scene.name, "crs": scene.crs.to_string() if scene.crs is not None else None, "boxes": boxes}
+    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(content)), overwrite=overwrite)
+
+
 def write_geojson(
     scene: Scene,
     detections: Mapping[str, torch.Tensor],
@@ -390,41 +438,25 @@ def write_geojson(
     Geometry: the box's four corners in longitude/latitude (RFC 7946: WGS 84, counter-clockwise rings), reprojected
     from the scene's CRS. Properties: ``class``, ``label``, ``score``, the pixel box ``bbox_xyxy``, and the box in the
     scene's own map coordinates, ``bbox_map`` ``[xmin, ymin, xmax, ymax]`` in ``crs`` (e.g. ``"EPSG:32618"``). A
-    scene without CRS gets geometry in pixel coordinates, ``crs`` null and ``bbox_map`` through its transform.
+    scene without CRS is refused (:func:`check_geojson`; :func:`write_box_json` writes its boxes).
     """
     from rasterio.warp import transform as reproject_points
 
+    check_geojson(scene)
     path = Path(path)
     refuse_existing(path, overwrite)
-    crs = scene.crs.to_string() if scene.crs is not None else None
+    crs = scene.crs.to_string()
     features = []
-    for box, label, score in zip(
-        detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist(), strict=True
-    ):
-        x1, y1, x2, y2 = box
-        corners = [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
-        xs, ys = zip(*(scene.transform @ c for c in corners), strict=True)
-        if scene.crs is not None:
-            lons, lats = reproject_points(scene.crs, "EPSG:4326", list(xs), list(ys))
-            ring = list(zip(lons, lats, strict=True))
-        else:
-            ring = corners
-        ring = _counter_clockwise([*ring, ring[0]])
+    for record in _box_records(scene, detections, class_names):
+        xs, ys = zip(*record.pop("corners_map"), strict=True)
+        lons, lats = reproject_points(scene.crs, "EPSG:4326", list(xs), list(ys))
+        ring = _counter_clockwise([*zip(lons, lats, strict=True), (lons[0], lats[0])])
         features.append(
             {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in ring]]},
-                "properties": {
-                    "class": class_names[label - 1],
-                    "label": label,
-                    "score": round(score, 4),
-                    "bbox_xyxy": [round(v, 2) for v in box],
-                    "bbox_map": [min(xs), min(ys), max(xs), max(ys)],
-                    "crs": crs,
-                },
+                "properties": {**record, "crs": crs},
             }
         )
     collection = {"type": "FeatureCollection", "features": features}
-    if scene.crs is None:
-        collection["note"] = "pixel coordinates: the scene is not georeferenced"
     return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(collection)), overwrite=overwrite)

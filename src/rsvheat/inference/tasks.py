@@ -18,9 +18,11 @@ from rsvheat.inference.scene import (
     GDAL_CACHE_MB,
     Input,
     Scene,
+    check_geojson,
     check_tile,
     dense_strips,
     detect_scene,
+    write_box_json,
     write_dense,
     write_geojson,
 )
@@ -123,15 +125,23 @@ def predict_scene(
     device = resolve_device(device)
     task, meta = load_task(checkpoint, device)
     detection = isinstance(task, DetectionTask)
-    suffixes, kind = (GEOJSON, "boxes (GeoJSON)") if detection else (TIFF, f"the {type(task).__name__} map (a GeoTIFF)")
+    suffixes, kind = (
+        (GEOJSON, "boxes (GeoJSON, or JSON in pixels)")
+        if detection
+        else (TIFF, f"the {type(task).__name__} map (a GeoTIFF)")
+    )
     check_output(output, overwrite, suffixes, kind)
     if detection and probabilities is not None:
         raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
     inputs = _scene_inputs(task, images, bands)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, task.modalities, meta["stats"]) as scene:
         if detection:
+            geojson = Path(output).suffix.lower() == ".geojson"
+            if geojson:
+                check_geojson(scene)  # before the work: a scene without CRS has no lon/lat to give
             found = detect_scene(scene, task.model, tile, overlap, batch_size, device=device, progress=progress)
-            return [write_geojson(scene, found, list(meta["classes"]), output, overwrite)]
+            write = write_geojson if geojson else write_box_json
+            return [write(scene, found, list(meta["classes"]), output, overwrite)]
         predict, outputs, names, encode = _dense_head(task, meta)
         targets = [(Path(output), encode, 1, "uint8", 255, None)]
         if probabilities is not None:
