@@ -85,7 +85,7 @@ def run_cli(*args: str, timeout: float = 600, **popen) -> subprocess.CompletedPr
 
 
 def test_pretrain_run_logs_previews_checkpoints_and_export(tmp_path, monkeypatch):
-    import rsvheat.trainers.cli as cli
+    import rsvheat.trainers.checkpoints as cli
 
     written = []
     save = cli._save_synced
@@ -203,7 +203,7 @@ def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
 def test_checkpoints_are_written_next_to_their_target(tmp_path, monkeypatch):
     """An interrupted write leaves the old checkpoint intact and no temporary; a killed run's orphaned temporary is
     swept by the next run's first save."""
-    from rsvheat.trainers.cli import SameFolderCheckpointIO
+    from rsvheat.trainers.checkpoints import SameFolderCheckpointIO
 
     target = tmp_path / "ckpts/last.ckpt"
     SameFolderCheckpointIO().save_checkpoint({"global_step": 1}, target)
@@ -230,7 +230,7 @@ def test_checkpoints_are_written_next_to_their_target(tmp_path, monkeypatch):
 def test_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):
     """torch reports a full disk as "basic_ios::clear: iostream error", naming no file: the error names the
     checkpoint, says the disk may be full, keeps torch's error as its cause and leaves the old checkpoint alone."""
-    from rsvheat.trainers.cli import SameFolderCheckpointIO
+    from rsvheat.trainers.checkpoints import SameFolderCheckpointIO
 
     target = tmp_path / "ckpts/last.ckpt"
     SameFolderCheckpointIO().save_checkpoint({"global_step": 1}, target)
@@ -251,7 +251,7 @@ def test_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):
     # a real write failure: a file size limit (EFBIG; Python ignores SIGXFSZ) stands for the full disk
     script = (
         "import resource, sys, torch\n"
-        "from rsvheat.trainers.cli import SameFolderCheckpointIO\n"
+        "from rsvheat.trainers.checkpoints import SameFolderCheckpointIO\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
         "try:\n"
         "    SameFolderCheckpointIO().save_checkpoint({'w': torch.zeros(100_000)}, sys.argv[1])\n"

@@ -206,7 +206,7 @@ def test_a_killed_run_leaves_a_staging_folder_that_the_next_write_removes(tmp_pa
 def test_written_files_honour_the_umask(tmp_path, umask):
     from rsvheat import save_weights
     from rsvheat.data.io import write_raster
-    from rsvheat.trainers.cli import SameFolderCheckpointIO
+    from rsvheat.trainers.checkpoints import SameFolderCheckpointIO
 
     previous = os.umask(umask)
     try:

@@ -424,9 +424,7 @@ def test_untrusted_checkpoint_is_not_unpickled(tmp_path, monkeypatch):
     last.parent.mkdir(parents=True)
     last.write_bytes(evil.read_bytes())
     for command, ckpt, name in (("test", str(evil), evil), ("fit", str(evil), evil), ("test", "last", last)):
-        with pytest.raises(
-            ValueError, match=f"cannot read checkpoint {re.escape(str(name))}: it holds Python objects other than tensors"
-        ):
+        with pytest.raises(ValueError, match=f"cannot read checkpoint {re.escape(str(name))}: it holds Python objects"):
             task_cli([command, "--config", config, "--ckpt_path", ckpt])
     assert not marker.exists()
     broken = tmp_path / "broken.ckpt"

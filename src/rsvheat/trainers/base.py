@@ -16,7 +16,7 @@ from torchmetrics import MetricCollection
 import rsvheat
 from rsvheat.models.checkpoint import load_checkpoint
 from rsvheat.models.rsvheat import RSVHeat
-from rsvheat.trainers.cli import IntervalCheckpoint, check_checkpoint
+from rsvheat.trainers.checkpoints import IntervalCheckpoint, check_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
 
 

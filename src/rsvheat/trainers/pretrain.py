@@ -16,7 +16,7 @@ from rsvheat.data.pretrain import skipped_count
 from rsvheat.files import write_atomic
 from rsvheat.models.checkpoint import save_weights
 from rsvheat.pretraining.model import FrequencyPretrainer
-from rsvheat.trainers.cli import check_checkpoint, read_checkpoint
+from rsvheat.trainers.checkpoints import check_checkpoint, read_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
 
 ENCODER_FILE = "encoder.safetensors"
