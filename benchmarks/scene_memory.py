@@ -39,7 +39,7 @@ def make_scene(path: Path, size: int) -> Path:
     import rasterio
     from rasterio.windows import Window
 
-    from rsvheat.data.samples import read_scene
+    from rsvheat.apps.samples import read_scene
 
     if path.exists():
         return path

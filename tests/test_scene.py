@@ -418,8 +418,8 @@ def test_detection_across_tiles_merges_duplicates_and_drops_nodata(tmp_path):
 @pytest.mark.slow
 def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
     """``rsvheat fit`` (one epoch, micro model) then ``rsvheat predict-scene`` over the whole Landsat scene."""
+    from rsvheat.apps import samples
     from rsvheat.cli import main
-    from rsvheat.data import samples
     from rsvheat.trainers.cli import task_cli
     from tests.test_task_training import COMMON, LIGHT, write_config
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from rsvheat.apps.samples import write_voc
 from rsvheat.data.classification import scan_class_folders, stratified_split
 from rsvheat.data.io import ImageReadError
-from rsvheat.data.samples import write_voc
 from rsvheat.data.segmentation import ISPRS_PALETTE
 from rsvheat.datamodules import (
     ChangeDetectionDataModule,

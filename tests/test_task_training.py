@@ -19,7 +19,7 @@ import rasterio
 import torch
 import yaml
 
-from rsvheat.data import samples
+from rsvheat.apps import samples
 from rsvheat.datamodules import (
     ChangeDetectionDataModule,
     ClassificationDataModule,

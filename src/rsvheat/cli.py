@@ -122,7 +122,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _make_samples(args: argparse.Namespace) -> None:
-    from rsvheat.data.samples import write_all
+    from rsvheat.apps.samples import write_all
 
     for task, path in write_all(args.out, overwrite=args.overwrite).items():
         print(f"{task:15s} {path}")

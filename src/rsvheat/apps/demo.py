@@ -210,7 +210,7 @@ class Demo:
     # 1. data ----------------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Land-cover tiles cut from the scene (unless the user gave ``train_root``), and the scene for pre-training."""
-        from rsvheat.data.samples import write_segmentation
+        from rsvheat.apps.samples import write_segmentation
 
         if self.train_root is None:
             self.train_root = self.out_dir / "data/segmentation"
