@@ -524,3 +524,16 @@ def test_sigkill_during_fit_then_resume_from_last(tmp_path):
     assert logged_epochs(tmp_path / "run/logs/version_1") == [epoch + 1, epoch + 2]
     assert saved(last) == (epoch + 2, step + 6)
     assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporaries left
+
+
+@pytest.mark.slow
+def test_a_fit_run_prints_no_warning_a_user_cannot_act_on(tmp_path):
+    """``rsvheat fit`` as a user runs it: none of the notes Lightning prints that no setting of ours can answer."""
+    config = classification_config(tmp_path, epochs=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "rsvheat.cli", "fit", "--config", config], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    for noise in ("args parameter", "litlogger", "LeafSpec", "will override existing callbacks", "logging interval"):
+        assert noise not in output, output[-3000:]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,28 @@ def _tensorboard_available() -> bool:
     return True
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+def _quiet_lightning() -> None:
+    """Silence what a user of these commands cannot act on: Lightning's advertisement for its cloud logger, its note
+    that the tasks' checkpoint callback replaces the CLI's (by design: see ``TaskModule.configure_callbacks``), and a
+    deprecation inside Lightning's own use of torch's pytree."""
+    logger = logging.getLogger("lightning.pytorch")
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(_DropMessages("litlogger", "will override existing callbacks passed to Trainer"))
+    for handler in logger.handlers:
+        if not any(isinstance(f, _DropMessages) for f in handler.filters):
+            handler.addFilter(_DropMessages("litlogger", "will override existing callbacks passed to Trainer"))
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 class RSVHeatCLI(LightningCLI):
     """Adds a ``checkpoint`` section (:class:`IntervalCheckpoint`: periodic, atomic, ``last.ckpt`` written at every
     interval) whose folder defaults to ``<trainer.default_root_dir>/checkpoints`` (stable across runs, so
@@ -35,6 +59,16 @@ class RSVHeatCLI(LightningCLI):
     ``--ckpt_path last`` names ``<checkpoint.dirpath>/last.ckpt``, and it or any other path that does not exist is an
     error (Lightning would warn and go on with an untrained model). Checkpoints are loaded with
     ``weights_only=True`` (tensors and plain data, never pickled code) unless ``--weights_only false`` is given."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        _quiet_lightning()
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        # rsvheat's entry point hands over the command line it was given: "args and sys.argv both set" is expected
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(IntervalCheckpoint, "checkpoint")
