@@ -114,3 +114,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert (tmp_path / "heat_maps/summary.png").stat().st_size > 20_000
     assert (tmp_path / "configs/segmentation.yaml").is_file() and (tmp_path / "pretrain").is_dir()
     assert (tmp_path / ".rsvheat-demo").is_file()
+
+
+def test_pretrain_help_names_the_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["pretrain", "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: rsvheat pretrain [-c CONFIG]")

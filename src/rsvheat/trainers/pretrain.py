@@ -216,6 +216,11 @@ def pretrain_cli(argv: list[str] | None = None) -> None:
             parser.link_arguments("data.modalities", "model.modalities")
             parser.link_arguments("data.crop_size", "model.img_size")
 
+        def _add_subcommands(self, parser, **kwargs) -> None:
+            super()._add_subcommands(parser, **kwargs)
+            # pre-training is Lightning's "fit" under another name: its --help says how users call it
+            parser._subcommands_action._name_parser_map["fit"].prog = "rsvheat pretrain"
+
     PretrainCLI(
         PretrainTask,
         PretrainDataModule,
