@@ -10,29 +10,20 @@ transform; a mismatch raises an error naming both files (resample one onto the o
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from rsvheat.data.io import ImageReadError, image_key, integer_labels, match_files, read_image
+from rsvheat.data.io import ImageReadError, image_key, integer_labels, match_files, open_raster, read_image
 from rsvheat.data.transforms import crop_and_flip, normalise
 
 
 def grid_of(path: Path):
     """``(crs, transform, (H, W))`` from the header (crs ``None`` when the file is not georeferenced)."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                return src.crs, src.transform, (src.height, src.width)
-    except RasterioError as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
+    with open_raster(path) as src:
+        return src.crs, src.transform, (src.height, src.width)
 
 
 def check_same_grid(first: Path, second: Path) -> None:

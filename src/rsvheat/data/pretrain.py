@@ -35,6 +35,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from rsvheat.data.io import ImageReadError, image_header, list_images, read_image, to_decibels
 from rsvheat.data.stats import Stats, band_stats, check_stats
+from rsvheat.data.transforms import random_window
 
 SarScale = Literal["db", "linear"]
 # One image of one modality = one or more files (BigEarthNet stores one band per file), each with its band list.
@@ -187,8 +188,7 @@ def random_crop(images: Mapping[str, torch.Tensor], size: int) -> dict[str, torc
         scale = size / min(h, w)
         h, w = max(size, round(h * scale)), max(size, round(w * scale))
         images = {m: F.interpolate(x[None], (h, w), mode="bilinear", align_corners=False)[0] for m, x in images.items()}
-    top = int(torch.randint(h - size + 1, ()).item())
-    left = int(torch.randint(w - size + 1, ()).item())
+    top, left = random_window(h, w, size)
     return {m: x[:, top : top + size, left : left + size].contiguous() for m, x in images.items()}
 
 
