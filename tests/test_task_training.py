@@ -179,6 +179,20 @@ def test_detection_on_sar_and_empty_images():
     assert backbone.stems.sar.conv1.weight.grad is not None
 
 
+def test_detection_map_scores_every_box_the_detector_may_output():
+    # a dense scene: 150 objects, all found; torchmetrics' default limit of 100 detections would give a recall of 2/3
+    task = DetectionTask(num_classes=1, img_size=64, min_size=64, max_size=64, box_detections_per_img=300, **COMMON)
+    xy = torch.arange(150, dtype=torch.float32)[:, None] * 10
+    boxes = torch.cat([xy, xy, xy + 8, xy + 8], dim=1)
+    labels = torch.ones(150, dtype=torch.long)
+    task.val_metrics.update(
+        [{"boxes": boxes, "scores": torch.rand(150), "labels": labels}], [{"boxes": boxes, "labels": labels}]
+    )
+    scores = task.val_metrics.compute()
+    assert scores["val/map_50"] == pytest.approx(1.0)
+    assert scores["val/map"] == pytest.approx(1.0)
+
+
 def write_config(path, task, data, root, **trainer_args):
     config = {
         "trainer": {

@@ -21,13 +21,46 @@ def targets_of(batch: dict) -> list[dict[str, torch.Tensor]]:
     return [{"boxes": b, "labels": c} for b, c in zip(batch["bbox_xyxy"], batch["label"], strict=True)]
 
 
+class DetectionMAP(MeanAveragePrecision):
+    """torchmetrics' COCO mAP scored on up to ``limit`` detections per image (COCO's ``maxDets``).
+
+    torchmetrics' default limits ``[1, 10, 100]`` score a dense scene (hundreds of trees) on its top 100 boxes only,
+    whatever the detector may output. pycocotools computes ``map`` (mAP@[.5:.95], all areas) at a hard-coded 100
+    detections, not at the last limit (its ``map_50``, ``map_75``, ... use the last limit): for another limit ``map``
+    is recomputed here from the accumulated precision table, as pycocotools does for 100.
+    """
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit = limit
+        super().__init__(
+            box_format="xyxy",
+            iou_type="bbox",
+            backend="pycocotools",
+            max_detection_thresholds=[1, min(10, limit), limit],
+            # the precision table is needed only when pycocotools' own "map" is not at the limit
+            extended_summary=limit != 100,
+        )
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        scores = super().compute()
+        if "precision" in scores:
+            # (T IoU thresholds, R recall thresholds, K classes, A areas, M limits) -> area "all", the last limit
+            precision = scores["precision"][..., 0, -1]
+            valid = precision[precision > -1]
+            scores["map"] = valid.mean().float() if valid.numel() else torch.tensor(-1.0)
+            for key in ("ious", "precision", "recall", "scores"):
+                scores.pop(key, None)
+        return scores
+
+
 class DetectionTask(TaskModule):
     """
     Args:
         num_classes, classes: object classes (without the background); ``rsvheat fit`` passes the data module's.
         min_size, max_size: the detector resizes each image so that its short side is ``min_size`` (long side at most
             ``max_size``); DIOR's 800² images: 800.
-        box_score_thresh, box_detections_per_img: of the output.
+        box_score_thresh, box_detections_per_img: of the output; ``box_detections_per_img`` is also the limit at which
+            mAP is scored (COCO's ``maxDets``).
         detector_kwargs: further options of torchvision's ``FasterRCNN``, e.g. ``rpn_post_nms_top_n_train``,
             ``box_batch_size_per_image`` (RoIAlign's backward is the costliest op on CPU: fewer sampled boxes, faster).
         img_size (where FVE/SCE are stored; images of any size are accepted), drop_path_rate, modalities (one stem:
@@ -75,9 +108,8 @@ class DetectionTask(TaskModule):
         )
 
     def configure_metrics(self) -> MetricCollection:
-        return MetricCollection(
-            {"mAP": MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")}
-        )
+        limit = int(self.hparams.box_detections_per_img)
+        return MetricCollection({"mAP": DetectionMAP(limit)})
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.model(batch["image"], targets_of(batch))
