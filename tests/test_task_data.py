@@ -2,6 +2,7 @@
 COCO JSON, LEVIR-CD) and every failure the issue lists."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -592,6 +593,34 @@ def test_detection_voc_annotation_folder_missing_or_without_xml(tmp_path):
         DetectionDataModule(spec, spec, num_workers=0)
     write_voc(tmp_path / "Annotations" / "other.xml", "other.jpg", (64, 64), [("ship", 5, 5, 20, 20)])
     with pytest.raises(ValueError, match=r"Annotations: no XML for any of the 2 images of .*JPEGImages"):
+        DetectionDataModule(spec, spec, num_workers=0)
+
+
+def test_detection_voc_pairs_by_the_xml_filename(tmp_path):
+    # a LabelImg-style set: img_1.xml annotates scene_1.png through its <filename>; a.xml names a.tif, the image was
+    # converted to a.jpg after labelling (same name, other extension): both paired, no warning
+    spec = voc(tmp_path, {"a": [("ship", 5, 5, 20, 20)], "scene_1": None})
+    (tmp_path / "Annotations" / "a.xml").unlink()
+    write_voc(tmp_path / "Annotations" / "a.xml", "a.tif", (64, 64), [("ship", 5, 5, 20, 20)])
+    write_voc(tmp_path / "Annotations" / "img_1.xml", "scene_1.jpg", (64, 64), [("ship", 30, 30, 40, 40)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm = DetectionDataModule(spec, spec, num_workers=0, stats={"optical": {"mean": [0] * 3, "std": [1] * 3}})
+    dm.setup("validate")
+    boxes = {s["name"]: s["bbox_xyxy"].tolist() for s in dm.datasets["val"]}
+    assert boxes == {"a": [[4, 4, 20, 20]], "scene_1": [[29, 29, 40, 40]]}
+    # two XMLs naming one image: refused
+    write_voc(tmp_path / "Annotations" / "img_2.xml", "scene_1.jpg", (64, 64), [])
+    with pytest.raises(ImageReadError, match=r"scene_1\.jpg: the <filename> of 2 XMLs names it"):
+        DetectionDataModule(spec, spec, num_workers=0)
+    (tmp_path / "Annotations" / "img_2.xml").unlink()
+    # a.xml names another image of the folder: which one it annotates is ambiguous
+    write_voc(tmp_path / "Annotations" / "a.xml", "scene_1.jpg", (64, 64), [("ship", 5, 5, 20, 20)])
+    with pytest.raises(ImageReadError, match=r"a\.xml: its name pairs it with .*a\.jpg but its <filename> names"):
+        DetectionDataModule(spec, spec, num_workers=0)
+    # a.xml names a file that is not there (renamed since): paired by name, with a warning
+    write_voc(tmp_path / "Annotations" / "a.xml", "IMG_0042.JPG", (64, 64), [("ship", 5, 5, 20, 20)])
+    with pytest.warns(UserWarning, match=r"1 XMLs name in <filename> an image that is not in .*a\.xml"):
         DetectionDataModule(spec, spec, num_workers=0)
 
 

@@ -70,15 +70,35 @@ def parse_voc(path: Path) -> Annotation:
 Item = tuple[Path, Annotation, str]
 
 
+def voc_filename(path: Path) -> str | None:
+    """The image file name an XML's ``<filename>`` names (its last path component: labelling tools write a bare
+    name, some a path), or ``None`` when the XML has no ``<filename>`` or cannot be parsed (parse errors are reported
+    by :func:`parse_voc`)."""
+    try:
+        text = ET.parse(path).getroot().findtext("filename")
+    except ET.ParseError:
+        return None
+    if text is None or not text.strip():
+        return None
+    return text.strip().replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def load_voc(images: Path, annotations: Path, ids: Path | None = None) -> list[Item]:
     """One item per image of ``images`` (restricted to the names listed in ``ids``), annotated by
     ``annotations/<name>.xml``. Images without an XML are negatives, but only when the folder annotates other
-    images: a missing folder, a folder without any XML, or one with no XML for any of these images raises.
+    images: a missing or XML-less folder, or one with no XML for any of these images raises.
 
     ``<name>`` is the image's path relative to ``images`` without extension (its stem at the top level), so nested
-    image folders need the same sub-folders of XMLs; ``ids`` lists these names."""
+    image folders need the same sub-folders of XMLs; ``ids`` lists these names.
+
+    The XML's ``<filename>``, when present, is checked against that pairing: naming the paired image, or the same
+    name with another extension (images converted after labelling), is fine; naming another image of the folder is
+    refused (two candidates for one annotation); naming a file that does not exist is kept with a warning. An image
+    without an XML of its name is annotated by an unpaired XML whose ``<filename>`` names it (``img_1.xml`` with
+    ``<filename>scene_1.png</filename>``)."""
     # keyed by relative path: a/x.jpg and b/x.jpg are two images with two XMLs, x.jpg beside x.png is refused
     named = images_by_key(images)
+    every_image = dict(named)  # before the ids filter: a <filename> may name an image outside the split
     if ids is not None:
         wanted = {line.strip() for line in Path(ids).read_text().splitlines() if line.strip()}
         named = {name: f for name, f in named.items() if name in wanted}
@@ -89,10 +109,26 @@ def load_voc(images: Path, annotations: Path, ids: Path | None = None) -> list[I
         raise FileNotFoundError(f"annotation folder not found: {annotations}")
     if next(annotations.rglob("*.xml"), None) is None:
         raise ValueError(f"{annotations}: no VOC XML files in the annotation folder (expected <image name>.xml)")
-    items, unannotated = [], 0
+    by_file = {f.relative_to(images).as_posix(): f for f in every_image.values()}
+
+    def named_image(xml: Path, filename: str) -> Path | None:
+        """The image of the folder that ``<filename>`` names, looked for beside the XML's relative place."""
+        folder = xml.parent.relative_to(annotations)
+        return by_file.get((folder / filename).as_posix())
+
+    items, unannotated, stale = [], [], []
     for name, f in named.items():
         xml = annotations / f"{name}.xml"
         if xml.is_file():
+            filename = voc_filename(xml)
+            if filename is not None and filename != f.name and Path(filename).stem != f.stem:
+                other = named_image(xml, filename)
+                if other is not None:
+                    raise ImageReadError(
+                        f"{xml}: its name pairs it with {f} but its <filename> names {other}: which image does it "
+                        "annotate? Rename the XML or correct its <filename>"
+                    )
+                stale.append(f"{xml.name} (<filename>{filename}</filename>, paired with {f.name})")
             items.append((f, parse_voc(xml), str(xml)))
         elif name != f.stem and (annotations / f"{f.stem}.xml").is_file():
             # the layout the stem matching used to accept (nested images, flat XMLs): taking the flat XML could give
@@ -102,17 +138,48 @@ def load_voc(images: Path, annotations: Path, ids: Path | None = None) -> list[I
                 "annotation folder must mirror the image sub-folders"
             )
         else:
-            unannotated += 1
-            items.append((f, ([], np.zeros((0, 4), np.float32)), str(xml)))
-    if unannotated == len(files):
+            unannotated.append(f)
+    if unannotated:
+        # XMLs whose own name pairs them with no image: their <filename> may name one of the unannotated images
+        keys = set(every_image)
+        key_of = {f: name for name, f in named.items()}
+        claims: dict[Path, list[Path]] = {}
+        for xml in annotations.rglob("*.xml"):
+            if xml.relative_to(annotations).with_suffix("").as_posix() in keys:
+                continue
+            filename = voc_filename(xml)
+            image = named_image(xml, filename) if filename is not None else None
+            if image is not None:
+                claims.setdefault(image, []).append(xml)
+        for f in unannotated:
+            xmls = claims.get(f, [])
+            if len(xmls) > 1:
+                raise ImageReadError(
+                    f"{f}: the <filename> of {len(xmls)} XMLs names it ({xmls[0]}, {xmls[1]}): keep one"
+                )
+            if xmls:
+                items.append((f, parse_voc(xmls[0]), str(xmls[0])))
+            else:
+                items.append((f, ([], np.zeros((0, 4), np.float32)), str(annotations / f"{key_of[f]}.xml")))
+        # keep the images' order, as before
+        order = {f: i for i, f in enumerate(files)}
+        items.sort(key=lambda item: order[item[0]])
+        unannotated = [f for f in unannotated if f not in claims]
+    if len(unannotated) == len(files):
         raise ValueError(
             f"{annotations}: no XML for any of the {len(files)} images of {images} (is it the annotation folder of "
             "these images?)"
         )
     if unannotated:
         warnings.warn(
-            f"{annotations}: {unannotated} of {len(files)} images of {images} have no XML; they are used as negatives "
-            "(images without objects)",
+            f"{annotations}: {len(unannotated)} of {len(files)} images of {images} have no XML; they are used as "
+            "negatives (images without objects)",
+            stacklevel=2,
+        )
+    if stale:
+        warnings.warn(
+            f"{annotations}: {len(stale)} XMLs name in <filename> an image that is not in {images}, e.g. {stale[0]}; "
+            "they are paired by their own name",
             stacklevel=2,
         )
     return items
