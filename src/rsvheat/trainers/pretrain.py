@@ -13,6 +13,7 @@ from timm.optim import param_groups_weight_decay
 from torchvision.utils import make_grid, save_image
 
 from rsvheat.data.pretrain import skipped_count
+from rsvheat.evaluation import TransferMonitor
 from rsvheat.files import write_atomic
 from rsvheat.models.checkpoint import save_weights
 from rsvheat.pretraining.model import FrequencyPretrainer
@@ -212,6 +213,8 @@ def pretrain_cli(argv: list[str] | None = None) -> None:
             # checkpoint) was left behind when a killed run was resumed: the resumed run never learns of it.
             parser.set_defaults({"checkpoint.save_top_k": 0})
             parser.add_lightning_class_args(ReconstructionPreviews, "previews")
+            # k-NN / linear-probe accuracy of the encoder on a small labelled set, every N steps (off by default)
+            parser.add_lightning_class_args(TransferMonitor, "monitor")
             # One source of truth: the data decide band counts and resolution, the model follows.
             parser.link_arguments("data.modalities", "model.modalities")
             parser.link_arguments("data.crop_size", "model.img_size")
