@@ -20,8 +20,10 @@ from rasterio.windows import Window
 from rsvheat.data.io import ImageReadError
 from rsvheat.inference import sliding_window
 from rsvheat.inference.scene import (
+    CLASS_COLOURS,
     Input,
     Scene,
+    class_legend,
     dense_strips,
     detect_scene,
     write_box_json,
@@ -159,7 +161,7 @@ def test_map_keeps_georeference_nodata_and_is_a_cog(tmp_path):
     with scene_of(path) as scene:
         strips = dense_strips(scene, lambda b: identity(b) / 300, 3, 128, 32, 2, progress=False)
         targets = [
-            (out, lambda v: (v[:1] > 0.5).astype(np.uint8), 1, "uint8", 255, None),
+            (out, lambda v: (v[:1] > 0.5).astype(np.uint8), 1, "uint8", 255, None, class_legend(["sea", "land"])),
             (probs, lambda v: v, 3, "float32", -1.0, ["r", "g", "b"]),
         ]
         write_dense(scene, strips, targets)
@@ -167,6 +169,14 @@ def test_map_keeps_georeference_nodata_and_is_a_cog(tmp_path):
         assert pred.crs == src.crs and pred.transform == src.transform and pred.shape == src.shape
         assert pred.nodata == 255 and p.descriptions == ("r", "g", "b")
         assert pred.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        # a paletted class map that names its classes, also after the COG conversion
+        colours = pred.colormap(1)
+        assert colours[0] == (*CLASS_COLOURS[0], 255) and colours[1] == (*CLASS_COLOURS[1], 255)
+        assert colours[255][3] == 0  # nodata: transparent
+        tags = pred.tags(1)
+        assert json.loads(tags["CLASS_NAMES"]) == ["sea", "land"] and tags["CLASS_1"] == "land"
+        with pytest.raises(ValueError):
+            p.colormap(1)  # probabilities are not a class map
         labels = pred.read(1)
         assert (labels[:40, :40] == 255).all()
         expected = (data[0] / 300 > 0.5).astype(np.uint8)
@@ -495,6 +505,7 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
         assert (labels[nodata] == 255).all() and set(np.unique(labels[~nodata])) <= {0, 1, 2}
         np.testing.assert_allclose(p.read()[:, ~nodata].sum(0), 1.0, atol=1e-4)  # probabilities per pixel
         assert p.descriptions == ("0", "1", "2")  # no class names configured: the ids
+        assert json.loads(pred.tags(1)["CLASS_NAMES"]) == ["0", "1", "2"] and len(pred.colormap(1)) >= 3
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         main(["predict-scene", ckpt["seg"], str(scene), "-o", str(out / "classes.tif")])
@@ -505,6 +516,7 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
     with rasterio.open(out / "change.tif") as pred:
         change = pred.read(1)
         assert pred.crs is not None and set(np.unique(change)) <= {0, 1, 255} and (change[nodata] == 255).all()
+        assert pred.tags(1)["CLASS_1"] == "changed" and pred.colormap(1)[1] == (255, 255, 255, 255)
 
     main(["predict-scene", ckpt["det"], str(scene), "-o", str(out / "boxes.geojson"), "--tile", "128"])
     boxes = json.loads((out / "boxes.geojson").read_text())

@@ -229,13 +229,42 @@ def _has_driver(name: str) -> bool:
 
 
 #: One map written from the blended values: ``(path, encode(values) -> (bands, rows, W), bands, dtype, nodata,
-#: band descriptions or None)``.
+#: band descriptions or None[, legend])``; the optional ``legend`` (:data:`Legend`) marks a class map.
 MapTarget = tuple[Path, Callable[[np.ndarray], np.ndarray], int, str, float, "list[str] | None"]
+
+#: A class map's legend: ``(class name, (r, g, b))`` of class ids 0, 1, ... in order.
+Legend = list[tuple[str, tuple[int, int, int]]]
+
+#: Colours of class ids 0..19 (matplotlib's qualitative "tab20", in an order that keeps neighbours distinct); later
+#: ids repeat them.
+CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229),
+)  # fmt: skip
+
+
+def class_legend(names: list[str]) -> Legend:
+    """A legend of ``names`` (class ids 0..K-1) in :data:`CLASS_COLOURS`."""
+    return [(name, CLASS_COLOURS[i % len(CLASS_COLOURS)]) for i, name in enumerate(names)]
+
+
+def write_legend(dst, legend: Legend, nodata: float) -> None:
+    """Band 1 of ``dst`` (an open uint8 GeoTIFF) as a paletted class map: the colour table of ``legend`` (nodata
+    transparent), so that GIS software draws the classes without a style; and the class names as band tags
+    (``CLASS_NAMES``: a JSON list; ``CLASS_<id>``: one name each), which survive the COG conversion (GDAL keeps
+    category names only in a side-car .aux.xml file, which the outputs do not have)."""
+    colours = {i: (*rgb, 255) for i, (_, rgb) in enumerate(legend)}
+    colours[int(nodata)] = (0, 0, 0, 0)
+    dst.write_colormap(1, colours)
+    names = [name for name, _ in legend]
+    dst.update_tags(1, CLASS_NAMES=json.dumps(names), **{f"CLASS_{i}": name for i, name in enumerate(names)})
 
 
 def _profile(scene: Scene, target: MapTarget) -> dict:
     """Tiled, deflate-compressed GeoTIFF on the scene's grid for one output map."""
-    _, _, bands, dtype, nodata, _ = target
+    bands, dtype, nodata = target[2:5]
     profile = {
         "driver": "GTiff",
         "count": bands,
@@ -283,13 +312,15 @@ def write_dense(
                 for tmp, target in zip(plain, targets, strict=True)
             ]
             for top, values, valid in strips:
-                for dst, (_, encode, _, dtype, nodata, _) in zip(outs, targets, strict=True):
+                for dst, (_, encode, _, dtype, nodata, *_) in zip(outs, targets, strict=True):
                     out = encode(values).astype(dtype, copy=False)
                     out[:, ~valid] = nodata
                     dst.write(out, window=Window(0, top, scene.width, out.shape[1]))
             for dst, target in zip(outs, targets, strict=True):
                 for i, name in enumerate(target[5] or [], start=1):
                     dst.set_band_description(i, name)
+                if len(target) > 6 and target[6]:
+                    write_legend(dst, target[6], target[4])
         if convert:
             from rasterio.shutil import copy as raster_copy
 

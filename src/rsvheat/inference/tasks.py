@@ -20,6 +20,7 @@ from rsvheat.inference.scene import (
     Scene,
     check_geojson,
     check_tile,
+    class_legend,
     dense_strips,
     detect_scene,
     write_box_json,
@@ -142,8 +143,8 @@ def predict_scene(
             found = detect_scene(scene, task.model, tile, overlap, batch_size, device=device, progress=progress)
             write = write_geojson if geojson else write_box_json
             return [write(scene, found, list(meta["classes"]), output, overwrite)]
-        predict, outputs, names, encode = _dense_head(task, meta)
-        targets = [(Path(output), encode, 1, "uint8", 255, None)]
+        predict, outputs, names, encode, legend = _dense_head(task, meta)
+        targets = [(Path(output), encode, 1, "uint8", 255, None, legend)]
         if probabilities is not None:
             targets.append((Path(probabilities), lambda v: v, outputs, "float32", -1.0, names))
         strips = dense_strips(scene, predict, outputs, tile, overlap, batch_size, device, progress)
@@ -193,9 +194,9 @@ def _scene_inputs(task, images: list[Path], bands: list) -> dict[str, Input]:
 
 
 def _dense_head(task, meta: dict):
-    """``(predict, outputs, names, encode)`` of a dense task: ``predict({role: (B, C, t, t)}) -> (B, outputs, t, t)``
-    probabilities, the band names of the probability map, and ``encode`` from blended probabilities
-    ``(outputs, rows, W)`` to the class/change map ``(1, rows, W)``."""
+    """``(predict, outputs, names, encode, legend)`` of a dense task: ``predict({role: (B, C, t, t)}) -> (B, outputs,
+    t, t)`` probabilities, the band names of the probability map, ``encode`` from blended probabilities
+    ``(outputs, rows, W)`` to the class/change map ``(1, rows, W)``, and the class map's colours and class names."""
     from rsvheat.trainers import ChangeDetectionTask, SegmentationTask
 
     if isinstance(task, SegmentationTask):
@@ -207,7 +208,8 @@ def _dense_head(task, meta: dict):
         def encode(values: np.ndarray) -> np.ndarray:
             return values.argmax(0)[None].astype(np.uint8)
 
-        return predict, task.hparams.num_classes, meta.get("classes"), encode
+        names = meta.get("classes") or [str(i) for i in range(task.hparams.num_classes)]
+        return predict, task.hparams.num_classes, meta.get("classes"), encode, class_legend(list(names))
     if isinstance(task, ChangeDetectionTask):
         threshold = task.hparams.threshold
 
@@ -217,5 +219,5 @@ def _dense_head(task, meta: dict):
         def encode(values: np.ndarray) -> np.ndarray:
             return (values > threshold).astype(np.uint8)
 
-        return predict, 1, ["change"], encode
+        return predict, 1, ["change"], encode, [("unchanged", (0, 0, 0)), ("changed", (255, 255, 255))]
     raise ValueError(f"predict-scene does not handle {type(task).__name__}")
