@@ -137,3 +137,34 @@ def test_monitor_is_off_by_default():
     monitor = TransferMonitor()
     assert not monitor.enabled
     assert not TransferMonitor(train_root="x").enabled
+
+
+@pytest.mark.slow  # ~30 s: eight fine-tuning runs, each a Lightning fit and test
+def test_transfer_benchmark_smoke_run_resumes(tmp_path):
+    """benchmarks/transfer.py --smoke end to end; a second run finds every unit recorded and only rewrites the
+    report."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("transfer_bench", repo / "benchmarks/transfer.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["transfer_bench"] = bench
+    spec.loader.exec_module(bench)
+    make_classes(tmp_path / "AID", n=6, size=40)
+    args = ["--aid", str(tmp_path / "AID"), "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "res")]
+    args += ["--smoke", "--seeds", "0", "1", "--fractions", "0.5", "1.0"]
+    bench.main(args)
+    results = tmp_path / "out/results.jsonl"
+    lines = results.read_text().splitlines()
+    assert len(lines) == 2 * 2 * 3 * 2  # seeds × inits × protocols × fractions
+    rows = [json.loads(line) for line in lines]
+    assert {r["protocol"] for r in rows} == {"knn", "linear", "finetune"} and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert (tmp_path / "out/pretrain/encoder.safetensors").is_file()
+    md = (tmp_path / "res/transfer.md").read_text()
+    assert "| finetune | 50 % |" in md and "(**partial**)" not in md and "Monitor during pre-training" in md
+    assert (tmp_path / "res/transfer.png").stat().st_size > 0
+    assert len(list(csv.DictReader((tmp_path / "res/transfer.csv").open()))) == 3 * 2 * 2
+    bench.main(args)  # resumed: nothing re-measured
+    assert results.read_text().splitlines() == lines

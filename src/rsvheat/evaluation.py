@@ -207,8 +207,11 @@ def fraction_split_file(split_file: str | Path, fraction: float, seed: int, out:
 
 
 # the monitor ----------------------------------------------------------------------------------------------------------
-def _pick_per_class(labels: Sequence[int], counts: Sequence[int], seed: int) -> list[list[int]]:
-    """Disjoint seeded per-class picks: for each ``n`` of ``counts`` a list of up to ``n`` indices per class."""
+def _pick_per_class(
+    labels: Sequence[int], counts: Sequence[int], seed: int, first_share: float = 1.0
+) -> list[list[int]]:
+    """Disjoint seeded per-class picks: for each ``n`` of ``counts`` a list of up to ``n`` indices per class. The first
+    pick takes at most ``first_share`` of a class (so a held-out pick leaves images for the others)."""
     labels = np.asarray(labels)
     out: list[list[int]] = [[] for _ in counts]
     for c in np.unique(labels):
@@ -216,6 +219,7 @@ def _pick_per_class(labels: Sequence[int], counts: Sequence[int], seed: int) -> 
         idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
         start = 0
         for j, n in enumerate(counts):
+            n = min(n, int(len(idx) * first_share)) if j == 0 else n
             out[j] += idx[start : start + n].tolist()
             start += n
     return out
@@ -290,8 +294,12 @@ class TransferMonitor(pl.Callback):
             }
         else:
             n_val = self.per_class_val or 1
-            val_idx, train_idx = _pick_per_class(labels, [n_val, self.per_class_train or big], self.seed)
+            val_idx, train_idx = _pick_per_class(labels, [n_val, self.per_class_train or big], self.seed, 0.5)
             picks = {"train": (self.train_root, samples, [train_idx]), "val": (self.train_root, samples, [val_idx])}
+        if not picks["train"][2][0] or not picks["val"][2][0]:
+            raise ValueError(
+                f"TransferMonitor: too few images in {self.train_root} for a training and a validation set"
+            )
         self._num_classes = len(classes)
         raw: dict[str, dict[str, torch.Tensor]] = {}
         for split, (root, pool, (idx,)) in picks.items():

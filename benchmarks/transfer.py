@@ -1,0 +1,537 @@
+"""Does rsvheat's pre-training transfer? RS-vHeat pre-trained on unlabelled real imagery vs the same model from random
+initialisation, on AID scene classification: k-NN and linear probe on frozen pooled stage-4 features, and fine-tuning
+(:class:`~rsvheat.trainers.ClassificationTask`) with 1 %, 10 % and 100 % of the training labels, over several seeds.
+
+    python benchmarks/transfer.py --aid /path/to/AID [--per-class 40] [--pretrain-minutes 60] [--seeds 0 1 2]
+
+Stages, each cached under ``--out`` (default ``runs/transfer``) so that a killed run resumes where it stopped:
+
+1. data: a seeded ``--per-class`` subset of AID (``scripts/prepare_aid.py``), its stratified split (per class half for
+   training, of which 20 % is validation; the other half is the test set, never used to choose anything), a folder of
+   the monitor's labelled images (training split only) and the unlabelled pre-training pool: every AID image that is
+   not in the test split, the Landsat scene embedded in rsvheat and, when fetched
+   (``scripts/get_bigearthnet_example.py``), BigEarthNet's S1/S2 example pairs.
+2. pre-training (``rsvheat pretrain``, resumed from ``last.ckpt``): as many steps as the measured step time fits into
+   ``--pretrain-minutes`` (``trainer.max_time`` guards it too), with the TransferMonitor on.
+3. evaluations: for ``init`` in {pretrained, random} × ``--seeds`` × ``--fractions`` × {knn, linear, finetune}; each
+   finished unit is one JSON line of ``results.jsonl`` and is skipped when the script runs again. The seed draws the
+   label subset (and, for random init and fine-tuning, the weights and batches); the pre-trained encoder is one run.
+4. report: ``transfer.{md,csv,png}`` in ``--results-dir`` (default ``benchmarks/results``): mean ± std over seeds,
+   the difference pretrained − random, and whether it exceeds the spread (|diff| > std_pre + std_rand).
+
+``--smoke`` runs a seconds-long miniature (micro model, a few steps) for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import prepare_aid  # noqa: E402
+
+from rsvheat.apps.bench import machine_description  # noqa: E402
+from rsvheat.evaluation import (  # noqa: E402
+    extract_features,
+    fraction_split_file,
+    knn_accuracy,
+    linear_probe,
+)
+
+MICRO = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
+SPLIT = {"train_ratio": 0.5, "val_ratio": 0.2, "seed": 0}  # the data module's base split (seed fixed: one test set)
+PROTOCOLS = ("knn", "linear", "finetune")
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {msg}", flush=True)
+
+
+# stage 1: data ----------------------------------------------------------------------------------------------------
+def link_files(paths: list[Path], dst: Path, rel_to: Path) -> None:
+    for path in paths:
+        target = dst / path.relative_to(rel_to)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path.resolve())
+
+
+def prepare_data(args: argparse.Namespace) -> dict:
+    """AID subset, base split, monitor set and pre-training pool; cached in ``out/data/state.json``."""
+    data = args.out / "data"
+    state_file = data / "state.json"
+    if state_file.is_file():
+        return json.loads(state_file.read_text())
+    from rsvheat.datamodules import ClassificationDataModule
+
+    subset = data / f"aid_pc{args.per_class}"
+    counts = prepare_aid.prepare(args.aid, subset, per_class=args.per_class, seed=0)
+    split_file = data / "split.json"
+    dm = ClassificationDataModule(str(subset), split_file=str(split_file), img_size=args.img_size, **SPLIT)
+    # the monitor watches training-split images only (the test split is never looked at before the end)
+    link_files([subset / p for p in dm.split["train"] + dm.split["val"]], data / "monitor", subset)
+    # unlabelled pre-training pool: all of AID but the test split of the subset (labels are not used)
+    test = set(dm.split["test"])  # paths relative to the class root: "<Class>/<file>", as in the source
+    source = prepare_aid.class_root(Path(args.aid))
+    pool = [
+        p
+        for p in sorted(source.rglob("*"))
+        if p.suffix.lower() in prepare_aid.SUFFIXES and str(p.relative_to(source)) not in test
+    ]
+    if args.smoke:
+        pool = pool[:40]
+    link_files(pool, data / "pretrain_aid", source)
+    state = {
+        "subset": str(subset),
+        "split_file": str(split_file),
+        "classes": dm.classes,
+        "counts": counts,
+        "split_sizes": {k: len(dm.split[k]) for k in ("train", "val", "test")},
+        "pretrain_pool": len(pool),
+    }
+    state_file.write_text(json.dumps(state, indent=1))
+    return state
+
+
+# stage 2: pre-training --------------------------------------------------------------------------------------------
+def step_seconds(model_kwargs: dict, modalities: dict[str, int], crop: int, batch: int, sources: list[str]) -> float:
+    """Measured seconds of one pre-training step (forward + backward + AdamW over one batch per source)."""
+    from rsvheat.trainers.pretrain import PretrainTask
+
+    task = PretrainTask(modalities=modalities, img_size=crop, **model_kwargs)
+    opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
+    batches = {
+        "optical": {"optical": torch.randn(batch, 3, crop, crop)},
+        "bigearthnet": {"optical": torch.randn(batch, 3, crop, crop), "sar": torch.randn(batch, 1, crop, crop)},
+    }
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for source in sources:
+            task.model(batches[source]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])  # the first step pays for allocations
+
+
+def pretrain(args: argparse.Namespace, state: dict) -> Path:
+    """The pre-trained encoder (``out/pretrain/encoder.safetensors``), trained or resumed if not there yet."""
+    root = args.out / "pretrain"
+    encoder = root / "encoder.safetensors"
+    if encoder.is_file():
+        return encoder
+    from rsvheat.trainers.pretrain import pretrain_cli
+
+    ben = REPO / "data/bigearthnet-example"
+    has_ben = (ben / "BigEarthNet-S1-Example").is_dir() and not args.smoke
+    modalities = {"optical": 3, "sar": 1} if has_ben else {"optical": 3}
+    sources = ["optical", "bigearthnet"] if has_ben else ["optical"]
+    model = {
+        "variant": args.variant,
+        "lr": args.pretrain_lr,
+        "weight_decay": 0.05,
+        "warmup_fraction": 0.1,
+        "drop_path_rate": 0.0,
+        "decoder_width": 16 if args.smoke else 128,
+        "proj_dim": 8 if args.smoke else 128,
+        "encoder_kwargs": MICRO if args.smoke else None,
+    }
+    plan_file = root / "plan.json"
+    if plan_file.is_file():
+        plan = json.loads(plan_file.read_text())
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        seconds = step_seconds(model, modalities, args.crop, args.pretrain_batch, sources)
+        # 15 % for data loading, logging, checkpoints and the monitor
+        steps = args.pretrain_steps or max(10, int(args.pretrain_minutes * 60 / (seconds * 1.15)))
+        plan = {"steps": steps, "step_seconds": round(seconds, 3), "sources": sources, "modalities": modalities}
+        plan_file.write_text(json.dumps(plan, indent=1))
+    log(f"pre-training {plan['steps']} steps ({plan['step_seconds']} s/step measured), sources {plan['sources']}")
+    data = {
+        "optical_dirs": [str(args.out / "data/pretrain_aid"), str(REPO / "src/rsvheat/data")],
+        "modalities": plan["modalities"],
+        "crop_size": args.crop,
+        "batch_size": args.pretrain_batch,
+        "num_workers": 0 if args.smoke else 1,
+    }
+    if "bigearthnet" in plan["sources"]:
+        data.update(
+            bigearthnet_s1=str(ben / "BigEarthNet-S1-Example"),
+            bigearthnet_s2=str(ben / "BigEarthNet-S2-Example"),
+            bigearthnet_s2_bands=["B04", "B03", "B02"],
+            bigearthnet_s1_bands=["VV"],
+            repeat=1,
+        )
+    minutes = args.pretrain_minutes * 1.5  # a guard only: the step count is the budget
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(root),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": plan["steps"],
+            "max_time": f"00:{int(minutes // 60):02d}:{int(minutes % 60):02d}:00",
+            "gradient_clip_val": 5.0,
+            "log_every_n_steps": 1 if args.smoke else 10,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {k: v for k, v in model.items() if v is not None},
+        "data": data,
+        "checkpoint": {"every_n_train_steps": max(1, min(100, plan["steps"] // 4))},
+        "previews": {"every_n_steps": 0},
+        "monitor": {
+            "train_root": str(args.out / "data/monitor"),
+            "every_n_steps": max(1, plan["steps"] // (2 if args.smoke else 10)),
+            "per_class_train": 12,
+            "per_class_val": 8,
+            "img_size": args.img_size,
+        },
+    }
+    config_file = root / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    resume = ["--ckpt_path", "last"] if (root / "checkpoints/last.ckpt").is_file() else []
+    start = time.perf_counter()
+    pretrain_cli(["--config", str(config_file), *resume])
+    written = sorted(root.glob("logs/version_*/encoder.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not written:
+        raise SystemExit(f"pre-training wrote no encoder under {root}")
+    shutil.copy2(written[-1], encoder)
+    plan["minutes_last_session"] = round((time.perf_counter() - start) / 60, 1)
+    plan_file.write_text(json.dumps(plan, indent=1))
+    return encoder
+
+
+# stage 3: evaluations ---------------------------------------------------------------------------------------------
+def done_units(path: Path) -> dict[tuple, dict]:
+    units = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                units[(r["init"], r["seed"], r["protocol"], r["fraction"])] = r
+    return units
+
+
+def record(path: Path, row: dict) -> None:
+    with open(path, "a") as f:  # one line per finished unit, flushed: a kill loses at most the unit under way
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_encoder(args: argparse.Namespace, weights: Path | None, seed: int):
+    from rsvheat.trainers.base import build_backbone
+
+    torch.manual_seed(seed)  # random init: the seed draws the weights
+    return build_backbone(
+        args.variant,
+        {"optical": 3},
+        args.img_size,
+        str(weights) if weights else None,
+        0.0,
+        0,
+        MICRO if args.smoke else None,
+    )
+
+
+def data_module(args: argparse.Namespace, state: dict, split_file: Path, batch_size: int = 32):
+    from rsvheat.datamodules import ClassificationDataModule
+
+    return ClassificationDataModule(
+        state["subset"],
+        split_file=str(split_file),
+        img_size=args.img_size,
+        batch_size=batch_size,
+        eval_batch_size=64,
+        num_workers=0,
+        **SPLIT,
+    )
+
+
+def frozen_units(args, state, init: str, weights: Path | None, seed: int, todo: list[float], results: Path) -> None:
+    """k-NN and linear probe at every fraction in ``todo`` for one (init, seed): features are extracted once."""
+    if not todo:
+        return
+    start = time.perf_counter()
+    dm = data_module(args, state, Path(state["split_file"]))
+    dm.setup("fit")
+    dm.setup("test")
+    dm.datasets["train"].train = False  # frozen features of the images themselves: no random flips/rotations
+    encoder = build_encoder(args, weights, seed)
+    feats = {s: extract_features(encoder, dm.datasets[s], batch_size=64) for s in ("train", "val", "test")}
+    seconds = time.perf_counter() - start
+    k = len(state["classes"])
+    from rsvheat.evaluation import stratified_fraction
+
+    for fraction in todo:
+        keep = torch.tensor(stratified_fraction(feats["train"][1].tolist(), fraction, seed))
+        train = (feats["train"][0][keep], feats["train"][1][keep])
+        t0 = time.perf_counter()
+        knn = knn_accuracy(train, feats["test"], k, k=args.knn_k)
+        record(results, unit(init, seed, "knn", fraction, knn, len(keep), seconds + time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        probe = linear_probe(train, feats["val"], feats["test"], k)
+        extra = {"weight_decay": probe.weight_decay}
+        row = unit(init, seed, "linear", fraction, probe.test_accuracy, len(keep), time.perf_counter() - t0, extra)
+        record(results, row)
+        log(f"{init} seed {seed} fraction {fraction}: knn {knn:.3f}, linear {probe.test_accuracy:.3f}")
+
+
+def unit(init, seed, protocol, fraction, acc, n_train, seconds, extra=None) -> dict:
+    return {
+        "init": init,
+        "seed": seed,
+        "protocol": protocol,
+        "fraction": fraction,
+        "accuracy": round(float(acc), 4),
+        "train_images": int(n_train),
+        "seconds": round(seconds, 1),
+        **(extra or {}),
+    }
+
+
+def finetune_unit(args, state, init: str, weights: Path | None, seed: int, fraction: float, results: Path) -> None:
+    """Fine-tune the whole model (:class:`ClassificationTask`) on a stratified ``fraction`` of the training labels
+    for ``--ft-steps`` optimiser steps; the final model is scored on the test split (no selection on it)."""
+    import lightning.pytorch as pl
+
+    from rsvheat.trainers import ClassificationTask
+
+    start = time.perf_counter()
+    work = args.out / "finetune" / f"{init}_s{seed}_f{fraction:g}"
+    split = fraction_split_file(state["split_file"], fraction, seed, work / "split.json")
+    dm = data_module(args, state, split, batch_size=args.ft_batch)
+    pl.seed_everything(seed, verbose=False)
+    task = ClassificationTask(
+        num_classes=len(state["classes"]),
+        classes=state["classes"],
+        backbone=args.variant,
+        weights=str(weights) if weights else None,
+        modalities={"optical": 3},
+        img_size=args.img_size,
+        drop_path_rate=0.1,
+        lr=args.ft_lr,
+        weight_decay=0.05,
+        layer_decay=0.9,
+        warmup_fraction=0.1,
+        encoder_kwargs=MICRO if args.smoke else None,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.ft_steps,
+        max_epochs=-1,
+        limit_val_batches=0,  # no model selection: the final model is scored, the same rule for every run
+        num_sanity_val_steps=0,
+        logger=False,
+        default_root_dir=str(work),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule=dm)
+    metrics = trainer.test(task, datamodule=dm, verbose=False)[0]
+    n_train = len(json.loads(split.read_text())["train"])
+    record(results, unit(init, seed, "finetune", fraction, metrics["test/OA"], n_train, time.perf_counter() - start))
+    log(f"{init} seed {seed} fraction {fraction}: finetune {metrics['test/OA']:.3f}")
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # hundreds of MB per run; the result is recorded
+
+
+def evaluate(args: argparse.Namespace, state: dict, encoder: Path) -> Path:
+    results = args.out / "results.jsonl"
+    for seed in args.seeds:
+        for init in ("pretrained", "random"):
+            weights = encoder if init == "pretrained" else None
+            done = done_units(results)
+            todo = [f for f in args.fractions if any((init, seed, p, f) not in done for p in ("knn", "linear"))]
+            frozen_units(args, state, init, weights, seed, todo, results)
+    # fine-tuning after every frozen unit: the cheap protocols finish first in a session cut short
+    for fraction in sorted(args.fractions):
+        for seed in args.seeds:
+            for init in ("pretrained", "random"):
+                if (init, seed, "finetune", fraction) not in done_units(results):
+                    finetune_unit(args, state, init, encoder if init == "pretrained" else None, seed, fraction, results)
+    return results
+
+
+# stage 4: report --------------------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def monitor_curve(out: Path) -> list[tuple[int, float, float]]:
+    rows = []
+    for path in sorted((out / "pretrain").glob("logs/version_*/metrics.csv")):
+        for r in csv.DictReader(path.open()):
+            if r.get("monitor/knn_acc"):
+                rows.append((int(r["step"]), float(r["monitor/knn_acc"]), float(r["monitor/linear_acc"])))
+    return sorted(set(rows))
+
+
+def report(args: argparse.Namespace, state: dict, results: Path, commands: list[str]) -> None:
+    units = list(done_units(results).values())
+    table = []
+    for protocol in PROTOCOLS:
+        for fraction in sorted(args.fractions):
+            cell = {"protocol": protocol, "fraction": fraction}
+            for init in ("pretrained", "random"):
+                key = (protocol, fraction, init)
+                accs = [u["accuracy"] for u in units if (u["protocol"], u["fraction"], u["init"]) == key]
+                cell[init] = (mean_std(accs), len(accs)) if accs else None
+            table.append(cell)
+    out = args.results_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "transfer.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["protocol", "label_fraction", "init", "seeds", "mean_acc", "std_acc"])
+        for c in table:
+            for init in ("pretrained", "random"):
+                if c[init]:
+                    (m, s), n = c[init]
+                    w.writerow([c["protocol"], c["fraction"], init, n, f"{m:.4f}", f"{s:.4f}"])
+    plan_file = args.out / "pretrain/plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    expected = len(args.seeds) * 2 * len(PROTOCOLS) * len(args.fractions)
+    lines = [
+        "# Does the pre-training transfer? (AID scene classification)",
+        "",
+        f"Date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine_description('cpu')}.",
+        f"Status: {len(units)} of {expected} units measured" + (" (**partial**)." if len(units) < expected else "."),
+        "",
+        f"Pre-training: {args.variant}, {plan.get('steps', '?')} steps of {args.crop}² crops, batch "
+        f"{args.pretrain_batch} per source ({', '.join(plan.get('sources', []))}), lr {args.pretrain_lr}, budget "
+        f"{args.pretrain_minutes} min ({plan.get('step_seconds', '?')} s/step measured). Unlabelled pool: "
+        f"{state['pretrain_pool']} AID images (all but the evaluation test split) + the embedded Landsat scene"
+        + (" + BigEarthNet's 6 S1/S2 example pairs." if "bigearthnet" in plan.get("sources", []) else "."),
+        f"Evaluation: AID subset of {args.per_class} images per class ({len(state['classes'])} classes), split "
+        f"train/val/test {state['split_sizes']['train']}/{state['split_sizes']['val']}/{state['split_sizes']['test']}"
+        f" (seed 0); images at {args.img_size}². Label fractions of the training split are stratified and seeded "
+        "(at least one image per class). k-NN: cosine, weighted vote, "
+        f"k = {args.knn_k}. Linear probe: logistic regression (L-BFGS) on standardised pooled stage-4 features, "
+        "decay chosen on the validation split. Fine-tuning: whole model, AdamW lr "
+        f"{args.ft_lr}, layer decay 0.9, {args.ft_steps} steps of batch {args.ft_batch}, final model scored.",
+        "Seeds: the label subset (all protocols), the random weights and the batches (random init, fine-tuning); "
+        "the pre-trained encoder is one pre-training run, so its frozen 100 % cells have no spread.",
+        "",
+        "| protocol | labels | pretrained (mean ± std, n) | random init (mean ± std, n) | difference | beyond spread |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for c in table:
+        cells = []
+        for init in ("pretrained", "random"):
+            cells.append(f"{c[init][0][0]:.3f} ± {c[init][0][1]:.3f} ({c[init][1]})" if c[init] else "not run")
+        if c["pretrained"] and c["random"]:
+            (mp, sp), _ = c["pretrained"]
+            (mr, sr), _ = c["random"]
+            diff = f"{mp - mr:+.3f}"
+            beyond = "yes" if abs(mp - mr) > sp + sr else "no"
+        else:
+            diff, beyond = "", ""
+        lines.append(f"| {c['protocol']} | {100 * c['fraction']:g} % | {cells[0]} | {cells[1]} | {diff} | {beyond} |")
+    curve = monitor_curve(args.out)
+    if curve:
+        lines += [
+            "",
+            "Monitor during pre-training (TransferMonitor: 12 train / 8 val images per class of the training split):",
+            "",
+            "| step | k-NN acc | linear acc |",
+            "|---:|---:|---:|",
+            *[f"| {s} | {a:.3f} | {b:.3f} |" for s, a, b in curve],
+        ]
+    lines += ["", "Commands:", "", "```", *commands, "```", ""]
+    (out / "transfer.md").write_text("\n".join(lines))
+    plot(table, curve, out / "transfer.png")
+
+
+def plot(table: list[dict], curve: list[tuple[int, float, float]], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(11 if curve else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    labels = [f"{c['protocol']}\n{100 * c['fraction']:g} %" for c in table]
+    for j, (init, colour) in enumerate((("pretrained", "tab:blue"), ("random", "tab:grey"))):
+        xs = [i + (j - 0.5) * 0.38 for i in range(len(table))]
+        means = [c[init][0][0] if c[init] else float("nan") for c in table]
+        stds = [c[init][0][1] if c[init] else 0.0 for c in table]
+        ax.bar(xs, means, 0.38, yerr=stds, capsize=2, color=colour, label=init)
+    ax.set_xticks(range(len(table)), labels, fontsize=7)
+    ax.set_ylabel("AID test accuracy")
+    ax.legend()
+    if curve:
+        ax = axes[0][1]
+        ax.plot([s for s, _, _ in curve], [a for _, a, _ in curve], "o-", label="k-NN")
+        ax.plot([s for s, _, _ in curve], [b for _, _, b in curve], "s-", label="linear")
+        ax.set_xlabel("pre-training step")
+        ax.set_ylabel("monitor accuracy (val)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--aid", type=Path, required=True, help="AID's class folders (see scripts/prepare_aid.py)")
+    parser.add_argument("--out", type=Path, default=Path("runs/transfer"))
+    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks/results")
+    parser.add_argument("--variant", default="rsvheat_tiny")
+    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--img-size", type=int, default=96)
+    parser.add_argument("--crop", type=int, default=96, help="pre-training crop")
+    parser.add_argument("--pretrain-minutes", type=float, default=60)
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="instead of the time budget")
+    parser.add_argument("--pretrain-batch", type=int, default=12)
+    parser.add_argument("--pretrain-lr", type=float, default=2e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--knn-k", type=int, default=20)
+    parser.add_argument("--ft-steps", type=int, default=150)
+    parser.add_argument("--ft-batch", type=int, default=32)
+    parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument("--stage", choices=("data", "pretrain", "evaluate", "report", "all"), default="all")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long miniature for the tests")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.variant, args.img_size, args.crop, args.per_class = "rsvheat_tiny", 32, 32, min(args.per_class, 6)
+        args.pretrain_steps, args.pretrain_batch, args.ft_steps, args.ft_batch = 2, 2, 2, 4
+        args.knn_k = 3
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    command = "python benchmarks/transfer.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "commands.txt", "a") as f:
+        f.write(f"{datetime.now(UTC):%Y-%m-%d %H:%M} {command}\n")
+    commands = [line.split(" ", 2)[2] for line in (args.out / "commands.txt").read_text().splitlines()]
+    state = prepare_data(args)
+    log(f"data: {state['split_sizes']} of {len(state['classes'])} classes; pre-training pool {state['pretrain_pool']}")
+    if args.stage == "data":
+        return
+    if args.stage in ("pretrain", "all", "evaluate"):
+        encoder = pretrain(args, state)
+        if args.stage == "pretrain":
+            return
+        results = evaluate(args, state, encoder)
+    else:
+        results = args.out / "results.jsonl"
+    report(args, state, results, commands)
+    log(f"report written to {args.results_dir}/transfer.md")
+
+
+if __name__ == "__main__":
+    main()
