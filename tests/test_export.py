@@ -1,12 +1,15 @@
 """ONNX (run with ONNX Runtime) and torch.export programs of a folded backbone and of task models equal PyTorch."""
 
 import collections
+import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from rsvheat.export import ExportMismatchError, export_checkpoint, export_model
+from rsvheat.inference.tasks import load_task
 from rsvheat.models.tasks import ChangeDetectionModel, SegmentationModel
 from rsvheat.trainers import SegmentationTask
 from tests.conftest import micro_model
@@ -39,7 +42,7 @@ def test_segmentation_and_change_models_export(tmp_path):
     assert result["max_abs_diff"] < 1e-4 * max(1.0, result["reference_max_abs"])
 
 
-def test_export_from_a_task_checkpoint_and_bad_requests(tmp_path):
+def segmentation_checkpoint(tmp_path, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
     task = SegmentationTask(num_classes=3, backbone="rsvheat_tiny", img_size=64, encoder_kwargs=MICRO)
     ckpt = tmp_path / "seg.ckpt"
     torch.save(
@@ -48,12 +51,61 @@ def test_export_from_a_task_checkpoint_and_bad_requests(tmp_path):
             "hyper_parameters": dict(task.hparams),
             "rsvheat": {
                 "task": "rsvheat.trainers.segmentation.SegmentationTask",
-                "stats": {"optical": {"mean": [0.0] * 3, "std": [1.0] * 3}},
+                "stats": {"optical": {"mean": list(mean), "std": list(std)}},
                 "classes": ["a", "b", "c"],
             },
         },
         ckpt,
     )
+    return ckpt
+
+
+def test_onnx_export_has_named_inputs_a_dynamic_batch_and_metadata(tmp_path):
+    import onnx
+    import onnxruntime
+
+    ckpt = segmentation_checkpoint(tmp_path, mean=(10.0, 20.0, 30.0), std=(1.0, 2.0, 3.0))
+    result = export_checkpoint(tmp_path / "seg.onnx", [64, 96], ckpt)
+    session = onnxruntime.InferenceSession(str(result["path"]), providers=["CPUExecutionProvider"])
+    (image,), (logits,) = session.get_inputs(), session.get_outputs()
+    assert (image.name, logits.name) == ("image", "logits")
+    assert image.shape[1:] == [3, 64, 96] and isinstance(image.shape[0], str)  # a named, dynamic batch dimension
+    task = load_task(ckpt)[0]
+    x = torch.randn(3, 3, 64, 96)
+    with torch.no_grad():
+        expected = task.model(x)
+    (out,) = session.run(None, {"image": x.numpy()})
+    assert out.shape == (3, 3, 64, 96) and np.abs(out - expected.numpy()).max() < 1e-3 * expected.abs().max().item()
+    meta = {p.key: p.value for p in onnx.load(str(result["path"]), load_external_data=False).metadata_props}
+    lists = {k: json.loads(meta[k]) for k in ("classes", "input_size", "mean", "std")}
+    assert lists["classes"] == ["a", "b", "c"] and lists["input_size"] == [64, 96] and meta["bands"] == "3"
+    assert lists["mean"] == [10.0, 20.0, 30.0] and lists["std"] == [1.0, 2.0, 3.0]
+    assert meta["model"] == "SegmentationTask(rsvheat_tiny)" and meta["checkpoint"] == "seg.ckpt"
+    # the .pt2 program carries the same facts
+    export_checkpoint(tmp_path / "seg.pt2", [64], ckpt)
+    extra = {"rsvheat.json": ""}
+    torch.export.load(str(tmp_path / "seg.pt2"), extra_files=extra)
+    assert json.loads(json.loads(extra["rsvheat.json"])["classes"]) == ["a", "b", "c"]
+
+
+@pytest.mark.slow
+def test_change_model_onnx_takes_before_and_after_at_any_batch(tmp_path):
+    import onnxruntime
+
+    change = ChangeDetectionModel(micro_model(num_classes=0, feature_norms=True), 32)
+    pair = [torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)]
+    result = export_model(change, tmp_path / "change.onnx", pair, kind="change", metadata={"model": "change"})
+    session = onnxruntime.InferenceSession(str(result["path"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["before", "after"]
+    before, after = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = change.eval()(before, after)
+    (out,) = session.run(None, {"before": before.numpy(), "after": after.numpy()})
+    assert np.abs(out - expected.numpy()).max() < 1e-3 * expected.abs().max().item()
+
+
+def test_export_from_a_task_checkpoint_and_bad_requests(tmp_path):
+    ckpt = segmentation_checkpoint(tmp_path)
     result = export_checkpoint(tmp_path / "seg.pt2", [64, 96], ckpt)
     program = torch.export.load(str(result["path"])).module()
     assert program(torch.randn(1, 3, 64, 96)).shape == (1, 3, 64, 96)

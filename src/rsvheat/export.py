@@ -9,10 +9,19 @@ portable to every runtime). The exported graph takes inputs of exactly that size
 
 The export is written to a temporary file, run and compared with PyTorch, and only renamed onto the output when the
 difference is within the tolerance; an existing output is replaced only with ``overwrite``.
+
+ONNX files name their inputs (``image``; ``before`` and ``after`` for change detection) and output (``logits``;
+``features`` for a backbone), take any batch size (checked with ONNX Runtime at two batch sizes), and carry what a
+deployment needs to feed them as ``metadata_props`` (strings; lists and numbers JSON-encoded): ``model``,
+``input_size`` ``[H, W]``, ``bands``, per-band ``mean`` and ``std`` (of a task checkpoint: the training statistics)
+and ``classes``. ``.pt2`` programs hold the same metadata as the extra file ``rsvheat.json``
+(``torch.export.load(path, extra_files={"rsvheat.json": ""})``).
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +32,7 @@ from torch import nn
 from rsvheat.files import check_output, refuse_inputs_as_outputs, write_atomic
 from rsvheat.inference.scene import MIN_TILE
 from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.models.tasks import ChangeDetectionModel
 from rsvheat.operators.heat import HeatConduction
 
 #: Default largest accepted ``max |exported - PyTorch| / max |PyTorch|``.
@@ -42,8 +52,28 @@ class _Adapter(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.kind == "change":
+            if isinstance(self.model, ChangeDetectionModel) and torch.compiler.is_compiling():
+                return _change_by_slices(self.model, inputs[0], inputs[1])
             return self.model(inputs[0], inputs[1])
         return self.model(inputs[0])
+
+
+def _change_by_slices(model: ChangeDetectionModel, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``ChangeDetectionModel.forward`` on ``(B, C, H, W)`` tensors, splitting the two dates' features by slicing at
+    ``B`` instead of ``chunk(2)``: the tracer cannot prove that ``chunk(2)`` of ``2·B`` rows is ``B`` for every ``B``
+    and would fix the batch size. Only traced; the export is checked against the model's own forward."""
+    batch = before.shape[0]
+    features = model.backbone.forward_intermediates(torch.cat([before, after]), intermediates_only=True)
+    merged = []
+    for merge, f in zip(model.merge, features, strict=True):
+        a, b = f[:batch], f[batch:]
+        merged.append(merge(torch.cat([(a - b).abs(), a + b], dim=1)))
+    return model.head(merged, tuple(before.shape[-2:]))
+
+
+def input_names(kind: str) -> list[str]:
+    """The exported graph's input names: ``["image"]``, or ``["before", "after"]`` for ``kind="change"``."""
+    return ["before", "after"] if kind == "change" else ["image"]
 
 
 def prepare(model: nn.Module, kind: str) -> nn.Module:
@@ -68,11 +98,18 @@ def export_model(
     opset: int = 18,
     overwrite: bool = False,
     tolerance: float = TOLERANCE,
+    output_name: str = "logits",
+    metadata: dict | None = None,
 ) -> dict:
     """Write ``out`` (``.onnx``: ONNX through the dynamo exporter, checked with ONNX Runtime; ``.pt2``:
     ``torch.export`` program of the folded model, reloaded and run) and return ``{"path", "max_abs_diff",
     "reference_max_abs", "relative_diff"}``, the largest difference between the exported model's and PyTorch's outputs
     on ``inputs`` (``(B, C, H, W)`` tensors; two for ``kind="change"``), absolute and relative to the largest output.
+
+    ONNX: inputs named by :func:`input_names`, the output ``output_name``, the batch dimension dynamic (traced and
+    checked at batch ``max(B, 2)`` too: a batch of 1 would be specialised by the tracer; a model whose batch cannot
+    be dynamic is exported at ``B`` with a warning); ``metadata`` (values other than strings JSON-encoded) is stored
+    as the model's ``metadata_props``, or in a ``.pt2`` as the extra file ``rsvheat.json``.
 
     Raises ``FileExistsError`` if ``out`` exists and not ``overwrite`` (before exporting), and
     :class:`ExportMismatchError` if the relative difference exceeds ``tolerance``: ``out`` is then left untouched.
@@ -82,15 +119,20 @@ def export_model(
         raise ValueError(f"the tolerance must be >= 0, got {tolerance}")
     adapter = prepare(model, kind)
     inputs = tuple(inputs)
+    names = input_names(kind)
+    if len(names) != len(inputs):
+        raise ValueError(f"a {kind!r} model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
+    props = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     with torch.no_grad():
         # eval mode without autograd: this forward also folds every heat stage for the size it sees (RSVHeat.fold)
         reference = adapter(*inputs)
     result: dict = {"path": out, "reference_max_abs": float(reference.abs().max())}
 
-    def check(exported: torch.Tensor) -> None:
-        diff = float((exported - reference).abs().max())
+    def check(exported: torch.Tensor, expected: torch.Tensor = reference) -> None:
+        diff = float((exported - expected).abs().max())
         scale = result["reference_max_abs"]
-        result.update(max_abs_diff=diff, relative_diff=diff / scale if scale > 0 else diff)
+        result.update(max_abs_diff=max(diff, result.get("max_abs_diff", 0.0)))
+        result.update(relative_diff=result["max_abs_diff"] / scale if scale > 0 else result["max_abs_diff"])
         if not result["relative_diff"] <= tolerance:  # also catches NaN
             raise ExportMismatchError(
                 f"{out}: the exported model differs from PyTorch by {result['relative_diff']:.2e} relative to its "
@@ -101,6 +143,11 @@ def export_model(
     # Traced with autograd on: the graph holds the plain (out-of-place) ops, so the program also runs where
     # gradients are enabled.
     if out.suffix == ".onnx":
+        batch = inputs[0].shape[0]
+        # torch.export specialises a dimension whose example size is 1: trace the dynamic batch at >= 2
+        traced = inputs if batch >= 2 else tuple(torch.cat([x, torch.randn_like(x)]) for x in inputs)
+        with torch.no_grad():
+            traced_reference = reference if traced is inputs else adapter(*traced)
 
         def write(tmp: Path) -> None:
             import onnxruntime
@@ -110,16 +157,44 @@ def export_model(
             for module in adapter.modules():
                 if isinstance(module, RSVHeat):
                     module.clear_caches()
-            torch.onnx.export(adapter, inputs, dynamo=True, opset_version=opset, verbose=False).save(str(tmp))
+
+            def onnx_program(sample: tuple[torch.Tensor, ...], dynamic: bool):
+                # forward(*inputs): dynamic_shapes has one entry, the tuple of the inputs' specs
+                shapes = (tuple({0: torch.export.Dim("batch")} for _ in sample),) if dynamic else None
+                return torch.onnx.export(
+                    adapter,
+                    sample,
+                    dynamo=True,
+                    opset_version=opset,
+                    verbose=False,
+                    input_names=names,
+                    output_names=[output_name],
+                    dynamic_shapes=shapes,
+                )
+
+            try:
+                program, checks = onnx_program(traced, True), ((inputs, reference), (traced, traced_reference))
+            except Exception as err:  # noqa: BLE001 - the exporter raises many types; a fixed batch still works
+                warnings.warn(
+                    f"{out}: the batch size cannot be made dynamic for this model ({str(err).splitlines()[0]}); "
+                    f"the export takes batches of {batch} only",
+                    stacklevel=3,
+                )
+                program, checks = onnx_program(inputs, False), ((inputs, reference),)
+            program.model.metadata_props.update(props)
+            program.save(str(tmp))
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), inputs, strict=True)}
-            check(torch.from_numpy(np.asarray(session.run(None, feeds)[0])))
+            for sample, expected in checks:
+                feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), sample, strict=True)}
+                check(torch.from_numpy(np.asarray(session.run(None, feeds)[0])), expected)
 
     else:
 
         def write(tmp: Path) -> None:
             # folded by the reference forward: the program stores the resized FVE/SCE and filters as constants
-            torch.export.save(torch.export.export(adapter, inputs), str(tmp))
+            torch.export.save(
+                torch.export.export(adapter, inputs), str(tmp), extra_files={"rsvheat.json": json.dumps(props)}
+            )
             with torch.no_grad():
                 check(torch.export.load(str(tmp)).module()(*inputs))
 
@@ -140,7 +215,8 @@ def export_checkpoint(
 ) -> dict:
     """``rsvheat export``: a task checkpoint (classification: backbone + head; segmentation: logits; change
     detection: change logits from two inputs), or a backbone ``variant`` (with optional ``weights``) giving its last
-    stage's features; checked on random inputs of ``size`` (see :func:`export_model`)."""
+    stage's features; checked on random inputs of ``size`` (see :func:`export_model`). The export's metadata names the
+    model, the input size and bands, and for a task checkpoint the training mean/std per band and the class names."""
     import rsvheat
 
     out = _check_output(out, overwrite)  # before loading anything
@@ -152,7 +228,7 @@ def export_checkpoint(
         from rsvheat.inference.tasks import load_task
         from rsvheat.trainers import ChangeDetectionTask, DetectionTask
 
-        task, _ = load_task(checkpoint)
+        task, meta = load_task(checkpoint)
         if len(task.modalities) != 1:
             raise ValueError(f"export takes single-stem models; this one fuses {list(task.modalities)}")
         channels = next(iter(task.modalities.values()))
@@ -162,13 +238,44 @@ def export_checkpoint(
             )
         model = task.model  # every task's network: the classifier, the segmenter, the siamese change model
         kind, count = ("change", 2) if isinstance(task, ChangeDetectionTask) else ("single", 1)
+        modality, stats = next(iter(task.modalities)), meta.get("stats") or {}
+        metadata = {
+            "model": f"{type(task).__name__}({task.hparams.get('backbone')})",
+            "checkpoint": Path(checkpoint).name,
+            "bands": channels,
+            "modality": modality,
+        }
+        band_stats = stats.get(modality) or (next(iter(stats.values())) if len(stats) == 1 else None)
+        if band_stats:
+            metadata.update(mean=list(band_stats["mean"]), std=list(band_stats["std"]))
+        if meta.get("classes"):
+            metadata["classes"] = list(meta["classes"])
+        output_name = "logits"
     else:
         model = rsvheat.create_model(variant, num_classes=0, modalities={"optical": channels})
         if weights is not None:
             rsvheat.load_checkpoint(model, weights)
         model, kind, count = _Features(model), "single", 1
+        # a bare backbone's file holds no training statistics: say so rather than leave a reader guessing
+        metadata = {
+            "model": variant,
+            "weights": Path(weights).name if weights is not None else "random initialisation",
+            "bands": channels,
+            "normalisation": "not stored with a backbone: use the statistics of its pre-training data",
+        }
+        output_name = "features"
+    metadata.update(input_size=[height, width], inputs=input_names(kind), output=output_name)
     inputs = [torch.randn(1, channels, height, width) for _ in range(count)]
-    return export_model(model, out, inputs, kind, overwrite=overwrite, tolerance=tolerance)
+    return export_model(
+        model,
+        out,
+        inputs,
+        kind,
+        overwrite=overwrite,
+        tolerance=tolerance,
+        output_name=output_name,
+        metadata=metadata,
+    )
 
 
 class _Features(nn.Module):
