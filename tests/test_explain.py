@@ -112,3 +112,49 @@ def test_explain_on_a_png_says_nothing_about_crs(tmp_path, recwarn):
     path = write(tmp_path / "s.png", ramp(3, 64, 64, np.uint8))
     main(["explain", str(path), "--out", str(tmp_path / "out"), "--model", "vheat_tiny"])
     assert not [w for w in recwarn if "CRS" in str(w.message)]
+
+
+def test_explain_rgba_reads_alpha_as_the_mask_and_figures_name_the_weights(tmp_path, monkeypatch, capsys):
+    """An RGBA PNG without a checkpoint: a 3-band stem, transparent pixels invalid; every heat panel has a colour bar
+    and the figures say the weights are a random initialisation."""
+    import rsvheat.explain
+    from rsvheat.cli import main
+
+    data = ramp(4, 96, 96, np.uint8)
+    data[3] = 255
+    data[3, :32, :32] = 0  # transparent corner
+    path = write(tmp_path / "rgba.png", data)
+    seen, figures = {}, []
+    real_explain, real_draw, real_save = rsvheat.explain.explain_scene, rsvheat.explain._draw, rsvheat.explain._save_png
+
+    def explain(model, *args, **kwargs):
+        seen["modalities"] = dict(model.modalities)
+        return real_explain(model, *args, **kwargs)
+
+    def draw(canvases, spectra, rgb, valid, *args):
+        seen["valid"] = valid
+        return real_draw(canvases, spectra, rgb, valid, *args)
+
+    def save(fig, out, dpi):
+        bars = sum(ax.get_label() == "<colorbar>" for ax in fig.axes)
+        panels = [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        figures.append((out.name, fig.get_suptitle(), bars, panels))
+        return real_save(fig, out, dpi)
+
+    monkeypatch.setattr(rsvheat.explain, "explain_scene", explain)
+    monkeypatch.setattr(rsvheat.explain, "_draw", draw)
+    monkeypatch.setattr(rsvheat.explain, "_save_png", save)
+    main(["explain", str(path), "--out", str(tmp_path / "out")])
+    assert seen["modalities"] == {"optical": 3}  # the alpha band is not fed to the stem
+    valid = seen["valid"]
+    corner = round(32 * valid.shape[0] / 96)
+    assert not valid[: corner - 1, : corner - 1].any() and valid[corner + 1 :, :].all()
+    assert "alpha band is read as the valid-pixel mask" in capsys.readouterr().out
+    name, title, bars, panels = figures[0]
+    assert name == "summary.png" and "random initialisation: not learned" in title
+    assert bars == 4 * 6  # four stages, six heat panels each
+    assert "k·t (random init, not learned)" in panels and "learned k·t" not in panels
+    assert all("random initialisation" in t and b == 6 for _, t, b, _ in figures[1:])
+    # the user's band selection wins: the alpha band is then an ordinary band
+    main(["explain", str(path), "--out", str(tmp_path / "all"), "--bands", "1,2,3,4"])
+    assert seen["modalities"] == {"optical": 4}

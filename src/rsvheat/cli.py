@@ -38,23 +38,41 @@ def _info(args: argparse.Namespace) -> None:
 def _explain(args: argparse.Namespace) -> None:
     import rsvheat
     from rsvheat.data.io import image_header
-    from rsvheat.explain import explain_scene
+    from rsvheat.explain import colour_bands, explain_scene
 
-    stats = None
+    stats, learned = None, True
+    # an alpha band is the valid-pixel mask, not a band of the stem, unless the user selects bands
+    bands = args.bands or colour_bands(args.image)
+    if bands and not args.bands:
+        print(f"{args.image}: its alpha band is read as the valid-pixel mask (bands {','.join(map(str, bands))} used)")
     if args.checkpoint is not None:
         from rsvheat.inference.tasks import load_task
 
         task, meta = load_task(args.checkpoint)
         model, stats = task.backbone, meta["stats"].get(args.modality)
+        weights = f"weights: checkpoint {args.checkpoint.name}"
     else:
-        channels = args.channels or (len(args.bands) if args.bands else image_header(args.image)[0])
+        channels = args.channels or (len(bands) if bands else image_header(args.image)[0])
         model = rsvheat.create_model(args.model, modalities={args.modality: channels})
         if args.weights is not None:
             missing = rsvheat.load_checkpoint(model, args.weights, strict=False).missing_keys
+            weights = f"weights: {args.model} from {args.weights.name}"
             if missing:
                 print(f"warning: {len(missing)} tensors not in {args.weights} kept at random init, e.g. {missing[0]}")
+                weights += f" ({len(missing)} tensors at random init)"
+        else:
+            weights, learned = f"weights: {args.model}, random initialisation: not learned", False
     written = explain_scene(
-        model, args.image, args.out, args.modality, stats, args.bands, args.tile, overwrite=args.overwrite
+        model,
+        args.image,
+        args.out,
+        args.modality,
+        stats,
+        bands,
+        args.tile,
+        overwrite=args.overwrite,
+        weights=weights,
+        learned=learned,
     )
     print(f"heat maps written to {args.out} ({len(written)} figures; overview: {written['summary']})")
 
@@ -244,7 +262,9 @@ def _add_explain(sub) -> None:
     explain.add_argument("--weights", type=Path, default=None, help="or backbone weights (.safetensors, official .pth)")
     explain.add_argument("--model", default="rsvheat_tiny", help="variant for --weights or random init")
     explain.add_argument("--channels", type=_COUNT, default=None, help="bands of the stem (default: the image's)")
-    explain.add_argument("--bands", type=_bands, default=None, help="1-based bands to read, e.g. 4,3,2")
+    explain.add_argument(
+        "--bands", type=_bands, default=None, help="1-based bands to read, e.g. 4,3,2 (default: all but an alpha band)"
+    )
     explain.add_argument("--tile", type=_SIZE, default=1024, help="scenes larger than this are explained per tile")
     explain.add_argument("--overwrite", action="store_true", help="replace the heat maps in a non-empty --out")
     explain.set_defaults(handler=_explain)

@@ -11,7 +11,11 @@ For every stage and block, the HCO's fields are recorded on the way through the 
 * ``spectrum``: ``log(1 + |DCT(u)|)``, the source's frequency content (DC at the top-left);
 * ``kt``: the learned diffusivity × time ``k·t`` per frequency (high = that frequency is damped hard).
 
-Spatial fields are mean absolute values over channels; spectra are channel means. Scenes larger than ``tile`` are
+Spatial fields are mean absolute values over channels; spectra are channel means. Every panel has a colour bar in the
+field's own units (spatial fields are drawn between their 1st and 99th percentiles), and every figure says which
+weights produced it (a checkpoint, a weights file, or a random initialisation, whose k·t is not learned). An image with
+an alpha band (RGBA PNG, GeoTIFF with an alpha sample) is read without it unless bands are selected: its alpha is the
+valid-pixel mask, as a nodata value is. Scenes larger than ``tile`` are
 explained tile by tile (no overlap): spatial fields are stitched, spectra averaged over tiles. Each tile is its own
 conduction domain (the DCT's insulated borders), so tile edges can show as seams: a tile as large as memory allows
 shows the field closest to a whole-scene pass. Figures are drawn at a
@@ -116,6 +120,20 @@ def _save_png(fig, path: Path, dpi: int) -> Path:
     return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
+def colour_bands(path: str | Path) -> tuple[int, ...] | None:
+    """The 1-based bands of ``path`` other than its alpha band(s), or ``None`` when it has none.
+
+    GDAL reads an alpha band as the raster's valid-pixel mask (``dataset_mask``), so dropping it from the bands leaves
+    it where it belongs: transparent pixels are invalid (drawn blank, never fed to the model as a fourth band)."""
+    from rasterio.enums import ColorInterp
+
+    with open_raster(path) as src:
+        interp = src.colorinterp
+    if ColorInterp.alpha not in interp:
+        return None
+    return tuple(i for i, c in enumerate(interp, start=1) if c != ColorInterp.alpha)
+
+
 def explain_scene(
     model,
     image: str | Path,
@@ -128,11 +146,17 @@ def explain_scene(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    weights: str | None = None,
+    learned: bool = True,
 ) -> dict[str, Path]:
     """Write ``stage{S}_block{B}.png`` for every block and ``summary.png`` (last block of each stage) for ``image``
     through ``model`` (an :class:`~rsvheat.models.rsvheat.RSVHeat`), and return their paths (``"summary"`` first).
 
     ``stats``: ``{"mean": [...], "std": [...]}`` of the model's training data; computed from the image if ``None``.
+    ``bands``: 1-based bands to read; by default every band but an alpha band (:func:`colour_bands`), which is read
+    as the valid-pixel mask. ``weights``: what the model's weights are, for the figures' subtitle (e.g.
+    ``"checkpoint run.ckpt"``); ``learned``: false for a random initialisation (its k·t is then not titled
+    "learned").
     ``out_dir`` must be new or empty unless ``overwrite`` (then heat maps of an earlier run that this one does not
     redraw, e.g. of a deeper model, are removed so the folder never mixes two runs). Each PNG is written atomically.
     """
@@ -143,6 +167,8 @@ def explain_scene(
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty (pass --overwrite to replace its heat maps)")
     # no mkdir here: the first heat map written creates the folder, so a run that fails leaves none behind
+    if not bands:
+        bands = colour_bands(image)
     stats = dict(stats) if stats is not None else image_stats(image, bands)
     model = model.eval().to(device)
     source = Input(image, modality, tuple(bands) if bands else None)
@@ -151,8 +177,10 @@ def explain_scene(
         canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device, progress)
     shape = next(iter(canvases.values())).shape
     rgb, valid = _overview(image, bands, shape)
-    title = f"Heat conduction in {type(model).__name__} ({modality}, {size[0]}×{size[1]} px)"
-    written = _draw(canvases, spectra, rgb, valid, title, out_dir, progress)
+    if weights is None:
+        weights = "weights as passed" if learned else "random initialisation: not learned"
+    title = f"Heat conduction in {type(model).__name__} ({modality}, {size[0]}×{size[1]} px)\n{weights}"
+    written = _draw(canvases, spectra, rgb, valid, title, out_dir, progress, learned)
     for stale in set(out_dir.glob("stage*_block*.png")) - set(written.values()):
         stale.unlink()
     return written
@@ -189,53 +217,70 @@ def _stitched_fields(
 
 
 def _draw(
-    canvases: dict, spectra: dict, rgb: np.ndarray, valid: np.ndarray, title: str, out_dir: Path, progress: bool
+    canvases: dict,
+    spectra: dict,
+    rgb: np.ndarray,
+    valid: np.ndarray,
+    title: str,
+    out_dir: Path,
+    progress: bool,
+    learned: bool = True,
 ) -> dict:
-    """``summary.png`` (last block of each stage) and one figure per block; returns their paths."""
+    """``summary.png`` (last block of each stage) and one figure per block, each heat panel with its colour bar;
+    ``title`` (its second line names the weights) heads every figure. Returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def draw(axes_row, key) -> None:
+    names = dict(TITLES)
+    if not learned:
+        names["kt"] = "k·t (random init, not learned)"
+
+    def draw(fig, axes_row, key) -> None:
         axes = list(axes_row)
         axes.pop(0).imshow(rgb)
         for ax, name in zip(axes, SPATIAL + SPECTRAL, strict=True):
             if name in SPATIAL:
                 field = canvases[(key, name)]
                 lo, hi = np.percentile(field[valid], (1, 99)) if valid.any() else (0, 1)
-                shown = np.where(valid, np.clip((field - lo) / max(hi - lo, 1e-9), 0, 1), np.nan)
                 ax.imshow(rgb.mean(-1), cmap="gray", vmin=0, vmax=1)
-                ax.imshow(shown, cmap="inferno", alpha=0.7)
+                # drawn in the field's own values (clipped at the percentiles) so that the colour bar reads them
+                shown = ax.imshow(
+                    np.where(valid, field, np.nan), cmap="inferno", alpha=0.7, vmin=lo, vmax=max(hi, lo + 1e-9)
+                )
             else:
                 spectrum = spectra[(key, name)]
                 lo, hi = np.percentile(spectrum, (1, 99))
-                ax.imshow(spectrum, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9))
+                shown = ax.imshow(spectrum, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9))
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+            bar.ax.tick_params(labelsize=6)
         for ax in axes_row:
             ax.set_xticks([])
             ax.set_yticks([])
 
     def titles(axes_row) -> None:
         for ax, name in zip(axes_row, ("input", *SPATIAL, *SPECTRAL), strict=True):
-            ax.set_title(TITLES.get(name, name), fontsize=9)
+            ax.set_title(names.get(name, name), fontsize=9)
 
     blocks = sorted({key for key, _ in canvases})
     columns = 1 + len(SPATIAL) + len(SPECTRAL)
     last = [max(k for k in blocks if k[0] == s) for s in sorted({s for s, _ in blocks})]
-    fig, axes = plt.subplots(len(last), columns, figsize=(2.6 * columns, 2.6 * len(last)), squeeze=False)
+    fig, axes = plt.subplots(len(last), columns, figsize=(3.0 * columns, 2.6 * len(last) + 0.3), squeeze=False)
     for row, key in zip(axes, last, strict=True):
-        draw(row, key)
+        draw(fig, row, key)
         row[0].set_ylabel(f"stage {key[0] + 1}, block {key[1] + 1}")
     titles(axes[0])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     written = {"summary": _save_png(fig, out_dir / "summary.png", dpi=90)}
     plt.close(fig)
+    heading = title.split("\n", 1)[1] if "\n" in title else ""
     for key in tqdm(blocks, desc="figures", unit="block", disable=not progress):
-        fig, axes = plt.subplots(1, columns, figsize=(2.6 * columns, 2.9), squeeze=False)
-        draw(axes[0], key)
+        fig, axes = plt.subplots(1, columns, figsize=(3.0 * columns, 3.2), squeeze=False)
+        draw(fig, axes[0], key)
         titles(axes[0])
-        fig.suptitle(f"stage {key[0] + 1}, block {key[1] + 1}", fontsize=10)
+        fig.suptitle(f"stage {key[0] + 1}, block {key[1] + 1}" + (f"\n{heading}" if heading else ""), fontsize=10)
         fig.tight_layout()
         path = _save_png(fig, out_dir / f"stage{key[0] + 1}_block{key[1] + 1}.png", dpi=80)
         plt.close(fig)
