@@ -160,17 +160,21 @@ def export_model(
 
             def onnx_program(sample: tuple[torch.Tensor, ...], dynamic: bool):
                 # forward(*inputs): dynamic_shapes has one entry, the tuple of the inputs' specs
-                shapes = (tuple({0: torch.export.Dim("batch")} for _ in sample),) if dynamic else None
-                return torch.onnx.export(
-                    adapter,
-                    sample,
-                    dynamo=True,
-                    opset_version=opset,
-                    verbose=False,
-                    input_names=names,
-                    output_names=[output_name],
-                    dynamic_shapes=shapes,
-                )
+                batch_dim = torch.export.Dim("batch")  # one dimension shared by both dates of a change pair
+                shapes = (tuple({0: batch_dim} for _ in sample),) if dynamic else None
+                with warnings.catch_warnings():
+                    # the second date's batch axis is the first's: the exporter says it names it once
+                    warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
+                    return torch.onnx.export(
+                        adapter,
+                        sample,
+                        dynamo=True,
+                        opset_version=opset,
+                        verbose=False,
+                        input_names=names,
+                        output_names=[output_name],
+                        dynamic_shapes=shapes,
+                    )
 
             try:
                 program, checks = onnx_program(traced, True), ((inputs, reference), (traced, traced_reference))
