@@ -529,3 +529,36 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
         for lon, lat in feature["geometry"]["coordinates"][0]:
             assert -79 < lon < -76 and 23 < lat < 26  # the scene (UTM 18N) covers part of the Bahamas: lon/lat
+
+
+def test_scene_far_outside_the_training_statistics_is_reported_once(tmp_path):
+    """A uint16 scene under a model trained on uint8 images: one warning naming the raster, the band and both
+    statistics; a scene like the training data: none."""
+    rng = np.random.default_rng(0)
+    uint8_stats = {"optical": {"mean": [100.0, 110.0, 90.0], "std": [40.0, 40.0, 40.0]}}
+    like = rng.normal(100, 40, (3, 300, 200)).clip(0, 255).astype(np.uint8)
+    with scene_of(write(tmp_path / "like.tif", like), stats=uint8_stats) as scene, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scene.check_statistics() is None
+    far = rng.normal(1500, 800, (3, 300, 200)).clip(0, 10000).astype(np.uint16)
+    far[:, :50] = 0
+    path = write(tmp_path / "uint16.tif", far)
+    with rasterio.open(path, "r+") as dst:
+        dst.nodata = 0  # nodata is left out of the statistics
+    with scene_of(path, stats=uint8_stats) as scene, pytest.warns(UserWarning) as caught:
+        scene.check_statistics()
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"{path}: band ") and "(2 other band(s) too)" in message
+    mean = float(message.split("has mean ")[1].split(",")[0])
+    assert 1400 < mean < 1600 and "training statistics the model normalises it with (mean " in message
+    # a selected band is named by its number in the file
+    data = np.stack([like[0], like[1], far[2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = write(tmp_path / "mixed.tif", data.astype(np.uint16))
+    stats = {"optical": {"mean": [90.0, 100.0, 110.0], "std": [40.0] * 3}}
+    scene = Scene({"optical": Input(path, "optical", (3, 1, 2))}, {"optical": 3}, stats)
+    with scene, pytest.warns(UserWarning, match=r"mixed\.tif: band 3 has mean") as caught:
+        scene.check_statistics()
+    assert "other band" not in str(caught[0].message)

@@ -155,6 +155,55 @@ class Scene:
             data[:, ~valid] = 0.0  # a pixel missing in one raster is missing in all
         return arrays, valid
 
+    def band_statistics(self, max_side: int = 1024) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{role: (mean (C,), std (C,))}`` of the raw bands (before normalisation) over the valid pixels of a
+        decimated read (nearest neighbour, at most ``max_side`` px a side: a few MB whatever the scene's size).
+        A role without a valid pixel is left out."""
+        from rasterio.enums import Resampling
+
+        scale = min(1.0, max_side / max(self.height, self.width))
+        shape = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
+        found = {}
+        for role, src in self.sources.items():
+            bands = list(self.inputs[role].bands) if self.inputs[role].bands else list(range(1, src.count + 1))
+            data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest).astype(np.float64)
+            valid = (src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0) & np.isfinite(data).all(0)
+            if valid.any():
+                pixels = data[:, valid]
+                found[role] = (pixels.mean(1), pixels.std(1))
+        return found
+
+    def check_statistics(self, max_z: float = 3.0, max_ratio: float = 10.0) -> str | None:
+        """Warn (once, naming the raster and the band furthest off) when the input's statistics are far outside the
+        training statistics it is normalised with: a band mean more than ``max_z`` training standard deviations from
+        the training mean, or a standard deviation more than ``max_ratio`` times larger or smaller than the training
+        one (a uint16 scene under a model trained on uint8 images; reflectance scaled by 10 000 or not). The model
+        would then see inputs it never saw and write a degenerate map. Returns the warning's text, or ``None``."""
+        worst, offending = None, 0
+        for role, (mean, std) in self.band_statistics().items():
+            train_mean, train_std = (v.reshape(-1).astype(np.float64) for v in self.stats[role])
+            z = np.abs(mean - train_mean) / np.maximum(train_std, 1e-12)
+            ratio = np.maximum(std, 1e-12) / np.maximum(train_std, 1e-12)
+            # one score per band: how many "tolerances" it is off, on the mean and on the spread
+            score = np.maximum(z / max_z, np.abs(np.log(ratio)) / np.log(max_ratio))
+            offending += int((score > 1).sum())
+            band = int(score.argmax())
+            if score[band] > 1 and (worst is None or score[band] > worst[0]):
+                worst = (score[band], role, band, mean[band], std[band], train_mean[band], train_std[band])
+        if worst is None:
+            return None
+        _, role, band, mean, std, train_mean, train_std = worst
+        number = self.inputs[role].bands[band] if self.inputs[role].bands else band + 1
+        others = f" ({offending - 1} other band(s) too)" if offending > 1 else ""
+        message = (
+            f"{self.sources[role].name}: band {number} has mean {mean:.4g}, std {std:.4g} (decimated read), far from "
+            f"the training statistics the model normalises it with (mean {train_mean:.4g}, std {train_std:.4g})"
+            f"{others}: the map may be degenerate. Is the scene in the units and scaling of the training data "
+            "(e.g. uint16 reflectance vs uint8 images)?"
+        )
+        warnings.warn(message, stacklevel=2)
+        return message
+
 
 def check_tile(tile: int, name: str | Path) -> None:
     """A tile must hold at least one output cell of the backbone; ``name``: the raster, for the message."""

@@ -115,6 +115,9 @@ def predict_scene(
     * change detection: ``images`` = before, after (same grid); ``output`` 0 = unchanged, 1 = changed, 255 = nodata;
       ``probabilities`` the change probability.
     * detection: ``images`` = one raster; ``output`` a GeoJSON of boxes (per-class NMS across tiles).
+
+    A scene whose band statistics are far from the training statistics (other units or scaling) is reported in a
+    warning before the run (:meth:`Scene.check_statistics`).
     """
     import rasterio
 
@@ -136,6 +139,7 @@ def predict_scene(
         raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
     inputs = _scene_inputs(task, images, bands)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, task.modalities, meta["stats"]) as scene:
+        scene.check_statistics()  # a scene in other units than the training data: say so before the long run
         if detection:
             geojson = Path(output).suffix.lower() == ".geojson"
             if geojson:
