@@ -20,6 +20,10 @@ Stages, each cached under ``--out`` (default ``runs/transfer``) so that a killed
    the difference pretrained − random, and whether it exceeds the spread (|diff| > std_pre + std_rand).
 
 ``--smoke`` runs a seconds-long miniature (micro model, a few steps) for the tests.
+
+The step count is calibrated from a measured step time; on a machine shared with other jobs the measurement is
+unreliable, so give ``--pretrain-steps`` instead. Lightning catches SIGTERM: stop a run with SIGINT (or SIGKILL) and
+start the same command again to resume.
 """
 
 from __future__ import annotations
@@ -158,12 +162,16 @@ def pretrain(args: argparse.Namespace, state: dict) -> Path:
         plan = json.loads(plan_file.read_text())
     else:
         root.mkdir(parents=True, exist_ok=True)
-        seconds = step_seconds(model, modalities, args.crop, args.pretrain_batch, sources)
-        # 15 % for data loading, logging, checkpoints and the monitor
-        steps = args.pretrain_steps or max(10, int(args.pretrain_minutes * 60 / (seconds * 1.15)))
-        plan = {"steps": steps, "step_seconds": round(seconds, 3), "sources": sources, "modalities": modalities}
+        if args.pretrain_steps:
+            steps, seconds = args.pretrain_steps, None
+        else:
+            seconds = step_seconds(model, modalities, args.crop, args.pretrain_batch, sources)
+            # 15 % for data loading, logging, checkpoints and the monitor
+            steps = max(10, int(args.pretrain_minutes * 60 / (seconds * 1.15)))
+            seconds = round(seconds, 3)
+        plan = {"steps": steps, "step_seconds": seconds, "sources": sources, "modalities": modalities}
         plan_file.write_text(json.dumps(plan, indent=1))
-    log(f"pre-training {plan['steps']} steps ({plan['step_seconds']} s/step measured), sources {plan['sources']}")
+    log(f"pre-training {plan['steps']} steps (measured s/step: {plan['step_seconds']}), sources {plan['sources']}")
     data = {
         "optical_dirs": [str(args.out / "data/pretrain_aid"), str(REPO / "src/rsvheat/data")],
         "modalities": plan["modalities"],
@@ -419,7 +427,8 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
         "",
         f"Pre-training: {args.variant}, {plan.get('steps', '?')} steps of {args.crop}² crops, batch "
         f"{args.pretrain_batch} per source ({', '.join(plan.get('sources', []))}), lr {args.pretrain_lr}, budget "
-        f"{args.pretrain_minutes} min ({plan.get('step_seconds', '?')} s/step measured). Unlabelled pool: "
+        f"{args.pretrain_minutes} min (took {plan.get('minutes_last_session', '?')} min, monitor included). "
+        "Unlabelled pool: "
         f"{state['pretrain_pool']} AID images (all but the evaluation test split) + the embedded Landsat scene"
         + (" + BigEarthNet's 6 S1/S2 example pairs." if "bigearthnet" in plan.get("sources", []) else "."),
         f"Evaluation: AID subset of {args.per_class} images per class ({len(state['classes'])} classes), split "
