@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import rsvheat
-from rsvheat.models.checkpoint import CheckpointError, adapt_stem_weight, read_checkpoint
+from rsvheat.models.checkpoint import CheckpointError, adapt_stem_weight, kt_from_folded, read_checkpoint
+from rsvheat.operators.heat import heat_filter
 from rsvheat.testing.official_structure import OfficialStructureHeat
 from tests.conftest import micro_model
 
@@ -181,11 +182,46 @@ def test_unsafe_corrupt_and_missing_files_are_refused(tmp_path):
         rsvheat.load_checkpoint(micro_model(), tmp_path / "nope.pth")
 
 
-def test_inference_folded_official_checkpoint_is_explained(tmp_path):
-    ref = official().fold()
-    torch.save({"model": ref.state_dict()}, tmp_path / "folded.pth")
-    with pytest.raises(CheckpointError, match="inference-folded"):
-        rsvheat.load_checkpoint(micro_model(), tmp_path / "folded.pth")
+def test_kt_is_recovered_from_a_folded_filter():
+    kt = torch.rand(7, 5, 3) * 2
+    kt[0, 0] = 0.0  # DC: no information in the filter
+    k_exp = heat_filter(kt)
+    recovered = kt_from_folded(k_exp)
+    torch.testing.assert_close(recovered[1:], kt[1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(recovered[0, 1:], kt[0, 1:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(recovered[0, 0], (kt[0, 1] + kt[1, 0]) / 2, rtol=1e-4, atol=1e-4)  # a neighbours' mean
+    torch.testing.assert_close(heat_filter(recovered), k_exp, rtol=0, atol=1e-6)
+    underflow = kt_from_folded(torch.zeros(2, 2, 1))  # filters that underflowed stay 0, with a finite k·t
+    assert torch.isfinite(underflow).all() and heat_filter(underflow)[1:].abs().max() < 1e-30
+
+
+@pytest.mark.parametrize("use_sce", [True, False], ids=["rs-vheat", "vheat"])
+def test_inference_folded_official_checkpoint_loads_as_a_stored_kt(tmp_path, use_sce):
+    ref = official(use_sce=use_sce, img_size=224)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = ref.fold()(x)
+    # the official infer_init deletes to_k and the FVE: only op.k_exp (and the SCE) remain
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("freq_embed")}
+    assert any(k.endswith("op.k_exp") for k in state) and not any(".to_k." in k for k in state)
+    torch.save({"model": state}, tmp_path / "folded.pth")
+    ours = micro_model(img_size=224, use_sce=use_sce)
+    result = rsvheat.load_checkpoint(ours, tmp_path / "folded.pth")
+    assert not result.missing_keys and not result.unexpected_keys
+    assert ours.stages[2].blocks[1].hco.kt_override.shape == (14, 14, 64)
+    with torch.no_grad():
+        assert relative_error(ours.eval()(x), expected) <= 1e-5
+        assert relative_error(ours.fold((224, 224))(x), expected) <= 1e-5
+        other = ours(torch.randn(1, 3, 160, 96))  # the stored k·t is resized like the FVE
+    assert other.shape == (1, 5) and torch.isfinite(other).all()
+    # our format keeps the stored k·t; a normal checkpoint loaded afterwards removes it again
+    rsvheat.save_weights(ours, tmp_path / "folded.safetensors")
+    rebuilt = rsvheat.create_model_from_weights(tmp_path / "folded.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), ours(x), rtol=0, atol=0)
+    torch.save({"model": official(use_sce=use_sce, img_size=224).state_dict()}, tmp_path / "normal.pth")
+    rsvheat.load_checkpoint(ours, tmp_path / "normal.pth")
+    assert all(block.hco.kt_override is None for stage in ours.stages for block in stage.blocks)
 
 
 def test_stem_adaptation_rules():
@@ -231,3 +267,78 @@ def test_timm_loads_a_local_official_file_through_pretrained_cfg_overlay(tmp_pat
         pretrained_cfg_overlay=dict(file=str(tmp_path / "rs_tiny.pth")),
     )
     torch.testing.assert_close(features.model.stages[2].freq_embed, ref.freq_embed[2])
+
+
+def _official_file(tmp_path, name: str, img_size: int = 224):
+    """An official-format checkpoint (the release files' layout: {"model": ...}, official key names) for a variant."""
+    cfg = rsvheat.VARIANTS[name]
+    ref = OfficialStructureHeat(
+        cfg["depths"], cfg["dims"], img_size, cfg["post_norm"], cfg["layer_scale"], cfg["use_sce"], 1000
+    )
+    with torch.no_grad():
+        for p_name, p in ref.named_parameters():
+            if p_name.endswith("bias"):
+                p.normal_(0, 0.05)
+    path = tmp_path / f"{name}.pth"
+    torch.save({"model": ref.state_dict()}, path)
+    return ref.eval(), path
+
+
+def test_vheat_pretrained_cfgs_point_at_the_official_release_files():
+    for size in ("tiny", "small", "base"):
+        cfg = timm.models.get_pretrained_cfg(f"vheat_{size}")  # the default tag
+        assert cfg.url.endswith(f"MzeroMiko/vHeat/releases/download/vheatcls/vHeat_{size}.pth")
+        assert (cfg.input_size, cfg.crop_pct, cfg.interpolation, cfg.num_classes) == (
+            (3, 224, 224),
+            0.875,
+            "bicubic",
+            1000,
+        )
+        assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN and cfg.std == timm.data.IMAGENET_DEFAULT_STD
+        # RS-vHeat: no weights by default; the vHeat ones under an explicit tag
+        assert not timm.models.get_pretrained_cfg(f"rsvheat_{size}").has_weights
+        assert timm.models.get_pretrained_cfg(f"rsvheat_{size}.vheat_in1k").url == cfg.url
+
+
+def test_timm_pretrained_vheat_downloads_through_the_converter_offline(tmp_path):
+    """``pretrained=True`` runs timm's loader and our converter; a local file stands in for the download."""
+    ref, path = _official_file(tmp_path, "vheat_tiny")
+    via_timm = timm.create_model("vheat_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    direct = rsvheat.create_model("vheat_tiny")
+    rsvheat.load_checkpoint(direct, path)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(via_timm(x), direct.eval()(x), rtol=0, atol=0)
+        x224 = torch.randn(1, 3, 224, 224)
+        assert relative_error(via_timm(x224), ref(x224)) <= 1e-5
+    assert via_timm.pretrained_cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+
+    # RS-vHeat from the same vHeat file: the SCE at its initialisation, the SAR stem adapted from the optical one
+    torch.manual_seed(0)
+    untouched = rsvheat.create_model("rsvheat_tiny", modalities={"optical": 3, "sar": 1})
+    torch.manual_seed(0)
+    rs = timm.create_model(
+        "rsvheat_tiny",
+        pretrained=True,
+        modalities={"optical": 3, "sar": 1},
+        pretrained_cfg_overlay=dict(file=str(path)),
+    )
+    for i, stage in enumerate(rs.stages):
+        torch.testing.assert_close(stage.heat_capacity, untouched.stages[i].heat_capacity, rtol=0, atol=0)
+        torch.testing.assert_close(stage.freq_embed, ref.freq_embed[i], rtol=0, atol=0)
+        assert stage.blocks[0].hco.sce_norm.weight.eq(1).all() and stage.blocks[0].hco.sce_norm.bias.eq(0).all()
+    torch.testing.assert_close(rs.stems.optical.conv1.weight, ref.patch_embed.conv1.weight)
+    torch.testing.assert_close(rs.stems.sar.conv1.weight, ref.patch_embed.conv1.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(rs.stems.sar.norm1.weight, ref.patch_embed.norm1[1].weight)
+    # the same through rsvheat.load_checkpoint
+    loaded = rsvheat.create_model("rsvheat_tiny", modalities={"optical": 3, "sar": 1})
+    rsvheat.load_checkpoint(loaded, path)
+    torch.testing.assert_close(loaded.stems.sar.conv1.weight, rs.stems.sar.conv1.weight)
+
+
+def test_rsvheat_pretrained_without_a_file_says_what_exists():
+    with pytest.raises(RuntimeError, match=r"no pretrained weights are published for rsvheat_base") as info:
+        timm.create_model("rsvheat_base", pretrained=True)
+    message = str(info.value)
+    assert "pretrained_cfg_overlay=dict(file=" in message and "rsvheat.load_checkpoint" in message
+    assert "rsvheat_base.vheat_in1k" in message

@@ -34,6 +34,11 @@ def test_smp_decoders_on_the_timm_universal_encoder(arch):
     assert model.encoder.model.model.stages[0].freq_embed.grad is not None
 
 
+def test_smp_imagenet_weights_say_what_exists_instead_of_timms_generic_message():
+    with pytest.raises(RuntimeError, match=r"no pretrained weights are published for rsvheat_tiny.*vheat_in1k"):
+        smp.UPerNet("tu-rsvheat_tiny", encoder_weights="imagenet", classes=3)
+
+
 def test_smp_deeplab_fails_loudly_instead_of_silently_wrong():
     with pytest.raises(ValueError, match="output_stride"):
         smp.DeepLabV3Plus("tu-rsvheat_tiny", encoder_weights=None, classes=2)

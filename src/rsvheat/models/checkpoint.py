@@ -10,6 +10,9 @@ Accepted inputs (all read with ``weights_only=True``; nothing is downloaded):
 * Lightning / TorchGeo checkpoints (``state_dict`` with a ``model.`` / ``backbone.`` prefix).
 
 Checkpoints made at another resolution load too: FVE and SCE are resized bilinearly (as RS-vHeat's own loader does).
+Inference-folded official checkpoints (``op.k_exp`` instead of ``freq_embed``/``op.to_k``) load as a stored per-block
+``k·t`` recovered from the filters (see :func:`kt_from_folded`), resized for other sizes. A vHeat checkpoint loads into
+an RS-vHeat model: the RS-vHeat-only parts (SCE and its LayerNorm) keep the model's initialisation.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from rsvheat.files import write_atomic
-from rsvheat.operators.heat import resize_embedding
+from rsvheat.operators.heat import frequency_sq, resize_embedding
 
 if TYPE_CHECKING:  # the model module imports this one (timm's pretrained filter): annotations only
     from rsvheat.models.rsvheat import RSVHeat
@@ -47,6 +50,7 @@ _OFFICIAL_RULES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.dwconv\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.dwconv.\3"),
     (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.linear\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.in_proj.\3"),
     (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.to_k\.0\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.to_k.\3"),
+    (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.k_exp$"), "FOLDED_FILTER"),
     (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.out_norm\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.out_norm.\3"),
     (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.out_linear\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.out_proj.\3"),
     (re.compile(r"^layers\.(\d+)\.(\d+)\.op\.norm1\.(weight|bias)$"), r"stages.\1.blocks.\2.hco.sce_norm.\3"),
@@ -95,13 +99,28 @@ def is_official(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(("layers.", "patch_embed")) for k in state_dict)
 
 
+def kt_from_folded(k_exp: torch.Tensor) -> torch.Tensor:
+    """``k·t`` ``(h, w, C)`` of a folded official filter ``k_exp = exp(-(w_n^2 + w_m^2)) ** kt`` ``(h, w, C)``.
+
+    ``kt = -log(k_exp) / (w_n^2 + w_m^2)`` wherever ``w != 0``, in float64. At DC every ``kt`` gives 1, so it takes the
+    mean of its neighbours' values (``(0, 1)`` and ``(1, 0)``; 0 on a 1x1 map): any value reproduces the folded
+    filter at its own size, and a neighbour's keeps the field smooth for resizing. A filter that underflowed to 0 gives
+    the largest ``kt`` its dtype can express (the filter stays 0 to float precision); ``kt >= 0`` as ``ReLU`` made it.
+    """
+    if k_exp.ndim != 3:
+        raise CheckpointError(f"a folded filter op.k_exp must be (h, w, C), got shape {tuple(k_exp.shape)}")
+    h, w, _ = k_exp.shape
+    tiny = torch.finfo(k_exp.dtype).tiny if k_exp.is_floating_point() else torch.finfo(torch.float32).tiny
+    freq = frequency_sq(h, w, k_exp.device, torch.float64)[:, :, None]
+    kt = -torch.log(k_exp.double().clamp(min=tiny, max=1.0)) / freq.clamp(min=torch.finfo(torch.float64).tiny)
+    neighbours = [kt[i, j] for i, j in ((0, 1), (1, 0)) if i < h and j < w]
+    kt[0, 0] = torch.stack(neighbours).mean(0) if neighbours else 0.0
+    return kt.clamp(min=0).to(k_exp.dtype if k_exp.is_floating_point() else torch.float32)
+
+
 def convert_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an official vHeat / RS-vHeat state dict to rsvheat keys (1x1-conv MLP weights become Linear weights)."""
-    if any(".op.k_exp" in k for k in state_dict):
-        raise CheckpointError(
-            "this is an inference-folded official checkpoint (op.k_exp, no freq_embed/to_k): it only holds the filters "
-            "for one input size; load the training checkpoint (with freq_embed and op.to_k) instead"
-        )
+    """Rename an official vHeat / RS-vHeat state dict to rsvheat keys (1x1-conv MLP weights become Linear weights;
+    folded ``op.k_exp`` filters become the blocks' stored ``hco.kt_override``)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if _SKIPPED.search(key):
@@ -114,6 +133,8 @@ def convert_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
                 new = f"stages.{int(match[1]) + 1}.downsample.conv.weight"
             elif target == "DOWNSAMPLE_NORM":
                 new = f"stages.{int(match[1]) + 1}.downsample.norm.{match[3]}"
+            elif target == "FOLDED_FILTER":
+                new, value = f"stages.{match[1]}.blocks.{match[2]}.hco.kt_override", kt_from_folded(value)
             else:
                 new = match.expand(target)
             if new.endswith(("mlp.fc1.weight", "mlp.fc2.weight")) and value.ndim == 4:
@@ -184,9 +205,28 @@ def adapt_to_model(
             f"dims {model_arch[1]}: pick the matching variant (vheat_/rsvheat_ tiny, small, base)"
         )
     has_sce = any(k.endswith("heat_capacity") for k in sd)
-    if has_sce != model.use_sce and any(k.endswith("freq_embed") for k in sd):
-        ckpt_kind, model_kind = ("RS-vHeat (with SCE)", "vHeat (no SCE)") if has_sce else ("vHeat", "RS-vHeat")
-        raise CheckpointError(f"checkpoint is {ckpt_kind} but the model is {model_kind}: use the matching variant")
+    has_heat = any(k.endswith(("freq_embed", "hco.kt_override")) for k in sd)
+    if has_sce and not model.use_sce and has_heat:
+        raise CheckpointError(
+            "checkpoint is RS-vHeat (with SCE) but the model is vHeat (no SCE): use the matching variant"
+        )
+    if model.use_sce and not has_sce and has_heat:
+        # vHeat weights into RS-vHeat (documented start from the ImageNet checkpoints): the SCE and its LayerNorm,
+        # which vHeat lacks, keep the model's own initialisation.
+        for key, value in own.items():
+            if re.search(r"(\.heat_capacity|\.hco\.sce_norm\.(weight|bias))$", key):
+                sd.setdefault(key, value)
+    folded = {k.rsplit(".hco.", 1)[0] for k in sd if k.endswith(".hco.kt_override")}
+    for block in folded:
+        # a folded block computes no k·t from the FVE: to_k (absent from folded files) keeps the model's own values
+        for key in (f"{block}.hco.to_k.weight", f"{block}.hco.to_k.bias"):
+            if key in own:
+                sd.setdefault(key, own[key])
+    for key, value in own.items():
+        # the official inference folding deletes the FVE too: a stage of folded blocks only needs its size
+        stage = key[: -len("freq_embed")]
+        if key.endswith(".freq_embed") and key not in sd and any(b.startswith(stage) for b in folded):
+            sd[key] = value
 
     for key, value in list(sd.items()):
         if key.endswith(("freq_embed", "heat_capacity")) and key in own and value.shape != own[key].shape:

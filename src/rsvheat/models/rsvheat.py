@@ -24,7 +24,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -103,6 +103,44 @@ class Mlp(nn.Module):
         return out.view(x.shape)
 
 
+class HeatConductionKt(HeatConduction):
+    """The HCO, whose ``k·t`` can also be a stored tensor instead of ``ReLU(to_k(FVE))``.
+
+    An inference-folded official checkpoint (``op.k_exp``) holds each block's filter for one size only;
+    :func:`~rsvheat.models.checkpoint.convert_official` recovers ``k·t`` from it and it is kept in the buffer
+    ``kt_override`` ``(h, w, C)``, resized bilinearly to every feature map as the FVE is (so other sizes work). ``None``
+    (the default, and then absent from the state dict) is the normal path, unchanged. A state dict that carries
+    ``kt_override`` sets it on load; one without it clears it.
+    """
+
+    def __init__(self, dim: int, use_sce: bool = False, dct_impl: DctImpl = "auto") -> None:
+        super().__init__(dim, use_sce=use_sce, dct_impl=dct_impl)
+        self.register_buffer("kt_override", None)
+
+    def kt(self, freq_embed: torch.Tensor) -> torch.Tensor:
+        if self.kt_override is None:
+            return super().kt(freq_embed)
+        # bilinear interpolation of a non-negative field stays non-negative: still a low-pass filter
+        return resize_embedding(self.kt_override, tuple(freq_embed.shape[:2])).to(freq_embed.dtype)
+
+    def _signature(self, freq_embed: torch.Tensor) -> tuple:
+        # a fold must be redone when the stored k·t changes (e.g. loaded in place)
+        kt = self.kt_override
+        extra = () if kt is None else ((kt.data_ptr(), tensor_version(kt), tuple(kt.shape)),)
+        return super()._signature(freq_embed) + extra
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        # The buffer exists only when a checkpoint brings one: allocate it (or drop it) before the copy.
+        key = prefix + "kt_override"
+        if key in state_dict:
+            like = self.to_k.weight
+            self.kt_override = torch.empty(state_dict[key].shape, dtype=like.dtype, device=like.device)
+        else:
+            self.kt_override = None
+        self.clear_cache()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+
+
 class HeatBlock(nn.Module):
     """One vHeat block on ``(B, H, W, C)``.
 
@@ -123,7 +161,7 @@ class HeatBlock(nn.Module):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim)
-        self.hco = HeatConduction(dim, use_sce=use_sce, dct_impl=dct_impl)
+        self.hco = HeatConductionKt(dim, use_sce=use_sce, dct_impl=dct_impl)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -592,7 +630,7 @@ VARIANTS.update({"rs" + name: dict(cfg, use_sce=True) for name, cfg in VARIANTS.
 
 
 def _cfg(**kwargs) -> dict:
-    return dict(
+    cfg = dict(
         url="",
         num_classes=1000,
         input_size=(3, 224, 224),
@@ -604,18 +642,76 @@ def _cfg(**kwargs) -> dict:
         first_conv=None,  # stems are adapted by our filter fn (documented rule), not by timm
         classifier="head.fc",
         license="apache-2.0",
-        **kwargs,
+    )
+    cfg.update(kwargs)
+    return cfg
+
+
+# The official vHeat ImageNet-1k checkpoints: release files vHeat_{tiny,small,base}.pth of MzeroMiko/vHeat (release tag
+# "vheatcls"), {"model": state dict} with the official key names, which `checkpoint_filter_fn` converts. Their data
+# config is the official one: 224 px, ImageNet mean/std, bicubic resize to 256 then a centre crop of 224 (0.875). The
+# repository states no licence, so none is claimed here.
+_VHEAT_IN1K = dict(
+    num_classes=1000,
+    license=None,
+    paper_ids="arXiv:2405.16555",
+    notes=("Official vHeat ImageNet-1k weights (MzeroMiko/vHeat release files), converted on load.",),
+)
+_VHEAT_URLS = {
+    "vheat_tiny": "https://github.com/MzeroMiko/vHeat/releases/download/vheatcls/vHeat_tiny.pth",
+    "vheat_small": "https://github.com/MzeroMiko/vHeat/releases/download/vheatcls/vHeat_small.pth",
+    "vheat_base": "https://github.com/MzeroMiko/vHeat/releases/download/vheatcls/vHeat_base.pth",
+}
+_RS_NOTE = (
+    "RS-vHeat started from the official vHeat ImageNet-1k weights: the SCE at its initialisation, stems other than "
+    "the optical one adapted from it (rsvheat.adapt_stem_weight)."
+)
+default_cfgs = generate_default_cfgs(
+    {
+        **{f"{name}.in1k": _cfg(url=url, **_VHEAT_IN1K) for name, url in _VHEAT_URLS.items()},
+        # No RS-vHeat weights are published: the default tag has no source (pretrained=True explains, see _create);
+        # `.vheat_in1k` starts an RS-vHeat model from the vHeat weights of its size.
+        **{f"rs{name}.untrained": _cfg() for name in _VHEAT_URLS},
+        **{
+            f"rs{name}.vheat_in1k": _cfg(url=url, **dict(_VHEAT_IN1K, notes=(_RS_NOTE,)))
+            for name, url in _VHEAT_URLS.items()
+        },
+    }
+)
+for _name in _VHEAT_URLS:
+    # timm makes the first tag with weights the default even after an explicit one: put "untrained" first again, so
+    # that pretrained=True without a tag explains instead of downloading vHeat weights into an RS-vHeat model
+    _tags = default_cfgs[f"rs{_name}"].tags
+    _tags.remove("untrained")
+    _tags.appendleft("untrained")
+
+
+def _no_weights_message(variant: str) -> str:
+    size = variant.split("_", 1)[1]
+    return (
+        f"no pretrained weights are published for {variant}: the RS-vHeat authors have not released RS-vHeat weights. "
+        f"Load a file you have: timm.create_model({variant!r}, pretrained=True, "
+        "pretrained_cfg_overlay=dict(file='weights.pth')) or rsvheat.load_checkpoint(model, 'weights.pth') "
+        "(rsvheat .safetensors, official RS-vHeat or vHeat .pth, Lightning .ckpt); "
+        f"or start from the official vHeat ImageNet-1k weights with timm.create_model('{variant}.vheat_in1k', "
+        f"pretrained=True) (downloads vHeat_{size}.pth; SCE at its initialisation, other stems adapted from the "
+        "optical one)"
     )
 
 
-# No weights are hosted: load local files with pretrained_cfg_overlay=dict(file=...) or rsvheat.load_checkpoint.
-default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in VARIANTS})
-
-
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RSVHeat:
+    if pretrained:
+        # timm's own message ("No pretrained weights exist ... use pretrained=False") says neither what exists nor
+        # how to load a file: check the source first. RuntimeError, the type timm raises, for callers that catch it.
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        if not (cfg.has_weights or cfg.state_dict is not None):
+            raise RuntimeError(_no_weights_message(variant))
     if kwargs.get("features_only"):
         kwargs.setdefault("feature_norms", True)  # dense heads get per-stage normalised features
-    return build_model_with_cfg(
+    # Per-modality data description (bands, mean/std, img_size) written by rsvheat.save_pretrained into the model
+    # arguments of a timm config.json: not an RSVHeat argument, kept on the model for the next save.
+    modality_cfg = kwargs.pop("modality_cfg", None)
+    model = build_model_with_cfg(
         RSVHeat,
         variant,
         pretrained,
@@ -623,6 +719,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RSVHeat:
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter", norm=kwargs.get("feature_norms", False)),
         **dict(VARIANTS[variant], **kwargs),
     )
+    if modality_cfg is not None:
+        model.modality_cfg = {name: dict(cfg) for name, cfg in modality_cfg.items()}
+    return model
 
 
 def _register(name: str):
