@@ -1,6 +1,7 @@
 """Models: the RS-vHeat / vHeat backbone (registered with timm on import), checkpoints, counting."""
 
 from rsvheat.models.checkpoint import CheckpointError, adapt_stem_weight, load_checkpoint, save_weights
+from rsvheat.models.hub import save_pretrained
 from rsvheat.models.rsvheat import VARIANTS, RSVHeat, create_model, create_model_from_weights
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "create_model",
     "create_model_from_weights",
     "load_checkpoint",
+    "save_pretrained",
     "save_weights",
 ]
