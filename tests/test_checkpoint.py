@@ -219,6 +219,9 @@ def test_inference_folded_official_checkpoint_loads_as_a_stored_kt(tmp_path, use
     rebuilt = rsvheat.create_model_from_weights(tmp_path / "folded.safetensors").eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), ours(x), rtol=0, atol=0)
+    head_only = {k: v for k, v in ours.state_dict().items() if k.startswith("head.")}
+    ours.load_state_dict(head_only, strict=False)  # a partial load of other modules keeps the stored k·t
+    assert ours.stages[2].blocks[1].hco.kt_override is not None
     torch.save({"model": official(use_sce=use_sce, img_size=224).state_dict()}, tmp_path / "normal.pth")
     rsvheat.load_checkpoint(ours, tmp_path / "normal.pth")
     assert all(block.hco.kt_override is None for stage in ours.stages for block in stage.blocks)

@@ -135,9 +135,11 @@ class HeatConductionKt(HeatConduction):
         if key in state_dict:
             like = self.to_k.weight
             self.kt_override = torch.empty(state_dict[key].shape, dtype=like.dtype, device=like.device)
-        else:
+            self.clear_cache()
+        elif any(k.startswith(prefix) for k in state_dict):
+            # this block's weights without a stored k·t: the normal path (a partial load of other modules keeps it)
             self.kt_override = None
-        self.clear_cache()
+            self.clear_cache()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
 
