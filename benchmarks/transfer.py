@@ -458,6 +458,9 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
             diff, beyond = "", ""
         lines.append(f"| {c['protocol']} | {100 * c['fraction']:g} % | {cells[0]} | {cells[1]} | {diff} | {beyond} |")
     curve = monitor_curve(args.out)
+    if not (args.out / "pretrain/encoder.safetensors").is_file():
+        last = curve[-1][0] if curve else 0
+        lines += ["", f"Pre-training not finished yet: last monitored step {last} of {plan.get('steps', '?')}."]
     if curve:
         lines += [
             "",
