@@ -160,14 +160,20 @@ class Scene:
         decimated read (nearest neighbour, at most ``max_side`` px a side: a few MB whatever the scene's size).
         A role without a valid pixel is left out."""
         from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
 
         scale = min(1.0, max_side / max(self.height, self.width))
         shape = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
         found = {}
         for role, src in self.sources.items():
             bands = list(self.inputs[role].bands) if self.inputs[role].bands else list(range(1, src.count + 1))
-            data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest).astype(np.float64)
-            valid = (src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0) & np.isfinite(data).all(0)
+            try:
+                data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
+                mask = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest)
+            except RasterioError as err:  # GDAL's "Read failed" names no file
+                raise ImageReadError(f"cannot read {src.name} (truncated or corrupt?): {err}") from err
+            data = data.astype(np.float64)
+            valid = (mask > 0) & np.isfinite(data).all(0)
             if valid.any():
                 pixels = data[:, valid]
                 found[role] = (pixels.mean(1), pixels.std(1))
