@@ -41,11 +41,11 @@ def _quiet_lightning() -> None:
     that the tasks' checkpoint callback replaces the CLI's (by design: see ``TaskModule.configure_callbacks``), and a
     deprecation inside Lightning's own use of torch's pytree."""
     logger = logging.getLogger("lightning.pytorch")
-    if not any(isinstance(f, _DropMessages) for f in logger.filters):
-        logger.addFilter(_DropMessages("litlogger", "will override existing callbacks passed to Trainer"))
-    for handler in logger.handlers:
-        if not any(isinstance(f, _DropMessages) for f in handler.filters):
-            handler.addFilter(_DropMessages("litlogger", "will override existing callbacks passed to Trainer"))
+    drop = _DropMessages("litlogger", "will override existing callbacks passed to Trainer")
+    # the logger's own filter sees its records; its handlers' see those propagated from child loggers too
+    for target in (logger, *logger.handlers):
+        if not any(isinstance(f, _DropMessages) for f in target.filters):
+            target.addFilter(drop)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
