@@ -73,6 +73,7 @@ def _explain(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         weights=weights,
         learned=learned,
+        precision=args.precision,
     )
     print(f"heat maps written to {args.out} ({len(written)} figures; overview: {written['summary']})")
 
@@ -161,6 +162,7 @@ def _predict_scene(args: argparse.Namespace) -> None:
         device=args.device,
         overwrite=args.overwrite,
         cog=not args.no_cog,
+        precision=args.precision,
     )
     print("written:", *written, sep="\n  ")
 
@@ -248,9 +250,20 @@ def _add_predict_scene(sub) -> None:
     scene.add_argument("--overlap", type=_at_least(0), default=None, help="overlap between tiles (default tile / 4)")
     scene.add_argument("--batch-size", type=_COUNT, default=4, help="tiles per forward pass (default 4)")
     scene.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    _add_precision(scene)
     scene.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     scene.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
     scene.set_defaults(handler=_predict_scene)
+
+
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    # the choices are spelled here: importing torch (through rsvheat.models) would slow every `rsvheat --help`
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32 (default) or bf16: bfloat16 autocast, spectral transforms kept in float32",
+    )
 
 
 def _add_explain(sub) -> None:
@@ -267,6 +280,7 @@ def _add_explain(sub) -> None:
     )
     explain.add_argument("--tile", type=_SIZE, default=1024, help="scenes larger than this are explained per tile")
     explain.add_argument("--overwrite", action="store_true", help="replace the heat maps in a non-empty --out")
+    _add_precision(explain)
     explain.set_defaults(handler=_explain)
 
 

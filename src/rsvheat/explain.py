@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from rsvheat.data.io import open_raster
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import Input, Scene, check_tile
+from rsvheat.models.precision import autocast, check_precision
 from rsvheat.models.sliding import window_grid
 
 SPATIAL = ("entering", "corrected", "source", "conducted")
@@ -148,6 +149,7 @@ def explain_scene(
     progress: bool = True,
     weights: str | None = None,
     learned: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Path]:
     """Write ``stage{S}_block{B}.png`` for every block and ``summary.png`` (last block of each stage) for ``image``
     through ``model`` (an :class:`~rsvheat.models.rsvheat.RSVHeat`), and return their paths (``"summary"`` first).
@@ -156,11 +158,13 @@ def explain_scene(
     ``bands``: 1-based bands to read; by default every band but an alpha band (:func:`colour_bands`), which is read
     as the valid-pixel mask. ``weights``: what the model's weights are, for the figures' subtitle (e.g.
     ``"checkpoint run.ckpt"``); ``learned``: false for a random initialisation (its k·t is then not titled
-    "learned").
+    "learned"). ``precision``: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the forward passes, spectral
+    transforms in float32; :mod:`rsvheat.models.precision`); the fields are drawn from float32 copies either way.
     ``out_dir`` must be new or empty unless ``overwrite`` (then heat maps of an earlier run that this one does not
     redraw, e.g. of a deeper model, are removed so the folder never mixes two runs). Each PNG is written atomically.
     """
     image, out_dir = Path(image), Path(out_dir)
+    check_precision(precision)
     if modality not in model.modalities:
         raise ValueError(f"the model has no {modality!r} stem (it has {list(model.modalities)})")
     check_tile(tile, image)
@@ -174,7 +178,7 @@ def explain_scene(
     source = Input(image, modality, tuple(bands) if bands else None)
     with Scene({modality: source}, model.modalities, {modality: stats}, georeferenced_outputs=False) as scene:
         size = (scene.height, scene.width)
-        canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device, progress)
+        canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device, progress, precision)
     shape = next(iter(canvases.values())).shape
     rgb, valid = _overview(image, bands, shape)
     if weights is None:
@@ -187,7 +191,7 @@ def explain_scene(
 
 
 def _stitched_fields(
-    model, scene: Scene, modality: str, tile: int, max_side: int, device, progress: bool
+    model, scene: Scene, modality: str, tile: int, max_side: int, device, progress: bool, precision: str = "fp32"
 ) -> tuple[dict, dict]:
     """The heat fields of every block over the whole scene, tile by tile: ``{(block, name): (h, w)}`` spatial
     fields stitched on a display canvas of at most ``max_side`` px, ``{(block, name): (h', w')}`` spectra averaged
@@ -200,7 +204,8 @@ def _stitched_fields(
     windows = [(top, left) for top in tops for left in lefts]
     for top, left in tqdm(windows, desc="heat maps", unit="tile", disable=not progress or len(windows) == 1):
         arrays, _ = scene.read(top, left, th, tw)
-        fields = heat_fields(model, torch.from_numpy(arrays[modality])[None].to(device), modality)
+        with autocast(precision, device):
+            fields = heat_fields(model, torch.from_numpy(arrays[modality])[None].to(device), modality)
         y0, x0 = round(top * scale), round(left * scale)
         y1, x1 = round((top + th) * scale), round((left + tw) * scale)
         for key, maps in fields.items():

@@ -28,6 +28,7 @@ from rsvheat.inference.scene import (
     write_geojson,
 )
 from rsvheat.models.checkpoint import CheckpointError, read_torch_file
+from rsvheat.models.precision import autocast, check_precision
 
 
 def _task_classes() -> dict:
@@ -107,6 +108,7 @@ def predict_scene(
     overwrite: bool = False,
     cog: bool = True,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> list[Path]:
     """Run a fine-tuned task over whole rasters and write georeferenced results.
 
@@ -118,6 +120,9 @@ def predict_scene(
 
     A scene whose band statistics are far from the training statistics (other units or scaling) is reported in a
     warning before the run (:meth:`Scene.check_statistics`).
+
+    ``precision``: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the model's forward passes on ``device``, spectral
+    transforms in float32; :mod:`rsvheat.models.precision`). Probabilities are written as float32 either way.
     """
     import rasterio
 
@@ -125,6 +130,7 @@ def predict_scene(
 
     images = [Path(p) for p in images]
     bands = list(bands) if bands is not None else [None] * len(images)
+    check_precision(precision)
     _check_request(checkpoint, images, bands, output, probabilities, tile, overlap, batch_size, overwrite)
     device = resolve_device(device)
     task, meta = load_task(checkpoint, device)
@@ -144,15 +150,29 @@ def predict_scene(
             geojson = Path(output).suffix.lower() == ".geojson"
             if geojson:
                 check_geojson(scene)  # before the work: a scene without CRS has no lon/lat to give
-            found = detect_scene(scene, task.model, tile, overlap, batch_size, device=device, progress=progress)
+            found = detect_scene(
+                scene, _at_precision(task.model, precision, device), tile, overlap, batch_size, device, progress
+            )
             write = write_geojson if geojson else write_box_json
             return [write(scene, found, list(meta["classes"]), output, overwrite)]
         predict, outputs, names, encode, legend = _dense_head(task, meta)
         targets = [(Path(output), encode, 1, "uint8", 255, None, legend)]
         if probabilities is not None:
             targets.append((Path(probabilities), lambda v: v, outputs, "float32", -1.0, names))
+        predict = _at_precision(predict, precision, device)
         strips = dense_strips(scene, predict, outputs, tile, overlap, batch_size, device, progress)
         return write_dense(scene, strips, targets, overwrite=overwrite, cog=cog)
+
+
+def _at_precision(predict, precision: str, device: torch.device):
+    """``predict`` run under :func:`~rsvheat.models.precision.autocast`, entered per call so that it covers the
+    model's forward passes only, never the blending and writing around them."""
+
+    def run(*args):
+        with autocast(precision, device):
+            return predict(*args)
+
+    return run
 
 
 def _check_request(checkpoint, images, bands, output, probabilities, tile, overlap, batch_size, overwrite) -> None:

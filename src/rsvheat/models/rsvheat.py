@@ -95,11 +95,18 @@ class Mlp(nn.Module):
         if torch.is_grad_enabled() or not x.is_contiguous():
             return self.fc2(self.act(self.fc1(x)))
         rows = x.view(-1, x.shape[-1])
-        out = torch.empty_like(rows)
+        # `out=` kernels bypass autocast (it casts only in the dispatcher's functional ops): under autocast the second
+        # GEMM is called plainly and its output, in autocast's dtype, copied into the chunk.
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        out = torch.empty_like(rows, dtype=torch.get_autocast_dtype(device) if autocast else None)
         step = max(1, self.chunk_elements // self.fc1.out_features)
         for start in range(0, rows.shape[0], step):
             hidden = F.gelu(self.fc1(rows[start : start + step]))
-            torch.addmm(self.fc2.bias, hidden, self.fc2.weight.T, out=out[start : start + step])
+            if autocast:
+                out[start : start + step] = self.fc2(hidden)
+            else:
+                torch.addmm(self.fc2.bias, hidden, self.fc2.weight.T, out=out[start : start + step])
         return out.view(x.shape)
 
 
