@@ -49,6 +49,15 @@ def test_gradients_through_the_operator_match_finite_differences():
     assert torch.autograd.gradcheck(lambda a, k: heat_conduct(a, heat_filter(k)), (x, kt))
 
 
+@pytest.mark.parametrize("impl", ["matmul", "fft"])
+def test_gradients_wrt_field_and_filter_match_finite_differences(impl):
+    # odd sides on both axes (the FFT DCT's even/odd reordering), float64: exactness guard of every DCT path
+    x = torch.randn(2, 5, 7, 3, dtype=torch.float64, requires_grad=True)
+    filt = torch.rand(5, 7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, f: heat_conduct(a, f, impl), (x, filt))
+    assert torch.autograd.gradgradcheck(lambda a, f: heat_conduct(a, f, impl), (x, filt))
+
+
 def test_bfloat16_field_is_conducted_in_float32():
     x = torch.randn(2, 9, 10, 4)
     filt = heat_filter(torch.rand(9, 10, 4))
