@@ -192,6 +192,38 @@ def _export_encoder(args: argparse.Namespace) -> None:
     print(f"encoder weights written to {export_encoder(args.checkpoint, args.out)}")
 
 
+#: Other tools' Lightning command lines that ``rsvheat <tool> ...`` runs with rsvheat's models registered with timm:
+#: tool -> (module, function, install hint). Neither TorchGeo, TerraTorch nor timm loads plugins through entry points,
+#: so ``model: rsvheat_tiny`` in their configs is "Unknown model" unless something imports rsvheat first.
+EXTERNAL_CLIS = {
+    "torchgeo": ("torchgeo.main", "main", "pip install 'rsvheat[integrations]'"),
+    "terratorch": ("terratorch.__main__", "main", "pip install terratorch"),
+}
+
+
+def run_external_cli(tool: str, argv: list[str]) -> None:
+    """Run ``tool``'s own command line (``torchgeo`` or ``terratorch``) on ``argv`` with rsvheat's models known to timm
+    (``rsvheat_*``, ``vheat_*``; ``tu-rsvheat_*`` in SMP, ``timm_rsvheat_*`` in TerraTorch's backbone registry)."""
+    import importlib
+
+    module_name, function, hint = EXTERNAL_CLIS[tool]
+    importlib.import_module("rsvheat.models")  # imports timm and registers the models
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != tool:
+            raise
+        raise ValueError(f"{tool} is not installed in this environment ({hint})") from None
+    # The tool reads sys.argv itself (passing argv as LightningCLI's args would make it warn); its usage lines then
+    # show the command as typed.
+    saved = sys.argv
+    sys.argv = [f"rsvheat {tool}", *argv]
+    try:
+        getattr(module, function)()
+    finally:
+        sys.argv = saved
+
+
 def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo", help="the whole pipeline on a real scene: pre-train, fine-tune, whole-scene map, heat maps, report"
@@ -319,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pretrain", help="self-supervised pre-training (LightningCLI: --config, see --help)", add_help=False)
     for command in TASK_COMMANDS:
         sub.add_parser(command, help=f"downstream tasks: {command} (--config, see --help)", add_help=False)
+    for tool in EXTERNAL_CLIS:
+        sub.add_parser(
+            tool,
+            help=f"{tool}'s own command line with rsvheat's models registered (e.g. fit --config x.yaml)",
+            add_help=False,
+        )
     _add_predict_scene(sub)
     _add_explain(sub)
     _add_export(sub)
@@ -331,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
         from rsvheat.trainers.cli import task_cli
 
         _guarded(argv[0], task_cli, argv)
+        return
+    if argv and argv[0] in EXTERNAL_CLIS:
+        _guarded(argv[0], run_external_cli, argv[0], argv[1:])
         return
     if argv and argv[0] in ("bench", "pretrain"):
         if argv[0] == "bench":
