@@ -23,6 +23,7 @@ _EXPORTS = {
     "create_model": "rsvheat.models",
     "create_model_from_weights": "rsvheat.models",
     "load_checkpoint": "rsvheat.models",
+    "load_weights": "rsvheat.models",
     "save_pretrained": "rsvheat.models",
     "save_weights": "rsvheat.models",
 }

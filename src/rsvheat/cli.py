@@ -54,12 +54,17 @@ def _explain(args: argparse.Namespace) -> None:
     else:
         channels = args.channels or (len(bands) if bands else image_header(args.image)[0])
         model = rsvheat.create_model(args.model, modalities={args.modality: channels})
-        if args.weights is not None:
+        if args.weights is not None and Path(args.weights).is_file():
             missing = rsvheat.load_checkpoint(model, args.weights, strict=False).missing_keys
-            weights = f"weights: {args.model} from {args.weights.name}"
+            weights = f"weights: {args.model} from {Path(args.weights).name}"
             if missing:
                 print(f"warning: {len(missing)} tensors not in {args.weights} kept at random init, e.g. {missing[0]}")
                 weights += f" ({len(missing)} tensors at random init)"
+        elif args.weights is not None:
+            from rsvheat.models.weights import load_weights, weights_label
+
+            load_weights(model, args.weights)  # a known name (or a missing file: the error lists the names)
+            weights = f"weights: {args.model} from {weights_label(args.weights)}"
         else:
             weights, learned = f"weights: {args.model}, random initialisation: not learned", False
     written = explain_scene(
@@ -108,6 +113,8 @@ def _at_least(low: int | float, kind: type = int):
 #: Image sizes: the backbone downsamples by 32.
 _SIZE = _at_least(32)
 _COUNT = _at_least(1)
+#: Weight names besides paths (rsvheat.models.weights.NAMED_WEIGHTS, spelled here so that --help imports no torch).
+_NAMES = "vheat_tiny, vheat_small, vheat_base (official vHeat ImageNet-1k, downloaded once)"
 
 
 def _guarded(command: str, run, *args) -> None:
@@ -304,7 +311,7 @@ def _add_explain(sub) -> None:
     explain.add_argument("--out", type=Path, default=Path("outputs/explain"), help="default outputs/explain")
     explain.add_argument("--modality", default="optical", help="the stem to run the image through (optical, sar)")
     explain.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
-    explain.add_argument("--weights", type=Path, default=None, help="or backbone weights (.safetensors, official .pth)")
+    explain.add_argument("--weights", default=None, help=f"or backbone weights: a file or {_NAMES}")
     explain.add_argument("--model", default="rsvheat_tiny", help="variant for --weights or random init")
     explain.add_argument("--channels", type=_COUNT, default=None, help="bands of the stem (default: the image's)")
     explain.add_argument(
@@ -324,7 +331,7 @@ def _add_export(sub) -> None:
     onnx.add_argument("--size", type=_SIZE, nargs="+", default=[512], help="input H [W] the graph is folded for")
     onnx.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
     onnx.add_argument("--model", default="rsvheat_tiny", help="backbone variant when no checkpoint is given")
-    onnx.add_argument("--weights", type=Path, default=None, help="backbone weights (.safetensors, official .pth)")
+    onnx.add_argument("--weights", default=None, help=f"backbone weights: a file (.safetensors, .pth) or {_NAMES}")
     onnx.add_argument("--channels", type=_COUNT, default=3, help="input bands of the backbone variant")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     onnx.add_argument(

@@ -224,7 +224,11 @@ def export_checkpoint(
     import rsvheat
 
     out = _check_output(out, overwrite)  # before loading anything
-    refuse_inputs_as_outputs([out], [p for p in (checkpoint, weights) if p is not None])
+    if weights is not None:
+        from rsvheat.models.weights import resolve_weights
+
+        weights = resolve_weights(weights)  # a known name or an existing file, checked before anything is built
+    refuse_inputs_as_outputs([out], [p for p in (checkpoint, weights) if isinstance(p, Path) or p == checkpoint])
     if not 1 <= len(size) <= 2 or min(size) < MIN_TILE:
         raise ValueError(f"--size takes H or H W, each at least {MIN_TILE} px, got {list(size)}")
     height, width = (size[0], size[0]) if len(size) == 1 else size[:2]
@@ -258,12 +262,16 @@ def export_checkpoint(
     else:
         model = rsvheat.create_model(variant, num_classes=0, modalities={"optical": channels})
         if weights is not None:
-            rsvheat.load_checkpoint(model, weights)
+            from rsvheat.models.weights import load_weights
+
+            load_weights(model, weights)
         model, kind, count = _Features(model), "single", 1
         # a bare backbone's file holds no training statistics: say so rather than leave a reader guessing
         metadata = {
             "model": variant,
-            "weights": Path(weights).name if weights is not None else "random initialisation",
+            "weights": (weights if isinstance(weights, str) else weights.name)
+            if weights is not None
+            else "random initialisation",
             "bands": channels,
             "normalisation": "not stored with a backbone: use the statistics of its pre-training data",
         }

@@ -1,6 +1,7 @@
 """Reading and writing RS-vHeat weights.
 
-Accepted inputs (all read with ``weights_only=True``; nothing is downloaded):
+Accepted inputs (all read with ``weights_only=True``; nothing is downloaded here: the official vHeat weights by
+name go through timm's download, see :mod:`rsvheat.models.weights`):
 
 * our own format: a safetensors file written by :func:`save_weights` (architecture in its metadata);
 * official vHeat checkpoints (``MzeroMiko/vHeat``: ``{"model": ...}`` with ``patch_embed``, ``layers``, ``freq_embed``);

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
 import rsvheat
-from rsvheat.models.checkpoint import load_checkpoint
 from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.models.weights import load_weights
 from rsvheat.trainers.checkpoints import IntervalCheckpoint, check_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
 
@@ -30,8 +30,11 @@ def build_backbone(
     encoder_kwargs: dict | None = None,
 ) -> RSVHeat:
     """An RS-vHeat backbone for a task: stems for ``modalities``, FVE/SCE stored at ``img_size`` (the task resolution;
-    weights made at another resolution are resized bilinearly), loaded from ``weights`` (rsvheat ``.safetensors``,
-    an ``rsvheat pretrain`` encoder, or an official vHeat/RS-vHeat ``.pth``; see :func:`load_checkpoint`)."""
+    weights made at another resolution are resized bilinearly), loaded from ``weights``: a file (rsvheat
+    ``.safetensors``, an ``rsvheat pretrain`` encoder, or an official vHeat/RS-vHeat ``.pth``; see
+    :func:`~rsvheat.models.checkpoint.load_checkpoint`) or the name of the official vHeat ImageNet-1k weights
+    (``vheat_tiny``, ``vheat_small``, ``vheat_base``: downloaded once through timm; see
+    :mod:`rsvheat.models.weights`)."""
     model = rsvheat.create_model(
         variant,
         modalities=dict(modalities),
@@ -41,7 +44,7 @@ def build_backbone(
         **dict(encoder_kwargs or {}),
     )
     if weights:
-        load_checkpoint(model, weights)
+        load_weights(model, weights)
     return model
 
 
@@ -62,10 +65,11 @@ class TaskModule(pl.LightningModule):
     :mod:`rsvheat.data.transforms`), so a task trains on TorchGeo's datasets and data modules as on rsvheat's.
 
     Args:
-        backbone: variant (``rsvheat_base`` = the paper's model); ``weights``: checkpoint to start from (see
-            :func:`build_backbone`); ``modalities``: stems, e.g. ``{"optical": 3}`` (the default) or
-            ``{"optical": 4, "sar": 1}``; ``img_size``: the task resolution (FVE/SCE resized to it);
-            ``drop_path_rate``; ``encoder_kwargs``: further options of the backbone (e.g. ``depths``, ``dims``).
+        backbone: variant (``rsvheat_base`` = the paper's model); ``weights``: checkpoint to start from, a path or
+            ``vheat_tiny``/``vheat_small``/``vheat_base`` (see :func:`build_backbone`); ``modalities``: stems, e.g.
+            ``{"optical": 3}`` (the default) or ``{"optical": 4, "sar": 1}``; ``img_size``: the task resolution
+            (FVE/SCE resized to it); ``drop_path_rate``; ``encoder_kwargs``: further options of the backbone (e.g.
+            ``depths``, ``dims``).
         freeze_backbone: linear probe: the backbone is frozen and kept in eval mode.
         freeze_stages: the stems and the first N stages are frozen.
         lr: AdamW learning rate (of the head; the backbone's shrinks by ``layer_decay`` per block from the top, as in
