@@ -61,6 +61,7 @@ from rsvheat.evaluation import (  # noqa: E402
 MICRO = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
 SPLIT = {"train_ratio": 0.5, "val_ratio": 0.2, "seed": 0}  # the data module's base split (seed fixed: one test set)
 PROTOCOLS = ("knn", "linear", "finetune")
+ABLATION_FRACTIONS = (0.1, 1.0)
 
 
 def log(msg: str) -> None:
@@ -135,9 +136,30 @@ def step_seconds(model_kwargs: dict, modalities: dict[str, int], crop: int, batc
     return min(times[1:])  # the first step pays for allocations
 
 
-def pretrain(args: argparse.Namespace, state: dict) -> Path:
-    """The pre-trained encoder (``out/pretrain/encoder.safetensors``), trained or resumed if not there yet."""
-    root = args.out / "pretrain"
+#: the paper's ablations in miniature (issue H.5) and the masking-semantics diagnostic: overrides of the main run
+ABLATIONS = {
+    "spa": {"loss_weights": {"spa": 1.0, "fre": 0.0, "con": 0.0}},
+    "spa_fre": {"loss_weights": {"spa": 1.0, "fre": 1.0, "con": 0.0}},
+    "spa_fre_con": {},
+    "ratio_low": {"ratio_part": "low"},
+    "optical_only": {"sources": ["optical"]},
+    "reconstruct_low": {"reconstruct_from": "low"},
+}
+
+
+def pretrain(
+    args: argparse.Namespace,
+    state: dict,
+    root: Path | None = None,
+    steps: int | None = None,
+    overrides: dict | None = None,
+    monitor_points: int = 10,
+) -> Path:
+    """The pre-trained encoder (``root/encoder.safetensors``, default ``out/pretrain``), trained or resumed if not
+    there yet. ``steps`` and ``overrides`` (model options, or ``sources``) are the ablations' variations; the monitor
+    runs ``monitor_points`` times."""
+    root = root or args.out / "pretrain"
+    overrides = dict(overrides or {})
     encoder = root / "encoder.safetensors"
     if encoder.is_file():
         return encoder
@@ -145,8 +167,8 @@ def pretrain(args: argparse.Namespace, state: dict) -> Path:
 
     ben = REPO / "data/bigearthnet-example"
     has_ben = (ben / "BigEarthNet-S1-Example").is_dir() and not args.smoke
-    modalities = {"optical": 3, "sar": 1} if has_ben else {"optical": 3}
-    sources = ["optical", "bigearthnet"] if has_ben else ["optical"]
+    sources = overrides.pop("sources", ["optical", "bigearthnet"] if has_ben else ["optical"])
+    modalities = {"optical": 3, "sar": 1} if "bigearthnet" in sources else {"optical": 3}
     model = {
         "variant": args.variant,
         "lr": args.pretrain_lr,
@@ -156,14 +178,15 @@ def pretrain(args: argparse.Namespace, state: dict) -> Path:
         "decoder_width": 16 if args.smoke else 128,
         "proj_dim": 8 if args.smoke else 128,
         "encoder_kwargs": MICRO if args.smoke else None,
+        **overrides,
     }
     plan_file = root / "plan.json"
     if plan_file.is_file():
         plan = json.loads(plan_file.read_text())
     else:
         root.mkdir(parents=True, exist_ok=True)
-        if args.pretrain_steps:
-            steps, seconds = args.pretrain_steps, None
+        if steps or args.pretrain_steps:
+            steps, seconds = steps or args.pretrain_steps, None
         else:
             seconds = step_seconds(model, modalities, args.crop, args.pretrain_batch, sources)
             # 15 % for data loading, logging, checkpoints and the monitor
@@ -171,7 +194,7 @@ def pretrain(args: argparse.Namespace, state: dict) -> Path:
             seconds = round(seconds, 3)
         plan = {"steps": steps, "step_seconds": seconds, "sources": sources, "modalities": modalities}
         plan_file.write_text(json.dumps(plan, indent=1))
-    log(f"pre-training {plan['steps']} steps (measured s/step: {plan['step_seconds']}), sources {plan['sources']}")
+    log(f"pre-training {root.name}: {plan['steps']} steps (measured s/step: {plan['step_seconds']}), {plan['sources']}")
     data = {
         "optical_dirs": [str(args.out / "data/pretrain_aid"), str(REPO / "src/rsvheat/data")],
         "modalities": plan["modalities"],
@@ -207,7 +230,7 @@ def pretrain(args: argparse.Namespace, state: dict) -> Path:
         "previews": {"every_n_steps": 0},
         "monitor": {
             "train_root": str(args.out / "data/monitor"),
-            "every_n_steps": max(1, plan["steps"] // (2 if args.smoke else 10)),
+            "every_n_steps": max(1, plan["steps"] // (2 if args.smoke else monitor_points)),
             "per_class_train": 12,
             "per_class_val": 8,
             "img_size": args.img_size,
@@ -379,6 +402,21 @@ def evaluate(args: argparse.Namespace, state: dict, encoder: Path) -> Path:
     return results
 
 
+def ablate(args: argparse.Namespace, state: dict) -> Path:
+    """Each :data:`ABLATIONS` variant pre-trained for ``--ablation-steps`` (cached like the main run), then k-NN and
+    linear probe at ``ABLATION_FRACTIONS`` over the seeds; rows of ``out/ablation/results.jsonl`` with ``init`` = the
+    variant's name."""
+    results = args.out / "ablation/results.jsonl"
+    for name in args.ablations:
+        root = args.out / "ablation" / name
+        encoder = pretrain(args, state, root, args.ablation_steps, ABLATIONS[name], monitor_points=2)
+        for seed in args.seeds:
+            done = done_units(results)
+            todo = [f for f in ABLATION_FRACTIONS if any((name, seed, p, f) not in done for p in ("knn", "linear"))]
+            frozen_units(args, state, name, encoder, seed, todo, results)
+    return results
+
+
 # stage 4: report --------------------------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
@@ -470,9 +508,55 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
             "|---:|---:|---:|",
             *[f"| {s} | {a:.3f} | {b:.3f} |" for s, a, b in curve],
         ]
+    lines += ablation_lines(args, units)
     lines += ["", "Commands:", "", "```", *commands, "```", ""]
     (out / "transfer.md").write_text("\n".join(lines))
     plot(table, curve, out / "transfer.png")
+
+
+def ablation_lines(args: argparse.Namespace, main_units: list[dict]) -> list[str]:
+    """The ablation table (markdown lines; none before any ablation ran): each variant's frozen-probe accuracy as mean
+    ± std over seeds, next to random initialisation and the main run, and whether it differs from the full method
+    (``spa_fre_con``) by more than the spread."""
+    units = list(done_units(args.out / "ablation/results.jsonl").values())
+    if not units:
+        return []
+    rows = {"random init (main table)": [u for u in main_units if u["init"] == "random"]}
+    rows |= {name: [u for u in units if u["init"] == name] for name in ABLATIONS}
+    cols = [(p, f) for p in ("knn", "linear") for f in ABLATION_FRACTIONS]
+
+    def cell(us: list[dict], protocol: str, fraction: float):
+        accs = [u["accuracy"] for u in us if (u["protocol"], u["fraction"]) == (protocol, fraction)]
+        return mean_std(accs) if accs else None
+
+    full = {c: cell(rows["spa_fre_con"], *c) for c in cols}
+    lines = [
+        "",
+        f"## Ablations in miniature ({args.ablation_steps} pre-training steps each, frozen probes)",
+        "",
+        "Same data, crops, batch and schedule as the main run, shorter. `spa`: L_spa only; `spa_fre`: + L_fre; "
+        "`spa_fre_con`: + L_con (the full method, the reference of the † marks); `ratio_low`: the 20-30 % share "
+        "is the low part's (so 70-80 % of the coefficients are high); `optical_only`: no BigEarthNet S1/S2 pairs "
+        "(no SAR stem, no cross-modal term); `reconstruct_low`: the decoder sees the I_low stream alone and must "
+        "predict the hidden high frequencies. † = differs from `spa_fre_con` by more than the sum of the two stds.",
+        "",
+        "| variant | " + " | ".join(f"{p} {100 * f:g} %" for p, f in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for name, us in rows.items():
+        if not us:
+            lines.append(f"| {name} | " + " | ".join("not run" for _ in cols) + " |")
+            continue
+        texts = []
+        for c in cols:
+            v = cell(us, *c)
+            if v is None:
+                texts.append("not run")
+                continue
+            mark = "†" if full[c] and name != "spa_fre_con" and abs(v[0] - full[c][0]) > v[1] + full[c][1] else ""
+            texts.append(f"{v[0]:.3f} ± {v[1]:.3f}{mark}")
+        lines.append(f"| {name} | " + " | ".join(texts) + " |")
+    return lines
 
 
 def plot(table: list[dict], curve: list[tuple[int, float, float]], path: Path) -> None:
@@ -518,14 +602,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft-steps", type=int, default=150)
     parser.add_argument("--ft-batch", type=int, default=32)
     parser.add_argument("--ft-lr", type=float, default=5e-4)
-    parser.add_argument("--stage", choices=("data", "pretrain", "evaluate", "report", "all"), default="all")
+    parser.add_argument("--ablation-steps", type=int, default=100, help="pre-training steps of each ablation")
+    parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--stage", choices=("data", "pretrain", "evaluate", "ablation", "report", "all"), default="all")
     parser.add_argument("--smoke", action="store_true", help="seconds-long miniature for the tests")
     args = parser.parse_args(argv)
     if args.smoke:
         args.variant, args.img_size, args.crop, args.per_class = "rsvheat_tiny", 32, 32, min(args.per_class, 6)
         args.pretrain_steps, args.pretrain_batch, args.ft_steps, args.ft_batch = 2, 2, 2, 4
-        args.knn_k = 3
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+        args.knn_k, args.ablation_steps = 3, 2
+    torch.set_num_threads(args.threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     command = "python benchmarks/transfer.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "commands.txt", "a") as f:
@@ -539,9 +626,10 @@ def main(argv: list[str] | None = None) -> None:
         encoder = pretrain(args, state)
         if args.stage == "pretrain":
             return
-        results = evaluate(args, state, encoder)
-    else:
-        results = args.out / "results.jsonl"
+        evaluate(args, state, encoder)
+    if args.stage in ("ablation", "all"):
+        ablate(args, state)
+    results = args.out / "results.jsonl"
     report(args, state, results, commands)
     log(f"report written to {args.results_dir}/transfer.md")
 

@@ -154,7 +154,7 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     spec.loader.exec_module(bench)
     make_classes(tmp_path / "AID", n=6, size=40)
     args = ["--aid", str(tmp_path / "AID"), "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "res")]
-    args += ["--smoke", "--seeds", "0", "1", "--fractions", "0.5", "1.0"]
+    args += ["--smoke", "--seeds", "0", "1", "--fractions", "0.5", "1.0", "--ablations", "reconstruct_low"]
     bench.main(args)
     results = tmp_path / "out/results.jsonl"
     lines = results.read_text().splitlines()
@@ -165,6 +165,11 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     md = (tmp_path / "res/transfer.md").read_text()
     assert "| finetune | 50 % |" in md and "(**partial**)" not in md and "Monitor during pre-training" in md
     assert (tmp_path / "res/transfer.png").stat().st_size > 0
+    # the ablation stage: its own pre-training, frozen probes at 10 % and 100 % for each seed, a table row
+    ablation = [json.loads(line) for line in (tmp_path / "out/ablation/results.jsonl").read_text().splitlines()]
+    assert len(ablation) == 2 * 2 * 2 and {r["init"] for r in ablation} == {"reconstruct_low"}
+    assert "| reconstruct_low | " in md and "| spa | not run |" in md
     assert len(list(csv.DictReader((tmp_path / "res/transfer.csv").open()))) == 3 * 2 * 2
     bench.main(args)  # resumed: nothing re-measured
     assert results.read_text().splitlines() == lines
+    assert len((tmp_path / "out/ablation/results.jsonl").read_text().splitlines()) == len(ablation)

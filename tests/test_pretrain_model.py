@@ -80,6 +80,31 @@ def test_gradients_reach_every_encoder_part():
     assert [n for n, p in ablated.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
+def test_reconstruct_from_low_hides_the_high_frequencies():
+    """With reconstruct_from="low" the decoder's output depends on I_low alone (the high part is a target to predict,
+    not an input), while I_high still shapes L_con; every trainable parameter stays on the loss path."""
+    from rsvheat.pretraining.masking import FrequencySplit
+
+    torch.manual_seed(0)
+    model = micro_pretrainer(reconstruct_from="low", modalities={"optical": 3}).eval()
+    x = torch.randn(2, 3, 64, 64)
+    split = model.masking(x)
+    other = FrequencySplit(split.low, torch.randn_like(split.high), split.high_mask, split.ratio)
+    a, b = model({"optical": x}, {"optical": split}), model({"optical": x}, {"optical": other})
+    torch.testing.assert_close(a.previews["optical"][3], b.previews["optical"][3])
+    assert a.terms["con"].item() != pytest.approx(b.terms["con"].item())
+    assert model.fuse_frequency is None
+    model.train()({"optical": x}).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    both = micro_pretrainer(modalities={"optical": 3}).eval()
+    assert not torch.allclose(
+        both({"optical": x}, {"optical": split}).previews["optical"][3],
+        both({"optical": x}, {"optical": other}).previews["optical"][3],
+    )
+    with pytest.raises(ValueError, match="reconstruct_from"):
+        micro_pretrainer(reconstruct_from="high")
+
+
 def test_odd_sizes_reconstruct_at_input_size():
     model = micro_pretrainer()
     out = model({"optical": torch.randn(2, 3, 72, 100)})

@@ -99,6 +99,9 @@ class FrequencyPretrainer(nn.Module):
         img_size: pre-training resolution (FVE/SCE are stored at it).
         ratio_range, sector_degrees, ratio_part: frequency masking (see :class:`FrequencyMasking`).
         loss_weights: ``{"spa": 1, "fre": 1, "con": 1}``; 0 switches a term off.
+        reconstruct_from: ``"both"`` (the paper's reading: the fused ``I_low`` and ``I_high`` streams are decoded, so
+            no information is hidden from the decoder) or ``"low"``: the decoder sees the ``I_low`` stream alone and
+            must predict the hidden high frequencies (masked frequency modelling); ``I_high`` still feeds ``L_con``.
         decoder_width, proj_dim, temperature: decoder and contrastive head sizes.
         encoder_kwargs: more :class:`RSVHeat` arguments (e.g. ``drop_path_rate``).
     """
@@ -112,6 +115,7 @@ class FrequencyPretrainer(nn.Module):
         sector_degrees: float | None = None,
         ratio_part: str = "high",
         loss_weights: Mapping[str, float] | None = None,
+        reconstruct_from: str = "both",
         decoder_width: int = 256,
         proj_dim: int = 128,
         temperature: float = 0.1,
@@ -124,7 +128,10 @@ class FrequencyPretrainer(nn.Module):
         weights = {"spa": 1.0, "fre": 1.0, "con": 1.0, **(loss_weights or {})}
         if set(weights) != {"spa", "fre", "con"} or any(w < 0 for w in weights.values()):
             raise ValueError(f"loss_weights takes non-negative 'spa', 'fre', 'con', got {dict(loss_weights or {})}")
+        if reconstruct_from not in ("both", "low"):
+            raise ValueError(f"reconstruct_from must be 'both' or 'low', got {reconstruct_from!r}")
         self.loss_weights = weights
+        self.reconstruct_from = reconstruct_from
         self.variant = variant
         self.encoder = RSVHeat(
             **{**VARIANTS[variant], **dict(encoder_kwargs or {})},
@@ -136,7 +143,10 @@ class FrequencyPretrainer(nn.Module):
         self.encoder.head.requires_grad_(False)
         dims = self.encoder.dims
         self.masking = FrequencyMasking(ratio_range, sector_degrees, ratio_part)
-        self.fuse_frequency = nn.ModuleList(nn.Conv2d(2 * d, d, 1) for d in dims[-2:])
+        # With reconstruct_from="low" nothing is fused: a module outside the loss would leave DDP unused parameters.
+        self.fuse_frequency = (
+            nn.ModuleList(nn.Conv2d(2 * d, d, 1) for d in dims[-2:]) if reconstruct_from == "both" else None
+        )
         self.decoder = ReconstructionDecoder((dims[-2], dims[-1]), decoder_width, modalities)
         self.projector = (
             nn.Sequential(nn.Linear(dims[-1], dims[-1]), nn.GELU(), nn.Linear(dims[-1], proj_dim))
@@ -146,12 +156,16 @@ class FrequencyPretrainer(nn.Module):
         self.temperature = temperature
 
     def encode(self, low: torch.Tensor, high: torch.Tensor, modality: str):
-        """Both streams through the shared encoder in one pass; returns the fused stage-3/4 maps and the pooled
-        stage-4 features of each stream ``(B, C4)``."""
+        """Both streams through the shared encoder in one pass; returns the stage-3/4 maps the decoder reads (fused,
+        or the ``I_low`` stream's with ``reconstruct_from="low"``) and the pooled stage-4 features of each stream
+        ``(B, C4)``."""
         feats = self.encoder.forward_intermediates(
             torch.cat([low, high]), indices=(2, 3), intermediates_only=True, modality=modality
         )
-        fused = [fuse(torch.cat(f.chunk(2), dim=1)) for fuse, f in zip(self.fuse_frequency, feats, strict=True)]
+        if self.fuse_frequency is None:
+            fused = [f.chunk(2)[0] for f in feats]
+        else:
+            fused = [fuse(torch.cat(f.chunk(2), dim=1)) for fuse, f in zip(self.fuse_frequency, feats, strict=True)]
         pooled_low, pooled_high = feats[-1].mean((2, 3)).chunk(2)
         return fused, pooled_low, pooled_high
 

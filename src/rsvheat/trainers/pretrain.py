@@ -27,8 +27,8 @@ class PretrainTask(pl.LightningModule):
     """Frequency-masking pre-training of an RS-vHeat encoder (see :mod:`rsvheat.pretraining.model`).
 
     Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``ratio_part``,
-        ``loss_weights``, ``decoder_width``, ``proj_dim``, ``temperature``, ``drop_path_rate`` as in
-        :class:`FrequencyPretrainer`.
+        ``loss_weights``, ``reconstruct_from``, ``decoder_width``, ``proj_dim``, ``temperature``, ``drop_path_rate``
+        as in :class:`FrequencyPretrainer`.
     Args (optimisation): AdamW with ``lr``, ``weight_decay`` (none on norms, biases, FVE and SCE), ``betas``; linear
         warm-up over ``warmup_fraction`` of the steps, then cosine to ``min_lr_ratio * lr``.
         ``grad_checkpointing`` trades compute for activation memory. ``encoder_kwargs``: more :class:`RSVHeat`
@@ -44,6 +44,7 @@ class PretrainTask(pl.LightningModule):
         sector_degrees: float | None = None,
         ratio_part: str = "high",
         loss_weights: dict[str, float] | None = None,
+        reconstruct_from: str = "both",
         decoder_width: int = 256,
         proj_dim: int = 128,
         temperature: float = 0.1,
@@ -66,6 +67,7 @@ class PretrainTask(pl.LightningModule):
             sector_degrees=sector_degrees,
             ratio_part=ratio_part,
             loss_weights=loss_weights,
+            reconstruct_from=reconstruct_from,
             decoder_width=decoder_width,
             proj_dim=proj_dim,
             temperature=temperature,
