@@ -151,7 +151,13 @@ def predict_scene(
             if geojson:
                 check_geojson(scene)  # before the work: a scene without CRS has no lon/lat to give
             found = detect_scene(
-                scene, _at_precision(task.model, precision, device), tile, overlap, batch_size, device, progress
+                scene,
+                _at_precision(task.model, precision, device),
+                tile,
+                overlap,
+                batch_size,
+                device=device,  # after iou_threshold: by keyword
+                progress=progress,
             )
             write = write_geojson if geojson else write_box_json
             return [write(scene, found, list(meta["classes"]), output, overwrite)]
