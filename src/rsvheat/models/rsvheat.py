@@ -98,7 +98,7 @@ class Mlp(nn.Module):
         # `out=` kernels bypass autocast (it casts only in the dispatcher's functional ops): under autocast the second
         # GEMM is called plainly and its output, in autocast's dtype, copied into the chunk.
         device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
+        autocast = device != "meta" and torch.is_autocast_enabled(device)  # the meta device has no autocast
         out = torch.empty_like(rows, dtype=torch.get_autocast_dtype(device) if autocast else None)
         step = max(1, self.chunk_elements // self.fc1.out_features)
         for start in range(0, rows.shape[0], step):
