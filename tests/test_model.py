@@ -193,6 +193,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_selective_and_full_checkpointing_give_the_plain_gradients_of_every_parameter(post_norm):
+    # float64 and odd sides (padding in the stem and downsamplings); drop path on: its masks must be replayed
+    torch.manual_seed(0)
+    model = micro_model(post_norm=post_norm, layer_scale=1e-5 if post_norm else None, drop_path_rate=0.2).double()
+    x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
+    grads = {}
+    for mode in (False, "selective", True):
+        model.set_grad_checkpointing(mode)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same drop-path masks in every mode
+        model(x).square().mean().backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads[False].values())
+    for mode in ("selective", True):
+        for name, expected in grads[False].items():
+            torch.testing.assert_close(grads[mode][name], expected, rtol=1e-12, atol=1e-15, msg=f"{mode}: {name}")
+
+
+def test_grad_checkpointing_modes_are_checked():
+    with pytest.raises(ValueError, match="'selective'"):
+        micro_model().set_grad_checkpointing("sometimes")
+
+
 def test_reset_classifier_and_head():
     model = micro_model()
     model.reset_classifier(0)
