@@ -11,23 +11,14 @@ print the relative error of the logits. Needs ``einops`` (imported by the offici
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 import rsvheat
+from rsvheat.testing.official_source import import_official
 from rsvheat.testing.official_structure import OfficialStructureHeat
-
-
-def _import(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,8 +67,8 @@ def main() -> None:
     parser.add_argument("--vheat", required=True, help="path to the official classification/models/vHeat.py")
     parser.add_argument("--rsvheat", required=True, help="path to the official models/vHeat/RS_vHeat.py")
     args = parser.parse_args()
-    vheat_mod = _import(args.vheat, "official_vheat")
-    rs_mod = _import(args.rsvheat, "official_rs_vheat")
+    vheat_mod = import_official(args.vheat, "official_vheat")
+    rs_mod = import_official(args.rsvheat, "official_rs_vheat")
     torch.manual_seed(0)
     rows = []
     for variant in ("vheat_tiny", "vheat_small", "vheat_base"):

@@ -1,6 +1,7 @@
 import argparse
 
 import pytest
+import torch
 
 from rsvheat.apps.bench import _fit_exponent, gmacs, run_case, write_report
 
@@ -40,3 +41,88 @@ def test_report_states_targets(tmp_path):
     assert "speed-up over swin_base at 1024²: 0.75 (target ≥ 1.0) — MISSED" in text
     assert "rsvheat_base / vit_base: 0.67 (target ≤ 0.5) — MISSED" in text
     assert (tmp_path / "efficiency.md").read_text() == text
+
+
+FAKE_OFFICIAL = '''
+import torch
+from torch import nn
+
+
+class vHeat(nn.Module):
+    """Stands in for the official vHeat: records its arguments; infer_init() must be called before inference."""
+
+    def __init__(self, depths, dims, post_norm, layer_scale, img_size, infer_mode, drop_path_rate, num_classes=1000):
+        super().__init__()
+        self.args = dict(depths=depths, dims=dims, post_norm=post_norm, layer_scale=layer_scale, img_size=img_size)
+        self.infer_mode, self.folded = infer_mode, False
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(3, num_classes))
+
+    def infer_init(self):
+        self.folded = True
+
+    def forward(self, x):
+        assert self.infer_mode and self.folded
+        return self.classifier(x)
+'''
+
+
+def test_official_source_models_are_built_from_the_user_s_file_and_folded(tmp_path):
+    from rsvheat.apps.bench import build
+
+    source = tmp_path / "vHeat.py"
+    source.write_text(FAKE_OFFICIAL)
+    model = build("vheat_official_base", 96, infer=True, official_source=source)
+    assert model.folded and not model.training
+    assert model.args == dict(depths=[2, 2, 18, 2], dims=128, post_norm=True, layer_scale=1e-5, img_size=96)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 3)  # the classifier's Linear removed: pooled features
+    row = run_case(
+        "vheat_official_tiny", 64, "infer", 1, 1, 0, "cpu", 60, precision="bf16", official_source=str(source)
+    )
+    assert row["median_s"] > 0 and row["precision"] == "bf16" and row["rel_err_vs_fp32"] >= 0
+    with pytest.raises(ValueError, match="--official-source"):
+        build("vheat_official_tiny", 64, infer=True)
+
+
+def test_official_source_with_a_missing_module_names_it(tmp_path, capsys):
+    from rsvheat.cli import main
+
+    source = tmp_path / "vHeat.py"
+    source.write_text("import einops_not_installed_here\n" + FAKE_OFFICIAL)
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "--official-source", str(source), "--out-dir", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "imports the module 'einops_not_installed_here', which is not installed" in err
+    assert not (tmp_path / "out").exists()  # refused before any case ran
+    with pytest.raises(SystemExit):
+        main(["bench", "--models", "vheat_official_tiny", "--out-dir", str(tmp_path / "out")])
+    assert "pass --official-source" in capsys.readouterr().err
+
+
+def test_report_has_bf16_rows_ratios_and_issue_f_targets(tmp_path):
+    def row(model, size, mode, median, mem, precision="fp32", err=""):
+        name = model if precision == "fp32" else f"{model} ({precision})"
+        return dict(
+            model=name, size=size, mode=mode, precision=precision, batch=1, median_s=median, activation_mb=mem,
+            rel_err_vs_fp32=err, error="",
+        )  # fmt: skip
+
+    rows = [
+        row("rsvheat_base", 1024, "infer", 5.0, 100),
+        row("rsvheat_base", 1024, "infer", 2.5, 60, "bf16", 0.004),
+        row("vheat_official_base", 1024, "infer", 8.5, 100),
+        row("rsvheat_base", 1024, "train", 30.0, 4000),
+        row("rsvheat_base_gc", 1024, "train", 33.0, 1800),
+        row("swin_base", 1024, "train", 30.0, 4000),
+    ]
+    args = argparse.Namespace(device="cpu", argv=["--test"], batch=1, train_batch=2, warmup=1, long_seconds=60.0)
+    text = write_report(rows, args, tmp_path, {})
+    assert "| rsvheat_base | 1024² | infer | bf16 | 5.000 | 2.500 | 2.00 | 4.00e-03 |" in text
+    assert "| rsvheat_base (bf16) | " in text  # its own row in the latency table
+    assert "speed-up over the official vHeat-B code at 1024²: 1.70 (target ≥ 1.6) — MET" in text
+    assert "RS-vHeat-B inference at 1024², bf16, s: 2.50 (target ≤ 3.5) — MET" in text
+    assert "RS-vHeat-B bf16 output at 1024², relative error vs fp32: 0.004 (target ≤ 0.01) — MET" in text
+    assert "train activation memory at 1024², rsvheat_base / swin_base: 1.00 (target ≤ 0.8) — MISSED" in text
+    assert "train activation memory at 1024², rsvheat_base_gc / swin_base: 0.45 (target ≤ 0.5) — MET" in text
+    assert "train step at 1024², time of rsvheat_base_gc / rsvheat_base: 1.10 (target ≤ 1.15) — MET" in text
+    assert "GPU figures are not measured" in text

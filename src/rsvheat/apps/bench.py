@@ -1,4 +1,4 @@
-"""Efficiency benchmark: RS-vHeat against the official computation structure, Swin and ViT (``rsvheat bench``).
+"""Efficiency benchmark: RS-vHeat against the official vHeat, Swin and ViT (``rsvheat bench``).
 
 Every (model, size, mode) case runs in a fresh subprocess, so its peak RSS is its own; all cases run in one
 invocation, one after the other, so the ratios between models are measured under the same machine conditions.
@@ -9,7 +9,13 @@ invocation, one after the other, so the ratios between models are measured under
 * FLOPs: ``torch.utils.flop_counter`` on the meta device (no compute), batch 1, as GMACs (matmul + conv only, the
   same rule for every model);
 * modes: ``infer`` (eval, ``inference_mode``; RS-vHeat folded) and ``train`` (forward, backward of the mean pooled
-  feature, an SGD step).
+  feature, an SGD step);
+* precisions: ``fp32`` and ``bf16`` (the forward under bfloat16 autocast, :mod:`rsvheat.models.precision`); a bf16
+  inference case also reports the relative error of its output against the fp32 output of the same model and input;
+* baselines: ``official_*`` is our re-expression of the official vHeat computation structure
+  (:mod:`rsvheat.testing.official_structure`, for FLOP counts and exactness tests); ``vheat_official_*`` is the
+  official vHeat module itself, built from the user's copy of its source file (``--official-source``), folded by its
+  own ``infer_init()`` as its speed measurement does (inference only).
 
 Outputs ``efficiency.csv``, ``efficiency.md`` (tables, ratios, targets) and ``efficiency.png`` (cost vs pixels,
 log-log, with fitted growth exponents) in ``--out-dir``.
@@ -31,6 +37,7 @@ from pathlib import Path
 import torch
 
 from rsvheat.files import write_atomic
+from rsvheat.models.precision import PRECISIONS, autocast
 
 BASELINES = {
     "swin_tiny": "swin_tiny_patch4_window7_224",
@@ -38,39 +45,81 @@ BASELINES = {
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
 }
-OURS = ("rsvheat_tiny", "rsvheat_base", "rsvheat_base_gc")
+#: our models; ``_gc``: with gradient checkpointing (each block recomputed in the backward pass), a training-memory
+#: option, train only
+OURS = ("rsvheat_tiny", "rsvheat_base", "rsvheat_tiny_gc", "rsvheat_base_gc")
+#: our re-expression of the official computation structure (not the official code): the variant it mirrors
 OFFICIAL = {"official_tiny": "rsvheat_tiny", "official_base": "rsvheat_base"}
+#: the official vHeat module, from the user's source file: its constructor arguments for the tiny and base variants
+#: (the official configs vHeat_tiny_224.yaml and vHeat_base_224.yaml; ``dims`` is the stem width, doubled per stage)
+OFFICIAL_SOURCE = {
+    "vheat_official_tiny": dict(depths=[2, 2, 6, 2], dims=96, post_norm=False, layer_scale=None),
+    "vheat_official_base": dict(depths=[2, 2, 18, 2], dims=128, post_norm=True, layer_scale=1e-5),
+}
 ALL_MODELS = [
     "rsvheat_tiny",
+    "vheat_official_tiny",
     "official_tiny",
     "swin_tiny",
     "vit_small",
     "rsvheat_base",
+    "vheat_official_base",
     "official_base",
     "swin_base",
     "vit_base",
+    "rsvheat_tiny_gc",
     "rsvheat_base_gc",
 ]
-#: rsvheat_base with gradient checkpointing (recompute each block in backward): a training-memory option, train only
-TRAIN_ONLY = ("rsvheat_base_gc",)
+TRAIN_ONLY = ("rsvheat_tiny_gc", "rsvheat_base_gc")
+#: timed for inference only: the official code's training path is not what its speed claims are about
+INFER_ONLY = tuple(OFFICIAL_SOURCE)
 #: which of our models each other model is compared with
 SCALE = {
+    "vheat_official_tiny": "rsvheat_tiny",
     "official_tiny": "rsvheat_tiny",
     "swin_tiny": "rsvheat_tiny",
     "vit_small": "rsvheat_tiny",
+    "vheat_official_base": "rsvheat_base",
     "official_base": "rsvheat_base",
     "swin_base": "rsvheat_base",
     "vit_base": "rsvheat_base",
+    "rsvheat_tiny_gc": "rsvheat_tiny",
     "rsvheat_base_gc": "rsvheat_base",
 }
 
 
-def build(name: str, size: int, infer: bool) -> torch.nn.Module:
-    """The backbone ``name`` (classifier removed) for ``size`` x ``size`` inputs."""
+def _label(model: str, precision: str) -> str:
+    """A model's name in the report: ``rsvheat_base`` in fp32, ``rsvheat_base (bf16)`` in bf16."""
+    return model if precision == "fp32" else f"{model} ({precision})"
+
+
+def build_official(name: str, size: int, source: str | Path) -> torch.nn.Module:
+    """The official vHeat variant ``name`` (a key of :data:`OFFICIAL_SOURCE`) built from the user's ``source`` file,
+    for ``size`` x ``size`` inputs, folded by its ``infer_init()`` (the decay maps ``k_exp`` precomputed) and in eval
+    mode; its classifier's last Linear removed, so that it returns pooled features ``(B, C)`` like the others."""
+    from rsvheat.testing.official_source import import_official
+
+    module = import_official(source, "official_vheat")
+    model = module.vHeat(**OFFICIAL_SOURCE[name], img_size=size, infer_mode=True, drop_path_rate=0.0)
+    model.infer_init()
+    model.classifier[-1] = torch.nn.Identity()
+    return model.eval()
+
+
+def build(name: str, size: int, infer: bool, official_source: str | Path | None = None) -> torch.nn.Module:
+    """The backbone ``name`` (classifier removed) for ``size`` x ``size`` inputs; ``official_source``: the official
+    ``vHeat.py`` that the ``vheat_official_*`` models are built from."""
     import timm
 
     import rsvheat
     from rsvheat.testing.official_structure import OfficialStructureHeat
+
+    if name in OFFICIAL_SOURCE:
+        if official_source is None:
+            raise ValueError(f"{name} is built from the official source: pass --official-source PATH/TO/vHeat.py")
+        if not infer:
+            raise ValueError(f"{name} is timed for inference only")
+        return build_official(name, size, official_source)
 
     if name in OURS:
         model = rsvheat.create_model(name.removesuffix("_gc"), num_classes=0, img_size=size)
@@ -105,22 +154,34 @@ def _rss_mb() -> float:
 
 
 def run_case(
-    name: str, size: int, mode: str, batch: int, repeats: int, warmup: int, device: str, long_seconds: float
+    name: str,
+    size: int,
+    mode: str,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    device: str,
+    long_seconds: float,
+    precision: str = "fp32",
+    official_source: str | None = None,
 ) -> dict:
-    """One case, in this process (call it in a fresh one: peak RSS is per process)."""
+    """One case, in this process (call it in a fresh one: peak RSS is per process). Input ``(batch, 3, size,
+    size)``; the forward runs at ``precision`` (the backward follows autocast's casts)."""
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = build(name, size, infer=mode == "infer").to(dev)
+    model = build(name, size, infer=mode == "infer", official_source=official_source).to(dev)
     x = torch.randn(batch, 3, size, size, device=dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.0) if mode == "train" else None
 
     def step() -> None:
         if opt is None:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(precision, dev):
                 model(x)
         else:
             opt.zero_grad(set_to_none=True)
-            model(x).float().mean().backward()
+            with autocast(precision, dev):
+                loss = model(x).float().mean()
+            loss.backward()
             opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -145,6 +206,7 @@ def run_case(
         model=name,
         size=size,
         mode=mode,
+        precision=precision,
         batch=batch,
         median_s=round(median, 4),
         throughput_img_s=round(batch / median, 3),
@@ -153,15 +215,23 @@ def run_case(
         activation_mb=round(peak_rss - rss_before, 1),
         peak_cuda_mb="",
         gmacs="",
+        rel_err_vs_fp32="",
         error="",
     )
     if dev.type == "cuda":
         row["activation_mb"] = round((torch.cuda.max_memory_allocated() - cuda_before) / 2**20, 1)
         row["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if precision != "fp32" and opt is None:
+        # after the memory reading: the fp32 reference output is not part of the case's cost
+        with torch.inference_mode():
+            reference = model(x).float()
+            with autocast(precision, dev):
+                reduced = model(x).float()
+        row["rel_err_vs_fp32"] = float(f"{float((reduced - reference).norm() / reference.norm()):.3g}")
     return row
 
 
-def _subprocess_case(args: argparse.Namespace, name: str, size: int, mode: str) -> dict:
+def _subprocess_case(args: argparse.Namespace, name: str, size: int, mode: str, precision: str = "fp32") -> dict:
     batch = args.train_batch if mode == "train" else args.batch
     repeats = args.repeats if size < 1024 else max(1, args.repeats - 1) if size < 2048 else 1
     # Small cases need a few runs before a fresh process's heap stops page-faulting; large ones amortise it.
@@ -175,6 +245,8 @@ def _subprocess_case(args: argparse.Namespace, name: str, size: int, mode: str) 
         warmup=warmup,
         device=args.device,
         long_seconds=args.long_seconds,
+        precision=precision,
+        official_source=str(args.official_source) if args.official_source else None,
     )
     proc = subprocess.run(
         [sys.executable, "-m", "rsvheat.apps.bench", "--case", json.dumps(spec)],
@@ -184,11 +256,11 @@ def _subprocess_case(args: argparse.Namespace, name: str, size: int, mode: str) 
     )
     if proc.returncode != 0:
         error = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
-        return dict(model=name, size=size, mode=mode, batch=batch, error=error)
+        return dict(model=name, size=size, mode=mode, precision=precision, batch=batch, error=error)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine_description(device: str) -> str:
+def machine_description(device: str, precisions: list[str] | tuple[str, ...] = ("fp32",)) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -205,7 +277,7 @@ def machine_description(device: str) -> str:
         pass
     return (
         f"{cpu}, {torch.get_num_threads()} threads{mem}{gpu}; torch {torch.__version__}, Python "
-        f"{platform.python_version()}; device {device}; float32; {time.strftime('%Y-%m-%d')}"
+        f"{platform.python_version()}; device {device}; {', '.join(precisions)}; {time.strftime('%Y-%m-%d')}"
     )
 
 
@@ -254,10 +326,99 @@ TARGETS = [
 ]
 
 
+def _training_targets(scale: str) -> list[tuple]:
+    """Issue F's training targets for ``scale`` (tiny, base) at 512² and 1024²: step time and activation memory
+    against Swin of the same scale, and the memory option (``_gc``) at <= 0.5x Swin's memory for <= 15 % time."""
+    ours, swin, saving = f"rsvheat_{scale}", f"swin_{scale}", f"rsvheat_{scale}_gc"
+    memory, step = "activation_mb", "median_s"
+    return [
+        target
+        for size in (512, 1024)
+        for target in (
+            (f"train step at {size}², speed-up over {swin}", swin, ours, size, "train", step, "≥", 1.0),
+            (f"train activation memory at {size}², {ours} / {swin}", ours, swin, size, "train", memory, "≤", 0.8),
+            (f"train activation memory at {size}², {saving} / {swin}", saving, swin, size, "train", memory, "≤", 0.5),
+            (f"train step at {size}², time of {saving} / {ours}", saving, ours, size, "train", step, "≤", 1.15),
+        )
+    ]
+
+
+#: The targets of issue F (training at high resolution, bf16, the real official code), same format as
+#: :data:`TARGETS`; training at batch ``--train-batch``.
+TARGETS_F = [
+    *_training_targets("base"),
+    *_training_targets("tiny"),
+    ("RS-vHeat-B inference at 1024², fp32, s", "rsvheat_base", None, 1024, "infer", "median_s", "≤", 5.5),
+    ("RS-vHeat-B inference at 1024², bf16, s", "rsvheat_base (bf16)", None, 1024, "infer", "median_s", "≤", 3.5),
+    *[
+        (
+            f"RS-vHeat-B bf16 output at {size}², relative error vs fp32",
+            "rsvheat_base (bf16)",
+            None,
+            size,
+            "infer",
+            "rel_err_vs_fp32",
+            "≤",
+            0.01,
+        )
+        for size in (512, 1024)
+    ],
+    *[
+        (
+            f"speed-up over the official vHeat-B code at {size}²",
+            "vheat_official_base",
+            "rsvheat_base",
+            size,
+            "infer",
+            "median_s",
+            "≥",
+            goal,
+        )
+        for size, goal in ((512, 1.5), (1024, 1.6))
+    ],
+    ("speed-up over vit_base at 2048²", "vit_base", "rsvheat_base", 2048, "infer", "median_s", "≥", 3.5),
+    ("speed-up over swin_base at 2048²", "swin_base", "rsvheat_base", 2048, "infer", "median_s", "≥", 1.3),
+]
+
+
 def _cell(value: float | None, key: str, error: str) -> str:
     if value is None:
         return "error" if error else "—"
     return f"{value:.3f}" if key == "median_s" else f"{value:.0f}"
+
+
+def _ordered_models(rows: list[dict]) -> list[str]:
+    """The report names (:func:`_label`) that have rows, in :data:`ALL_MODELS` order, fp32 before bf16."""
+    return [label for m in ALL_MODELS for p in PRECISIONS if any(r["model"] == (label := _label(m, p)) for r in rows)]
+
+
+def _precision_table(rows: list[dict]) -> list[str]:
+    """bf16 against fp32 for every (model, size, mode) measured in both: times, speed-up, output error."""
+    lines = []
+    for r in rows:
+        if r.get("precision", "fp32") == "fp32" or r.get("error"):
+            continue
+        base = r["model"].removesuffix(f" ({r['precision']})")
+        fp32 = _value(rows, base, r["size"], r["mode"], "median_s")
+        if fp32 is None:
+            continue
+        reduced = float(r["median_s"])
+        error = r.get("rel_err_vs_fp32")
+        shown = f"{float(error):.2e}" if error not in ("", None) else "—"
+        lines.append(
+            f"| {base} | {r['size']}² | {r['mode']} | {r['precision']} | {fp32:.3f} | {reduced:.3f} | "
+            f"{fp32 / reduced:.2f} | {shown} |"
+        )
+    if not lines:
+        return []
+    return [
+        "## Reduced precision against fp32 (same model, same input; error = ‖out − out_fp32‖ / ‖out_fp32‖, inference)",
+        "",
+        "| model | size | mode | precision | fp32 s | reduced s | speed-up | rel. error |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+        *lines,
+        "",
+    ]
 
 
 def _measurement_tables(rows: list[dict], models: list[str], sizes: list[int]) -> list[str]:
@@ -291,7 +452,8 @@ def _ratio_table(rows: list[dict], models: list[str], sizes: list[int]) -> list[
         "| model | vs | mode | quantity | " + " | ".join(f"{s}²" for s in sizes) + " |",
         "|---|---|---|---|" + "---:|" * len(sizes),
     ]
-    for m, ref in SCALE.items():
+    pairs = [(_label(m, p), _label(ref, p)) for m, ref in SCALE.items() for p in PRECISIONS]
+    for m, ref in pairs:
         if m not in models or ref not in models:
             continue
         for mode, key in (("infer", "median_s"), ("train", "median_s"), ("train", "activation_mb")):
@@ -329,36 +491,50 @@ def _growth_tables(rows: list[dict], models: list[str], sizes: list[int], gmac: 
 
 
 def _target_lines(rows: list[dict], train_batch: int) -> list[str]:
-    lines = ["", "## Targets (issue A)", ""]
-    for label, model, reference, size, mode, key, comparison, goal in TARGETS:
+    lines = []
+    for title, targets in (("issue A", TARGETS), ("issue F: training, bf16, the official code", TARGETS_F)):
+        lines += ["", f"## Targets ({title})", ""]
+        lines += _check_targets(rows, targets, train_batch)
+    return lines
+
+
+def _check_targets(rows: list[dict], targets: list[tuple], train_batch: int) -> list[str]:
+    lines = []
+    for label, model, reference, size, mode, key, comparison, goal in targets:
         value = _value(rows, model, size, mode, key)
         if reference is not None:
             denominator = _value(rows, reference, size, mode, key)
             value = value / denominator if value and denominator else None
         ok = None if value is None else (value <= goal if comparison == "≤" else value >= goal)
-        shown = "not measured" if value is None else f"{value:.2f}"
+        shown = "not measured" if value is None else f"{value:.3g}" if key == "rel_err_vs_fp32" else f"{value:.2f}"
         verdict = "n/a" if ok is None else "MET" if ok else "MISSED"
         lines.append(f"- {label.format(train_batch=train_batch)}: {shown} (target {comparison} {goal}) — {verdict}")
     return lines
 
 
 def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: dict) -> str:
-    """``efficiency.md``: the measurements, ratios, counts and :data:`TARGETS`; a hand-written analysis after
-    :data:`ANALYSIS_MARKER` in an earlier report is kept."""
-    models = [m for m in ALL_MODELS if any(r["model"] == m for r in rows)]
+    """``efficiency.md``: the measurements, ratios, counts, :data:`TARGETS` and :data:`TARGETS_F`; a hand-written
+    analysis after :data:`ANALYSIS_MARKER` in an earlier report is kept. ``rows`` name models as the report does
+    (:func:`_label`: precision other than fp32 in parentheses)."""
+    models = _ordered_models(rows)
     sizes = sorted({r["size"] for r in rows})
+    precisions = [p for p in PRECISIONS if any(r.get("precision", "fp32") == p for r in rows)] or ["fp32"]
     lines = [
         "# Efficiency benchmark",
         "",
-        f"Machine: {machine_description(args.device)}.",
+        f"Machine: {machine_description(args.device, precisions)}.",
         "",
         f"Command: `rsvheat bench {' '.join(args.argv)}`. Infer batch {args.batch}, train batch "
         f"{args.train_batch}; median of the timed runs after {args.warmup} warm-up (count in the CSV; one run "
         f"at 2048², and a single run when the warm-up exceeds {args.long_seconds:.0f} s). Memory = peak RSS "
         "of the case's own process minus its RSS after building the model (activations, workspace, "
-        "gradients). GMACs: matmul + conv, batch 1.",
+        "gradients). GMACs: matmul + conv, batch 1. `official_*`: our re-expression of the official vHeat "
+        "computation structure; `vheat_official_*`: the official vHeat code itself (`--official-source`), "
+        "folded by its `infer_init()`; `_gc`: gradient checkpointing (each block recomputed in the backward "
+        "pass). CPU only here: GPU figures are not measured.",
         "",
         *_measurement_tables(rows, models, sizes),
+        *_precision_table(rows),
         *_ratio_table(rows, models, sizes),
         *_growth_tables(rows, models, sizes, gmac),
         *_target_lines(rows, args.train_batch),
@@ -384,9 +560,9 @@ def plot(rows: list[dict], gmac: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    models = [m for m in ALL_MODELS if any(r["model"] == m for r in rows)]
-    for m in models:
-        style = "-" if m in OURS else "--" if m in OFFICIAL else ":"
+    for m in _ordered_models(rows):
+        base = m.split(" ")[0]
+        style = "-" if base in OURS else "--" if base in OFFICIAL or base in OFFICIAL_SOURCE else ":"
         lat = sorted(
             (r["size"], float(r["median_s"]))
             for r in rows
@@ -420,7 +596,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="rsvheat bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=ALL_MODELS)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        choices=ALL_MODELS,
+        help="default: all (the vheat_official_* ones only with --official-source)",
+    )
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512, 1024, 2048])
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument(
@@ -436,6 +618,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="warm-up runs below 1024² (one from 1024² on)")
     parser.add_argument("--long-seconds", type=float, default=60.0, help="warm-up this slow: no further runs")
     parser.add_argument("--case-timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=PRECISIONS,
+        help="forward precisions: fp32 and/or bf16 (bfloat16 autocast, spectral transforms in float32); a bf16 "
+        "inference row reports its output's relative error against fp32",
+    )
+    parser.add_argument(
+        "--official-source",
+        type=Path,
+        default=None,
+        help="the official vHeat source file (classification/models/vHeat.py of the official repository; needs "
+        "einops and timm): adds vheat_official_tiny/base, the official code folded by its infer_init()",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true", help="tiny models at 224² only, one timed run")
@@ -446,25 +643,37 @@ def main(argv: list[str] | None = None) -> None:
         spec = json.loads(args.case)
         print(json.dumps(run_case(**spec)))
         return
+    if args.models is None:
+        args.models = [m for m in ALL_MODELS if args.official_source or m not in OFFICIAL_SOURCE]
     if args.quick:
         args.models = ["rsvheat_tiny", "official_tiny", "swin_tiny", "vit_small"]
+        args.models += ["vheat_official_tiny"] if args.official_source else []
         args.sizes, args.train_sizes, args.repeats = [224], [224], 1
+    if args.official_source is not None:
+        from rsvheat.testing.official_source import import_official
+
+        import_official(args.official_source)  # a missing file or module is reported now, not once per case
+    elif any(m in OFFICIAL_SOURCE for m in args.models):
+        parser.error("the vheat_official_* models are built from the official source: pass --official-source")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     cases = [
-        (m, s, mode)
+        (m, s, mode, p)
         for mode in args.modes
         for s in args.sizes
         for m in args.models
-        if (mode == "infer" and m not in TRAIN_ONLY) or (mode == "train" and s in args.train_sizes)
+        for p in args.precision
+        if (mode == "infer" and m not in TRAIN_ONLY)
+        or (mode == "train" and s in args.train_sizes and m not in INFER_ONLY)
     ]
     rows = []
-    for i, (m, s, mode) in enumerate(cases, 1):
-        row = _subprocess_case(args, m, s, mode)
+    for i, (m, s, mode, p) in enumerate(cases, 1):
+        row = _subprocess_case(args, m, s, mode, p)
         rows.append(row)
         shown = row.get("error") or f"{row['median_s']:.3f} s, {row['activation_mb']:.0f} MB"
-        print(f"[{i}/{len(cases)}] {m:14s} {s:5d} {mode:5s} {shown}", flush=True)
+        print(f"[{i}/{len(cases)}] {m:19s} {s:5d} {mode:5s} {p:4s} {shown}", flush=True)
     gmac = {}
-    for m in [m for m in args.models if m not in TRAIN_ONLY]:
+    # the official code's counts equal its re-expression's (official_*), which runs on the meta device
+    for m in [m for m in args.models if m not in TRAIN_ONLY and m not in OFFICIAL_SOURCE]:
         for s in args.sizes:
             try:
                 gmac[(m, s)] = gmacs(m, s)
@@ -476,6 +685,7 @@ def main(argv: list[str] | None = None) -> None:
         "model",
         "size",
         "mode",
+        "precision",
         "batch",
         "median_s",
         "throughput_img_s",
@@ -484,14 +694,16 @@ def main(argv: list[str] | None = None) -> None:
         "activation_mb",
         "peak_cuda_mb",
         "gmacs",
+        "rel_err_vs_fp32",
         "error",
     ]
     with open(args.out_dir / "efficiency.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    print(write_report(rows, args, args.out_dir, gmac))
-    plot(rows, gmac, args.out_dir)
+    shown_rows = [{**r, "model": _label(r["model"], r.get("precision", "fp32"))} for r in rows]
+    print(write_report(shown_rows, args, args.out_dir, gmac))
+    plot(shown_rows, gmac, args.out_dir)
     print(f"wrote {args.out_dir}/efficiency.{{csv,md,png}}")
 
 
