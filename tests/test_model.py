@@ -194,27 +194,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("post_norm", [True, False])
-def test_selective_and_full_checkpointing_give_the_plain_gradients_of_every_parameter(post_norm):
+def test_checkpointing_gives_the_plain_gradients_of_every_parameter_in_float64(post_norm):
     # float64 and odd sides (padding in the stem and downsamplings); drop path on: its masks must be replayed
     torch.manual_seed(0)
     model = micro_model(post_norm=post_norm, layer_scale=1e-5 if post_norm else None, drop_path_rate=0.2).double()
     x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
     grads = {}
-    for mode in (False, "selective", True):
+    for mode in (False, True):
         model.set_grad_checkpointing(mode)
         model.zero_grad()
         torch.manual_seed(1)  # the same drop-path masks in every mode
         model(x).square().mean().backward()
         grads[mode] = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None for g in grads[False].values())
-    for mode in ("selective", True):
-        for name, expected in grads[False].items():
-            torch.testing.assert_close(grads[mode][name], expected, rtol=1e-12, atol=1e-15, msg=f"{mode}: {name}")
-
-
-def test_grad_checkpointing_modes_are_checked():
-    with pytest.raises(ValueError, match="'selective'"):
-        micro_model().set_grad_checkpointing("sometimes")
+    for name, expected in grads[False].items():
+        torch.testing.assert_close(grads[True][name], expected, rtol=1e-12, atol=1e-15, msg=name)
 
 
 def test_reset_classifier_and_head():
