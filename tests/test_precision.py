@@ -72,3 +72,34 @@ def test_explain_runs_in_bf16(tmp_path):
     model = rsvheat.create_model("rsvheat_tiny", img_size=64, **MICRO)
     written = explain_scene(model, image, tmp_path / "maps", tile=64, progress=False, precision="bf16")
     assert written["summary"].is_file()
+
+
+def test_trainer_bf16_mixed_fits_a_task(tmp_path):
+    """``rsvheat fit --trainer.precision bf16-mixed`` trains our model on CPU (Lightning's bfloat16 autocast)."""
+    from rsvheat.apps import samples
+    from rsvheat.trainers.cli import task_cli
+    from tests.test_task_training import COMMON, write_config
+
+    samples.write_segmentation(tmp_path / "seg", tile=64, stride=160)
+    model = {
+        "class_path": "rsvheat.trainers.SegmentationTask",
+        "init_args": {"num_classes": 3, "img_size": 64, **COMMON},
+    }
+    data = {
+        "class_path": "rsvheat.datamodules.SegmentationDataModule",
+        "init_args": {
+            "train_root": str(tmp_path / "seg/train"),
+            "val_root": str(tmp_path / "seg/val"),
+            "num_classes": 3,
+            "crop_size": 64,
+            "batch_size": 2,
+            "num_workers": 0,
+        },
+    }
+    config = write_config(
+        tmp_path / "seg.yaml", model, data, tmp_path / "run", limit_train_batches=2, limit_val_batches=1
+    )
+    task_cli(["fit", "--config", config, "--trainer.precision", "bf16-mixed"])
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
