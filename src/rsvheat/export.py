@@ -228,7 +228,9 @@ def export_checkpoint(
         from rsvheat.models.weights import resolve_weights
 
         weights = resolve_weights(weights)  # a known name or an existing file, checked before anything is built
-    refuse_inputs_as_outputs([out], [p for p in (checkpoint, weights) if isinstance(p, Path) or p == checkpoint])
+    # a weights name (a str once resolved) is no file that the output could overwrite
+    sources = [p for p in (checkpoint, weights if isinstance(weights, Path) else None) if p is not None]
+    refuse_inputs_as_outputs([out], sources)
     if not 1 <= len(size) <= 2 or min(size) < MIN_TILE:
         raise ValueError(f"--size takes H or H W, each at least {MIN_TILE} px, got {list(size)}")
     height, width = (size[0], size[0]) if len(size) == 1 else size[:2]
