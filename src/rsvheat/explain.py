@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from rsvheat.data.io import open_raster
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import Input, Scene, check_tile
 from rsvheat.models.precision import autocast, check_precision
 from rsvheat.models.sliding import window_grid
+from rsvheat.progress import bar as progress_bar
 
 SPATIAL = ("entering", "corrected", "source", "conducted")
 SPECTRAL = ("spectrum", "kt")
@@ -202,7 +202,7 @@ def _stitched_fields(
     canvases: dict = {}
     spectra: dict = {}
     windows = [(top, left) for top in tops for left in lefts]
-    for top, left in tqdm(windows, desc="heat maps", unit="tile", disable=not progress or len(windows) == 1):
+    for top, left in progress_bar(windows, desc="heat maps", unit="tile", progress=progress and len(windows) > 1):
         arrays, _ = scene.read(top, left, th, tw)
         with autocast(precision, device):
             fields = heat_fields(model, torch.from_numpy(arrays[modality])[None].to(device), modality)
@@ -281,7 +281,7 @@ def _draw(
     written = {"summary": _save_png(fig, out_dir / "summary.png", dpi=90)}
     plt.close(fig)
     heading = title.split("\n", 1)[1] if "\n" in title else ""
-    for key in tqdm(blocks, desc="figures", unit="block", disable=not progress):
+    for key in progress_bar(blocks, desc="figures", unit="block", progress=progress):
         fig, axes = plt.subplots(1, columns, figsize=(3.0 * columns, 3.2), squeeze=False)
         draw(fig, axes[0], key)
         titles(axes[0])

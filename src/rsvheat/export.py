@@ -34,6 +34,7 @@ from rsvheat.inference.scene import MIN_TILE
 from rsvheat.models.rsvheat import RSVHeat
 from rsvheat.models.tasks import ChangeDetectionModel
 from rsvheat.operators.heat import HeatConduction
+from rsvheat.progress import Steps
 
 #: Default largest accepted ``max |exported - PyTorch| / max |PyTorch|``.
 TOLERANCE = 1e-3
@@ -100,6 +101,7 @@ def export_model(
     tolerance: float = TOLERANCE,
     output_name: str = "logits",
     metadata: dict | None = None,
+    progress: bool = True,
 ) -> dict:
     """Write ``out`` (``.onnx``: ONNX through the dynamo exporter, checked with ONNX Runtime; ``.pt2``:
     ``torch.export`` program of the folded model, reloaded and run) and return ``{"path", "max_abs_diff",
@@ -113,6 +115,7 @@ def export_model(
 
     Raises ``FileExistsError`` if ``out`` exists and not ``overwrite`` (before exporting), and
     :class:`ExportMismatchError` if the relative difference exceeds ``tolerance``: ``out`` is then left untouched.
+    ``progress``: a bar over the steps (reference, trace, save, check) on stderr when it is a terminal.
     """
     out = _check_output(out, overwrite)
     if tolerance < 0:
@@ -123,6 +126,9 @@ def export_model(
     if len(names) != len(inputs):
         raise ValueError(f"a {kind!r} model takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
     props = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    # tracing and checking a base model take minutes on a CPU: say which step runs
+    steps = Steps(4, f"export {out.name}", progress)
+    steps.next("reference forward")
     with torch.no_grad():
         # eval mode without autograd: this forward also folds every heat stage for the size it sees (RSVHeat.fold)
         reference = adapter(*inputs)
@@ -158,6 +164,8 @@ def export_model(
                 if isinstance(module, RSVHeat):
                     module.clear_caches()
 
+            steps.next("trace (dynamo exporter)")
+
             def onnx_program(sample: tuple[torch.Tensor, ...], dynamic: bool):
                 # forward(*inputs): dynamic_shapes has one entry, the tuple of the inputs' specs
                 batch_dim = torch.export.Dim("batch")  # one dimension shared by both dates of a change pair
@@ -186,7 +194,9 @@ def export_model(
                 )
                 program, checks = onnx_program(inputs, False), ((inputs, reference),)
             program.model.metadata_props.update(props)
+            steps.next("save")
             program.save(str(tmp))
+            steps.next("check with ONNX Runtime")
             session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
             for sample, expected in checks:
                 feeds = {arg.name: x.numpy() for arg, x in zip(session.get_inputs(), sample, strict=True)}
@@ -196,14 +206,17 @@ def export_model(
 
         def write(tmp: Path) -> None:
             # folded by the reference forward: the program stores the resized FVE/SCE and filters as constants
-            torch.export.save(
-                torch.export.export(adapter, inputs), str(tmp), extra_files={"rsvheat.json": json.dumps(props)}
-            )
+            steps.next("trace (torch.export)")
+            program = torch.export.export(adapter, inputs)
+            steps.next("save")
+            torch.export.save(program, str(tmp), extra_files={"rsvheat.json": json.dumps(props)})
+            steps.next("reload and check")
             with torch.no_grad():
                 check(torch.export.load(str(tmp)).module()(*inputs))
 
     # checked before it is renamed: a failed export or check leaves neither the output nor a temporary file
-    write_atomic(out, write)
+    with steps:
+        write_atomic(out, write)
     return result
 
 
@@ -216,6 +229,7 @@ def export_checkpoint(
     channels: int = 3,
     overwrite: bool = False,
     tolerance: float = TOLERANCE,
+    progress: bool = True,
 ) -> dict:
     """``rsvheat export``: a task checkpoint (classification: backbone + head; segmentation: logits; change
     detection: change logits from two inputs), or a backbone ``variant`` (with optional ``weights``) giving its last
@@ -289,6 +303,7 @@ def export_checkpoint(
         tolerance=tolerance,
         output_name=output_name,
         metadata=metadata,
+        progress=progress,
     )
 
 

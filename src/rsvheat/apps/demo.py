@@ -35,6 +35,7 @@ import rsvheat
 from rsvheat.data import sample_scene_path
 from rsvheat.files import claim_folder, write_atomic
 from rsvheat.models.counting import count_gmacs, count_params
+from rsvheat.progress import step_header
 from rsvheat.testing.official_structure import OfficialStructureHeat
 
 PUBLISHED = {  # (variant, size): (M params, G MACs), inference-folded; see README "Counting"
@@ -52,6 +53,8 @@ OWNED = ("data", "configs", "pretrain", "finetune", "scene", "heat_maps")
 LABEL_MAX_SIDE = 1024
 #: Largest side of the window on which folded and unfolded inference are compared.
 FOLD_CHECK_SIDE = 512
+#: The steps run_demo times (data, pre-training, fine-tuning, whole scene, heat maps, efficiency).
+DEMO_STEPS = 6
 
 
 def _claim(out_dir: Path, overwrite: bool) -> None:
@@ -196,12 +199,17 @@ class Demo:
     fold_window: tuple[int, int] = (0, 0)
     counts: list[tuple] = field(default_factory=list)
     speed: tuple[float, float] = (float("nan"), float("nan"))  # seconds: official structure, ours
+    progress: bool = True  # a step header (i/N, elapsed) on stderr before each step, when it is a terminal
+    started: float = field(default_factory=time.perf_counter)
+    step_index: int = 0
 
     @property
     def band_list(self) -> list[int]:
         return list(range(1, self.bands + 1))
 
     def timed(self, name: str, step) -> None:
+        self.step_index += 1
+        step_header(self.step_index, DEMO_STEPS, name, self.started, "[demo]", self.progress)
         start = time.perf_counter()
         step()
         self.timings[name] = time.perf_counter() - start
@@ -469,13 +477,15 @@ def run_demo(
     pretrain_steps: int = 120,
     epochs: int = 12,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Run the pipeline above into ``out_dir`` and return the report's path.
 
     ``image_path``: the scene (pre-training crops, whole-scene inference, heat maps); ``train_root``: your own
     segmentation data (``train``/``val`` folders with ``images``/``masks``, see README) with ``num_classes``;
     ``weights``: an encoder to fine-tune instead of pre-training one; ``overwrite``: use a non-empty ``out_dir``
-    that an earlier demo did not write. Every setting is checked before anything is written.
+    that an earlier demo did not write; ``progress``: a header line (step i/N, elapsed time) before each step, on
+    stderr when it is a terminal. Every setting is checked before anything is written.
     """
     from rsvheat.data.io import image_header
 
@@ -490,6 +500,7 @@ def run_demo(
     bands, height, width = image_header(scene)  # a missing or unreadable scene fails before anything is written
     demo = Demo(Path(out_dir), scene, variant, weights, bench_size, train_root, num_classes, pretrain_steps, epochs)
     demo.bands, demo.height, demo.width = min(bands, 3), height, width
+    demo.progress, demo.started = progress, started
     _claim(demo.out_dir, overwrite)
     demo.timed("data", demo.prepare_data)
     demo.timed("pre-training", demo.pretrain)

@@ -14,6 +14,7 @@ import numpy as np
 
 from rsvheat.data.io import ImageReadError
 from rsvheat.files import write_atomic
+from rsvheat.progress import bar
 
 Stats = dict[str, dict[str, list[float]]]
 
@@ -51,10 +52,13 @@ def band_stats(
     identity: object,
     samples: int = 256,
     skip_bad: bool = False,
+    progress: bool = True,
 ) -> Stats:
     """Mean and std per band of every modality over up to ``samples`` items ``read(i) -> {modality: (C, H, W)}``
     spread evenly over ``range(count)``. ``identity`` (JSON-able: file names, options) keys the cache; the files it
-    names are keyed with their size and modification time too, so replacing a file recomputes the statistics."""
+    names are keyed with their size and modification time too, so replacing a file recomputes the statistics.
+    ``progress``: a bar over the items read (a first run over large rasters takes minutes), on stderr when it is a
+    terminal."""
     picks = sorted(set(np.linspace(0, count - 1, min(samples, count)).round().astype(int).tolist()))
     signed = json.dumps([_with_file_signatures(identity), picks], default=str)
     key = hashlib.sha1(signed.encode()).hexdigest()[:16]
@@ -64,7 +68,7 @@ def band_stats(
     total: dict[str, np.ndarray] = {}
     total_sq: dict[str, np.ndarray] = {}
     pixels: dict[str, int] = {}
-    for i in picks:
+    for i in bar(picks, desc="normalisation statistics", unit="image", progress=progress):
         try:
             raw = read(i)
         except ImageReadError as err:

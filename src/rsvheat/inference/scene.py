@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from rsvheat.data.io import ImageReadError, open_raster, quiet_georeferencing
 from rsvheat.files import refuse_existing, staged_outputs, write_atomic
 from rsvheat.models.sliding import blend_weights, window_grid
+from rsvheat.progress import bar as progress_bar
 
 #: GDAL's block cache for whole-scene runs (MB). Its default, 5 % of RAM, would grow with the scene's width as
 #: partly written output blocks pile up; the strips are written in order, so a small cache costs nothing.
@@ -250,7 +250,7 @@ def dense_strips(
     acc = np.zeros((outputs, th, width), np.float32)
     norm = np.zeros((th, width), np.float32)
     wx = [blend_weights(tw, x, width, overlap).numpy() for x in xs]
-    bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", disable=not progress)
+    bar = progress_bar(total=len(ys) * len(xs), desc="tiles", unit="tile", progress=progress)
     try:
         for i, top in enumerate(ys):
             strip, valid = scene.read(top, 0, th, width)
@@ -346,11 +346,13 @@ def write_dense(
     targets: list[MapTarget],
     overwrite: bool = False,
     cog: bool = True,
+    progress: bool = True,
 ) -> list[Path]:
     """Write each target's ``encode(values)`` of every strip into its GeoTIFF (``nodata`` where the input is invalid),
     all from one pass over the scene; tiled and deflate-compressed, converted to COG when ``cog`` and GDAL has the
     driver. The files appear under their names only when all of them are complete, together (with ``overwrite``,
-    replacing the old ones together: a failure leaves the old set, never a mix)."""
+    replacing the old ones together: a failure leaves the old set, never a mix). ``progress``: a bar over the COG
+    conversion (in pixels, so its ETA holds across outputs of different sizes), on stderr when it is a terminal."""
     import rasterio
     from rasterio.windows import Window
 
@@ -379,10 +381,16 @@ def write_dense(
         if convert:
             from rasterio.shutil import copy as raster_copy
 
-            for source, tmp, target in zip(plain, temporaries, targets, strict=True):
-                # class ids: the most frequent class of the pixels an overview pixel covers, never an average of ids
-                resampling = "MODE" if np.issubdtype(np.dtype(target[3]), np.integer) else "AVERAGE"
-                raster_copy(source, tmp, driver="COG", compress="DEFLATE", overview_resampling=resampling)
+            # GDAL's copy reports nothing while it runs (rasterio passes no callback): the bar advances per output,
+            # weighted by its pixels x bands, which is what the conversion's time follows
+            sizes = [scene.width * scene.height * t[2] for t in targets]
+            with progress_bar(total=sum(sizes), desc="COG", unit="px", unit_scale=True, progress=progress) as cog_bar:
+                for source, tmp, target, size in zip(plain, temporaries, targets, sizes, strict=True):
+                    # class ids: the most frequent class of the pixels an overview pixel covers, never an average
+                    resampling = "MODE" if np.issubdtype(np.dtype(target[3]), np.integer) else "AVERAGE"
+                    cog_bar.set_postfix_str(Path(target[0]).name)
+                    raster_copy(source, tmp, driver="COG", compress="DEFLATE", overview_resampling=resampling)
+                    cog_bar.update(size)
     return paths
 
 
@@ -406,7 +414,7 @@ def detect_scene(
     th, tw, overlap, ys, xs = _windows(scene, tile, overlap)
     (role,) = scene.inputs
     found = {"boxes": [], "labels": [], "scores": [], "cut": []}
-    bar = tqdm(total=len(ys) * len(xs), desc="tiles", unit="tile", disable=not progress)
+    bar = progress_bar(total=len(ys) * len(xs), desc="tiles", unit="tile", progress=progress)
     try:
         for top in ys:
             strip, valid = scene.read(top, 0, th, scene.width)

@@ -167,7 +167,7 @@ def predict_scene(
             targets.append((Path(probabilities), lambda v: v, outputs, "float32", -1.0, names))
         predict = _at_precision(predict, precision, device)
         strips = dense_strips(scene, predict, outputs, tile, overlap, batch_size, device, progress)
-        return write_dense(scene, strips, targets, overwrite=overwrite, cog=cog)
+        return write_dense(scene, strips, targets, overwrite=overwrite, cog=cog, progress=progress)
 
 
 def _at_precision(predict, precision: str, device: torch.device):
