@@ -297,6 +297,9 @@ def data_module(args: argparse.Namespace, state: dict, split_file: Path, batch_s
     )
 
 
+_FEATURES: dict = {}  # (weights or (None, seed)) -> {split: (features, labels)}, for this process
+
+
 def frozen_units(args, state, init: str, weights: Path | None, seed: int, todo: list[float], results: Path) -> None:
     """k-NN and linear probe at every fraction in ``todo`` for one (init, seed): features are extracted once."""
     if not todo:
@@ -306,8 +309,12 @@ def frozen_units(args, state, init: str, weights: Path | None, seed: int, todo: 
     dm.setup("fit")
     dm.setup("test")
     dm.datasets["train"].train = False  # frozen features of the images themselves: no random flips/rotations
-    encoder = build_encoder(args, weights, seed)
-    feats = {s: extract_features(encoder, dm.datasets[s], batch_size=64) for s in ("train", "val", "test")}
+    # a pre-trained encoder's features do not depend on the seed (only the label subset does): extracted once
+    key = str(weights) if weights else (None, seed)
+    if key not in _FEATURES:
+        encoder = build_encoder(args, weights, seed)
+        _FEATURES[key] = {s: extract_features(encoder, dm.datasets[s], batch_size=64) for s in ("train", "val", "test")}
+    feats = _FEATURES[key]
     seconds = time.perf_counter() - start
     k = len(state["classes"])
     from rsvheat.evaluation import stratified_fraction
