@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(METRICS))
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
-    rsvheat("make-samples", str(SAMPLES))
+    rsvheat("make-samples", "-o", str(SAMPLES))
     rows = []
     for task in args.tasks:
         config_path = f"configs/{task}/landsat_tiny_cpu.yaml"

@@ -103,6 +103,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     for section in ("Pre-training", "Fine-tuning", "Whole-scene inference", "Heat maps", "Efficiency"):
         assert f". {section}" in report
     assert "120 steps of frequency-masked reconstruction" in report and "12 epochs" in report
+    assert "compared with fine-tuning from random weights: too short to tell" in report
     # the contrastive term learned: a collapsed embedding sits at ln(batch of 6) = 1.79
     assert float(re.search(r"last logged losses: con (\d\.\d+)", report).group(1)) < 1.7
     assert float(re.search(r"test on its `val` tiles: OA (\d\.\d+)", report).group(1)) > 0.8  # it learned
@@ -120,3 +121,73 @@ def test_pretrain_help_names_the_command(capsys):
     with pytest.raises(SystemExit) as done:
         main(["pretrain", "--help"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: rsvheat pretrain [-c CONFIG]")
+
+
+# One convention across the argparse commands -------------------------------------------------------------------------
+
+ARGPARSE_COMMANDS = ("demo", "info", "make-samples", "predict-scene", "explain", "export", "export-encoder")
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    from rsvheat.cli import build_parser
+
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices
+
+
+@pytest.mark.parametrize("command", ARGPARSE_COMMANDS)
+def test_every_command_has_help_on_every_option_an_example_and_out(command, capsys):
+    parser = _subparsers()[command]
+    for action in parser._actions:
+        assert action.help, f"{command}: {action.option_strings or action.dest} has no help text"
+        for option in action.option_strings:
+            assert option in ("-o", "-h") or option.startswith("--") and "_" not in option, f"{command}: {option}"
+    if command != "info":  # info writes nothing
+        assert any(a.option_strings[:2] == ["-o", "--out"] for a in parser._actions), command
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "\nexamples:\n  rsvheat " + command in text
+    assert "--output" not in text  # the old spelling works but is not shown
+
+
+@pytest.mark.parametrize(
+    "argv", [["fit", "--help"], ["pretrain", "--help"], ["torchgeo", "--help"], ["--help"]], ids=" ".join
+)
+def test_lightning_and_passthrough_commands_show_examples_too(argv, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    text = capsys.readouterr().out
+    assert "examples:\n  rsvheat " in text
+    if argv[0] in ("fit", "pretrain"):
+        assert ("--model.variant" if argv[0] == "pretrain" else "--model.backbone") in text.split("examples:")[1]
+
+
+def test_old_output_spellings_still_work(monkeypatch):
+    from rsvheat import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_guarded", lambda command, run, args: seen.update({command: args.out}))
+    cli.main(["predict-scene", "m.ckpt", "s.tif", "--output", "a.tif"])
+    cli.main(["export", "b.onnx", "--size", "64"])  # the output as the first argument, as before
+    cli.main(["export-encoder", "last.ckpt", "e.safetensors"])
+    cli.main(["make-samples", "samples"])
+    assert {k: str(v) for k, v in seen.items()} == {
+        "predict-scene": "a.tif",
+        "export": "b.onnx",
+        "export-encoder": "e.safetensors",
+        "make-samples": "samples",
+    }
+    cli.main(["make-samples"])
+    assert str(seen["make-samples"]) == "data/samples"
+
+
+def test_output_given_twice_or_not_at_all_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as twice:
+        main(["export", "a.onnx", "-o", "b.onnx"])
+    assert twice.value.code == 2 and "give the output once, as -o/--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as missing:
+        main(["export-encoder", "last.ckpt"])
+    assert missing.value.code == 2 and "the following arguments are required: -o/--out" in capsys.readouterr().err

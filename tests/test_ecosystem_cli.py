@@ -80,7 +80,9 @@ def test_rsvheat_torchgeo_help_is_torchgeos_own(capsys):
         main(["torchgeo", "fit", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: rsvheat torchgeo [options] fit") and "--model CONFIG" in out
+    # an example of rsvheat's model names first, then TorchGeo's own help under the command as typed
+    assert out.startswith("rsvheat torchgeo: torchgeo's own command line") and "model: rsvheat_tiny" in out
+    assert "usage: rsvheat torchgeo [options] fit" in out and "--model CONFIG" in out
 
 
 MICRO_BACKBONE = {"backbone_depths": [1, 1, 1, 1], "backbone_dims": [16, 32, 64, 128]}

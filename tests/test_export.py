@@ -145,6 +145,6 @@ def test_export_cli_fails_with_status_2_above_the_tolerance(tmp_path, monkeypatc
 
     monkeypatch.setattr(rsvheat.export, "_Features", lambda backbone: Drifts())
     with pytest.raises(SystemExit) as failed:
-        main(["export", str(tmp_path / "b.pt2"), "--size", "64", "--tolerance", "1e-6"])
+        main(["export", "-o", str(tmp_path / "b.pt2"), "--size", "64", "--tolerance", "1e-6"])
     assert failed.value.code == 2
     assert "rsvheat export: error: " in capsys.readouterr().err and not (tmp_path / "b.pt2").exists()

@@ -82,7 +82,7 @@ def test_a_name_of_another_size_is_refused_before_any_download(tmp_path, monkeyp
 
 def test_export_refuses_an_unknown_name_with_the_accepted_ones(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["export", str(tmp_path / "m.onnx"), "--size", "64", "--weights", "vheat_huge"])
+        main(["export", "-o", str(tmp_path / "m.onnx"), "--size", "64", "--weights", "vheat_huge"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "rsvheat export: error: weights 'vheat_huge'" in err and "vheat_base" in err
 

@@ -109,7 +109,7 @@ def test_pretrain_run_logs_previews_checkpoints_and_export(tmp_path, monkeypatch
         assert backbone(torch.randn(1, 1, size, size), modality="sar").shape == (1, 64)
     from rsvheat.cli import main
 
-    main(["export-encoder", str(run / "checkpoints/last.ckpt"), str(tmp_path / "exported.safetensors")])
+    main(["export-encoder", str(run / "checkpoints/last.ckpt"), "-o", str(tmp_path / "exported.safetensors")])
     backbone = RSVHeat(modalities={"optical": 3, "sar": 1}, img_size=32, num_classes=0, **MICRO)
     load_checkpoint(backbone, tmp_path / "exported.safetensors")
     reference = RSVHeat(modalities={"optical": 3, "sar": 1}, img_size=32, num_classes=0, **MICRO)

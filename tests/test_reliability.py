@@ -103,7 +103,7 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(files, tmp_path, capsy
     commands = [
         ["predict-scene", files["EVIL"], files["G"], "-o", tmp_path / "o.tif"],
         ["explain", files["G"], "--checkpoint", files["EVIL"], "--out", tmp_path / "heat"],
-        ["export", tmp_path / "x.onnx", "--checkpoint", files["EVIL"]],
+        ["export", "-o", tmp_path / "x.onnx", "--checkpoint", files["EVIL"]],
     ]
     for argv in commands:
         code, err = run_cli(argv, capsys)
@@ -226,14 +226,14 @@ def test_make_samples_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     mine = tmp_path / "mine"
     (mine / "classification").mkdir(parents=True)
     (mine / "classification/thesis.tif").write_text("years of work")
-    code, err = run_cli(["make-samples", mine], capsys)
+    code, err = run_cli(["make-samples", "-o", mine], capsys)
     assert code == 2 and "not empty" in err and "--overwrite" in err
     assert (mine / "classification/thesis.tif").read_text() == "years of work"
 
 
 def test_a_failed_explain_leaves_no_folder(files, tmp_path, capsys):
     out = tmp_path / "a/b/heat"
-    code, err = run_cli(["explain", files["TRUNCATED_TIF"], "--out", out], capsys)
+    code, err = run_cli(["explain", files["TRUNCATED_TIF"], "-o", out], capsys)
     assert code == 2 and str(files["TRUNCATED_TIF"]) in err
     assert list(tmp_path.iterdir()) == []
 
@@ -265,17 +265,17 @@ BATTERY = [
     (["explain", "TRUNCATED_TIF", "--out", "OUT/heat"], 2, "truncated.tif"),
     (["explain", "G", "--checkpoint", "EMPTY", "--out", "OUT/heat"], 2, "the file is empty"),
     (["explain", "G", "--tile", "8", "--out", "OUT/heat"], 2, "--tile: must be at least 32"),
-    (["export", "OUT/x.onnx", "--size", "-64"], 2, "--size: must be at least 32"),
-    (["export", "OUT/x.txt"], 2, "must be named .onnx or .pt2"),
-    (["export", "OUT/x.onnx", "--checkpoint", "RANDOM"], 2, "cannot read checkpoint"),
-    (["export", "OUT/x.onnx", "--tolerance", "nan"], 2, "--tolerance: must be at least 0.0"),
-    (["export-encoder", "EMPTY", "OUT/e.safetensors"], 2, "the file is empty"),
-    (["export-encoder", "TRUNCATED", "OUT/e.safetensors"], 2, "cannot read checkpoint"),
+    (["export", "-o", "OUT/x.onnx", "--size", "-64"], 2, "--size: must be at least 32"),
+    (["export", "-o", "OUT/x.txt"], 2, "must be named .onnx or .pt2"),
+    (["export", "-o", "OUT/x.onnx", "--checkpoint", "RANDOM"], 2, "cannot read checkpoint"),
+    (["export", "-o", "OUT/x.onnx", "--tolerance", "nan"], 2, "--tolerance: must be at least 0.0"),
+    (["export-encoder", "EMPTY", "-o", "OUT/e.safetensors"], 2, "the file is empty"),
+    (["export-encoder", "TRUNCATED", "-o", "OUT/e.safetensors"], 2, "cannot read checkpoint"),
     (["info", "--img-size", "-224"], 2, "--img-size: must be at least 32"),
     (["info", "--model", "nonexistent"], 2, "nonexistent"),
     (["demo", "--pretrain-steps", "-5", "--out", "OUT/demo"], 2, "--pretrain-steps: must be at least 1"),
     (["demo", "--epochs", "0", "--out", "OUT/demo"], 2, "--epochs: must be at least 1"),
-    (["make-samples", "EXISTING_DIR"], 2, "not empty"),
+    (["make-samples", "-o", "EXISTING_DIR"], 2, "not empty"),
     (["test", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "last"], 2, "last.ckpt"),
     (["test", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "EVIL"], 2, "not load"),
     (

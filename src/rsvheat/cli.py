@@ -11,6 +11,7 @@ LightningCLI's own reporting.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -130,6 +131,59 @@ def _guarded(command: str, run, *args) -> None:
         raise SystemExit(2) from None
 
 
+#: Old spellings that still work but are not shown in --help (predict-scene's -o/--output became -o/--out).
+_HIDDEN_ALIASES = ("--output",)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs (the examples) printed as written; the hidden aliases left out of the option list."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if any(o in _HIDDEN_ALIASES for o in action.option_strings):
+            action = copy.copy(action)
+            action.option_strings = [o for o in action.option_strings if o not in _HIDDEN_ALIASES]
+        return super()._format_action_invocation(action)
+
+
+def _command(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with ``examples`` (one command per line, with a comment where useful)."""
+    return sub.add_parser(
+        name, help=help, description=help, epilog="examples:\n" + examples, formatter_class=_Formatter
+    )
+
+
+def _add_out(
+    parser: argparse.ArgumentParser, help: str, default: Path | None = None, positional_alias: bool = False
+) -> None:
+    """The output option, ``-o/--out`` in every command. ``positional_alias``: the command used to take its output as a
+    positional argument; that spelling still works (hidden from --help), resolved by :func:`_resolve_out`."""
+    parser.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        required=default is None and not positional_alias,
+        help=help if default is None else f"{help} (default {default})",
+    )
+    if positional_alias:
+        parser.add_argument("legacy_out", type=Path, nargs="?", default=None, help=argparse.SUPPRESS)
+        parser.set_defaults(out_default=default, out_parser=parser)
+    elif default is not None:
+        parser.set_defaults(out=default)
+
+
+def _resolve_out(args: argparse.Namespace) -> None:
+    """``-o/--out`` or, for the commands that took it so, the old positional output; one of them, at most once."""
+    if not hasattr(args, "legacy_out"):
+        return
+    parser, given = args.out_parser, [p for p in (args.out, args.legacy_out) if p is not None]
+    if len(given) == 2:
+        parser.error("give the output once, as -o/--out")
+    args.out = given[0] if given else args.out_default
+    if args.out is None:
+        parser.error("the following arguments are required: -o/--out")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from rsvheat.apps.demo import run_demo
 
@@ -160,7 +214,7 @@ def _predict_scene(args: argparse.Namespace) -> None:
     written = predict_scene(
         args.checkpoint,
         args.images,
-        args.output,
+        args.out,
         probabilities=args.probabilities,
         bands=args.bands,
         tile=args.tile,
@@ -206,6 +260,12 @@ EXTERNAL_CLIS = {
     "torchgeo": ("torchgeo.main", "main", "pip install 'rsvheat[integrations]'"),
     "terratorch": ("terratorch.__main__", "main", "pip install terratorch"),
 }
+#: What --help prints before the tool's own help: how rsvheat's models are named there.
+_EXTERNAL_EXAMPLES = {
+    "torchgeo": "  rsvheat torchgeo fit --config x.yaml   # ClassificationTask model: rsvheat_tiny, or backbone: "
+    "tu-rsvheat_tiny",
+    "terratorch": "  rsvheat terratorch fit --config y.yaml # EncoderDecoderFactory backbone: timm_rsvheat_tiny",
+}
 
 
 def run_external_cli(tool: str, argv: list[str]) -> None:
@@ -221,6 +281,9 @@ def run_external_cli(tool: str, argv: list[str]) -> None:
         if (err.name or "").split(".")[0] != tool:
             raise
         raise ValueError(f"{tool} is not installed in this environment ({hint})") from None
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        print(f"rsvheat {tool}: {tool}'s own command line, with rsvheat's models registered.\nexamples:")
+        print(_EXTERNAL_EXAMPLES[tool] + "\n", flush=True)
     # The tool reads sys.argv itself (passing argv as LightningCLI's args would make it warn); its usage lines then
     # show the command as typed.
     saved = sys.argv
@@ -232,14 +295,19 @@ def run_external_cli(tool: str, argv: list[str]) -> None:
 
 
 def _add_demo(sub) -> None:
-    demo = sub.add_parser(
-        "demo", help="the whole pipeline on a real scene: pre-train, fine-tune, whole-scene map, heat maps, report"
+    demo = _command(
+        sub,
+        "demo",
+        "the whole pipeline on a real scene: pre-train, fine-tune, whole-scene map, heat maps, report",
+        "  rsvheat demo                                    # the embedded Landsat scene, into outputs/demo\n"
+        "  rsvheat demo --image scene.tif -o outputs/mine  # your GeoTIFF\n"
+        "  rsvheat demo --train-root data/seg --num-classes 6 --weights encoder.safetensors",
     )
-    demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    _add_out(demo, "output folder", Path("outputs/demo"))
     demo.add_argument("--image", type=Path, default=None, help="a GeoTIFF of your own instead of the embedded scene")
     demo.add_argument("--train-root", type=Path, default=None, help="your segmentation data (train/, val/ folders)")
     demo.add_argument("--num-classes", type=_at_least(2), default=None, help="classes of --train-root")
-    demo.add_argument("--model", default="rsvheat_tiny", help="variant (default rsvheat_tiny)")
+    demo.add_argument("--model", default="rsvheat_tiny", help="backbone variant (default rsvheat_tiny)")
     demo.add_argument("--weights", type=Path, default=None, help="an encoder to fine-tune instead of pre-training")
     demo.add_argument("--pretrain-steps", type=_COUNT, default=120, help="pre-training steps (default 120)")
     demo.add_argument("--epochs", type=_COUNT, default=12, help="fine-tuning epochs (default 12)")
@@ -254,13 +322,25 @@ def _add_demo(sub) -> None:
 
 
 def _add_info_and_samples(sub) -> None:
-    info = sub.add_parser("info", help="parameters and GMACs of a variant in both counting conventions")
-    info.add_argument("--model", default="rsvheat_base")
-    info.add_argument("--img-size", type=_SIZE, default=224)
-    info.add_argument("--num-classes", type=_at_least(0), default=0)
+    info = _command(
+        sub,
+        "info",
+        "parameters and GMACs of a variant in both counting conventions",
+        "  rsvheat info --model rsvheat_base --img-size 512",
+    )
+    info.add_argument("--model", default="rsvheat_base", help="backbone variant (default rsvheat_base)")
+    info.add_argument("--img-size", type=_SIZE, default=224, help="input side in pixels (default 224)")
+    info.add_argument(
+        "--num-classes", type=_at_least(0), default=0, help="classifier outputs counted (default 0: backbone only)"
+    )
     info.set_defaults(handler=_info)
-    samples = sub.add_parser("make-samples", help="write small task datasets cut from the embedded Landsat scene")
-    samples.add_argument("out", type=Path, nargs="?", default=Path("data/samples"), help="default data/samples")
+    samples = _command(
+        sub,
+        "make-samples",
+        "write small task datasets cut from the embedded Landsat scene",
+        "  rsvheat make-samples -o data/samples",
+    )
+    _add_out(samples, "output folder", Path("data/samples"), positional_alias=True)
     samples.add_argument(
         "--overwrite",
         action="store_true",
@@ -271,9 +351,13 @@ def _add_info_and_samples(sub) -> None:
 
 
 def _add_predict_scene(sub) -> None:
-    scene = sub.add_parser(
+    scene = _command(
+        sub,
         "predict-scene",
-        help="run a fine-tuned checkpoint over whole GeoTIFF scenes (tiled, bounded memory, georeferenced output)",
+        "run a fine-tuned checkpoint over whole GeoTIFF scenes (tiled, bounded memory, georeferenced output)",
+        "  rsvheat predict-scene runs/seg/checkpoints/best.ckpt scene.tif -o classes.tif --probabilities probs.tif\n"
+        "  rsvheat predict-scene runs/cd/checkpoints/best.ckpt before.tif after.tif -o change.tif\n"
+        "  rsvheat predict-scene runs/det/checkpoints/best.ckpt scene.tif -o boxes.geojson",
     )
     scene.add_argument("checkpoint", type=Path, help="a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)")
     scene.add_argument(
@@ -282,7 +366,10 @@ def _add_predict_scene(sub) -> None:
         nargs="+",
         help="segmentation: one raster per stem (optical [sar]); change detection: before after; detection: one",
     )
-    scene.add_argument("-o", "--output", type=Path, required=True, help="class/change map .tif, or boxes .geojson")
+    # -o/--output before -o/--out: the old spelling still works (a hidden alias)
+    scene.add_argument(
+        "-o", "--out", "--output", type=Path, required=True, help="class/change map .tif, or boxes .geojson"
+    )
     scene.add_argument("--probabilities", type=Path, default=None, help="also write per-class probabilities (.tif)")
     scene.add_argument("--bands", type=_bands, nargs="+", default=None, help="1-based bands per image, e.g. 3,2,1")
     scene.add_argument("--tile", type=_SIZE, default=512, help="tile size in pixels (default 512)")
@@ -306,9 +393,15 @@ def _add_precision(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_explain(sub) -> None:
-    explain = sub.add_parser("explain", help="heat maps: how each HCO diffuses the features of an image (PNGs)")
+    explain = _command(
+        sub,
+        "explain",
+        "heat maps: how each HCO diffuses the features of an image (PNGs)",
+        "  rsvheat explain scene.tif -o outputs/explain --weights vheat_tiny\n"
+        "  rsvheat explain scene.tif --checkpoint runs/seg/checkpoints/best.ckpt --bands 3,2,1",
+    )
     explain.add_argument("image", type=Path, help="a raster (GeoTIFF, PNG, ...) of any size")
-    explain.add_argument("--out", type=Path, default=Path("outputs/explain"), help="default outputs/explain")
+    _add_out(explain, "output folder", Path("outputs/explain"))
     explain.add_argument("--modality", default="optical", help="the stem to run the image through (optical, sar)")
     explain.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
     explain.add_argument("--weights", default=None, help=f"or backbone weights: a file or {_NAMES}")
@@ -324,10 +417,14 @@ def _add_explain(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    onnx = sub.add_parser(
-        "export", help="export a folded backbone or a task model to ONNX (.onnx) or torch.export (.pt2)"
+    onnx = _command(
+        sub,
+        "export",
+        "export a folded backbone or a task model to ONNX (.onnx) or torch.export (.pt2)",
+        "  rsvheat export -o segmenter.onnx --checkpoint runs/seg/checkpoints/best.ckpt --size 512\n"
+        "  rsvheat export -o rsvheat_tiny.pt2 --model rsvheat_tiny --weights vheat_tiny --size 512 768",
     )
-    onnx.add_argument("out", type=Path, help="output file: .onnx (checked with ONNX Runtime) or .pt2")
+    _add_out(onnx, "output file: .onnx (checked with ONNX Runtime) or .pt2", positional_alias=True)
     onnx.add_argument("--size", type=_SIZE, nargs="+", default=[512], help="input H [W] the graph is folded for")
     onnx.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
     onnx.add_argument("--model", default="rsvheat_tiny", help="backbone variant when no checkpoint is given")
@@ -341,16 +438,35 @@ def _add_export(sub) -> None:
         help="largest accepted max |exported - PyTorch| / max |PyTorch| (default 1e-3); above it nothing is written",
     )
     onnx.set_defaults(handler=_export)
-    encoder = sub.add_parser("export-encoder", help="write the encoder of a pre-training checkpoint as .safetensors")
+    encoder = _command(
+        sub,
+        "export-encoder",
+        "write the encoder of a pre-training checkpoint as .safetensors",
+        "  rsvheat export-encoder runs/pretrain/checkpoints/last.ckpt -o encoder.safetensors",
+    )
     encoder.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
-    encoder.add_argument("out", type=Path, help="output .safetensors file")
+    _add_out(encoder, "output .safetensors file", positional_alias=True)
     encoder.set_defaults(handler=_export_encoder)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rsvheat`` parser; each subcommand's ``handler`` runs it. The Lightning commands (``pretrain``, the
     tasks') and ``bench`` only appear for ``--help``: their own parsers read their arguments."""
-    parser = argparse.ArgumentParser(prog="rsvheat", description="RS-vHeat: heat-conduction remote-sensing backbone")
+    parser = argparse.ArgumentParser(
+        prog="rsvheat",
+        description="RS-vHeat: heat-conduction remote-sensing backbone",
+        formatter_class=_Formatter,
+        epilog=(
+            "examples:\n"
+            "  rsvheat demo\n"
+            "  rsvheat fit --config configs/segmentation/landsat_tiny_cpu.yaml\n"
+            "  rsvheat predict-scene runs/seg/checkpoints/best.ckpt scene.tif -o classes.tif\n"
+            "  rsvheat torchgeo fit --config torchgeo.yaml\n"
+            "options: -o/--out for outputs, --dashed-names and --model for the backbone in these commands; the\n"
+            "Lightning commands keep Lightning's spelling: --model.backbone (tasks), --model.variant (pretrain),\n"
+            "--ckpt_path."
+        ),
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_info_and_samples(sub)
@@ -388,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         _guarded(argv[0], passthrough, argv[1:])
         return
     args = build_parser().parse_args(argv)
+    _resolve_out(args)
     _guarded(args.command, args.handler, args)
 
 

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -47,6 +47,24 @@ def _quiet_lightning() -> None:
         if not any(isinstance(f, _DropMessages) for f in target.filters):
             target.addFilter(drop)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+class _ExampleHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help with the epilog (the examples) printed line by line, as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def with_examples(examples: dict[str, str], backbone: str = "model.backbone") -> dict[str, Any]:
+    """LightningCLI ``parser_kwargs`` that end each subcommand's ``--help`` with its examples (one per line) and the
+    option that names the backbone (``backbone``: the tasks' ``model.backbone``, pre-training's ``model.variant``)."""
+    epilog = f"\noptions keep Lightning's spelling: --{backbone} (the backbone variant), --ckpt_path, --trainer.*"
+    return {
+        # jsonargparse gives a subcommand its parent's formatter: it is set on the main parser
+        "formatter_class": _ExampleHelpFormatter,
+        **{subcommand: {"epilog": "examples:\n" + text + epilog} for subcommand, text in examples.items()},
+    }
 
 
 class RSVHeatCLI(LightningCLI):
@@ -178,4 +196,15 @@ def task_cli(argv: list[str] | None = None) -> None:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "runs/task"},
+        parser_kwargs=with_examples(
+            {
+                "fit": "  rsvheat fit --config configs/segmentation/landsat_tiny_cpu.yaml\n"
+                "  rsvheat fit --config configs/segmentation/potsdam_rsvheat_base.yaml --model.weights vheat_base "
+                "--data.batch_size 4\n"
+                "  rsvheat fit --config configs/segmentation/landsat_tiny_cpu.yaml --ckpt_path last   # resume",
+                "validate": "  rsvheat validate --config configs/segmentation/landsat_tiny_cpu.yaml --ckpt_path best",
+                "test": "  rsvheat test --config configs/segmentation/landsat_tiny_cpu.yaml --ckpt_path best",
+                "predict": "  rsvheat predict --config configs/segmentation/landsat_tiny_cpu.yaml --ckpt_path best",
+            }
+        ),
     )

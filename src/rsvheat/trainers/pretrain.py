@@ -206,7 +206,7 @@ def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pat
 def pretrain_cli(argv: list[str] | None = None) -> None:
     """``rsvheat pretrain --config configs/pretrain/<name>.yaml [--section.option value ...] [--ckpt_path last]``."""
     from rsvheat.datamodules.pretrain import PretrainDataModule
-    from rsvheat.trainers.cli import RSVHeatCLI
+    from rsvheat.trainers.cli import RSVHeatCLI, with_examples
 
     class PretrainCLI(RSVHeatCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -233,4 +233,11 @@ def pretrain_cli(argv: list[str] | None = None) -> None:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "runs/pretrain"},
+        parser_kwargs=with_examples(
+            {
+                "fit": "  rsvheat pretrain --config configs/pretrain/rsvheat_tiny_bigearthnet_landsat.yaml\n"
+                "  rsvheat pretrain --config configs/pretrain/rsvheat_base_paper.yaml --ckpt_path last   # resume"
+            },
+            backbone="model.variant",
+        ),
     )
