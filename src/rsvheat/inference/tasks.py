@@ -32,9 +32,15 @@ from rsvheat.models.precision import autocast, check_precision
 
 
 def _task_classes() -> dict:
-    from rsvheat.trainers import ChangeDetectionTask, ClassificationTask, DetectionTask, SegmentationTask
+    from rsvheat.trainers import (
+        ChangeDetectionTask,
+        ClassificationTask,
+        DetectionTask,
+        MultiLabelClassificationTask,
+        SegmentationTask,
+    )
 
-    tasks = (ClassificationTask, SegmentationTask, ChangeDetectionTask, DetectionTask)
+    tasks = (ClassificationTask, MultiLabelClassificationTask, SegmentationTask, ChangeDetectionTask, DetectionTask)
     return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in tasks}
 
 
@@ -124,6 +130,52 @@ def predict_scene(
     ``precision``: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the model's forward passes on ``device``, spectral
     transforms in float32; :mod:`rsvheat.models.precision`). Probabilities are written as float32 either way.
     """
+    images = [Path(p) for p in images]
+    bands = list(bands) if bands is not None else [None] * len(images)
+    check_precision(precision)
+    _check_request(checkpoint, images, bands, output, probabilities, tile, overlap, batch_size, overwrite)
+    device = resolve_device(device)
+    task, meta = load_task(checkpoint, device)
+    return map_scene(
+        task,
+        meta,
+        images,
+        output,
+        probabilities,
+        bands,
+        tile,
+        overlap,
+        batch_size,
+        device,
+        overwrite=overwrite,
+        cog=cog,
+        progress=progress,
+        precision=precision,
+        checkpoint=checkpoint,
+    )
+
+
+def map_scene(
+    task,
+    meta: dict,
+    images: Sequence[str | Path],
+    output: str | Path,
+    probabilities: str | Path | None = None,
+    bands: Sequence[Sequence[int] | None] | None = None,
+    tile: int = 512,
+    overlap: int = 128,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    cog: bool = True,
+    progress: bool = True,
+    precision: str = "fp32",
+    checkpoint: str | Path | None = None,
+) -> list[Path]:
+    """:func:`predict_scene` with the task already loaded (``task, meta = load_task(...)`` on ``device``), so that
+    one process maps many scenes with one read of the checkpoint (:mod:`rsvheat.inference.batch`). The request is
+    checked as :func:`predict_scene` checks it; ``checkpoint`` (optional) names the model in messages and is never
+    accepted as an output."""
     import rasterio
 
     from rsvheat.trainers import DetectionTask
@@ -131,9 +183,10 @@ def predict_scene(
     images = [Path(p) for p in images]
     bands = list(bands) if bands is not None else [None] * len(images)
     check_precision(precision)
+    # cheap (headers only), and the rasters of a batch are not checked before its first scene starts
     _check_request(checkpoint, images, bands, output, probabilities, tile, overlap, batch_size, overwrite)
-    device = resolve_device(device)
-    task, meta = load_task(checkpoint, device)
+    device = torch.device(device)
+    source = checkpoint if checkpoint is not None else "the model"
     detection = isinstance(task, DetectionTask)
     suffixes, kind = (
         (GEOJSON, "boxes (GeoJSON, or JSON in pixels)")
@@ -142,7 +195,7 @@ def predict_scene(
     )
     check_output(output, overwrite, suffixes, kind)
     if detection and probabilities is not None:
-        raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
+        raise ValueError(f"{source} is a detection model: it writes boxes only, drop --probabilities")
     inputs = _scene_inputs(task, images, bands)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, task.modalities, meta["stats"]) as scene:
         scene.check_statistics()  # a scene in other units than the training data: say so before the long run
@@ -197,7 +250,7 @@ def _check_request(checkpoint, images, bands, output, probabilities, tile, overl
     refuse_existing(output, overwrite)
     if probabilities is not None:
         check_output(probabilities, overwrite, TIFF, "probabilities (a GeoTIFF)")
-    refuse_inputs_as_outputs([output, probabilities], [checkpoint, *images])
+    refuse_inputs_as_outputs([output, probabilities], [p for p in (checkpoint, *images) if p is not None])
     for image in images:  # a bad raster is named before the (possibly large) checkpoint is read
         image_header(image)
 
