@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
 from rsvheat.operators.dct import DctImpl
 from rsvheat.operators.heat import HeatConduction, resize_embedding, tensor_version
+from rsvheat.operators.recompute import gelu_linear
 
 __all__ = ["RSVHeat", "VARIANTS", "create_model", "create_model_from_weights"]
 
@@ -79,7 +80,8 @@ class Downsample(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``Linear -> GELU -> Linear`` on channels-last rows."""
+    """``Linear -> GELU -> Linear`` on channels-last rows, ``(..., C) -> (..., C)``; under autograd the GELU is
+    recomputed in the backward (:func:`~rsvheat.operators.recompute.gelu_linear`)."""
 
     #: Inference processes rows in chunks whose hidden activations stay below this many elements: the buffer is then
     #: recycled by the allocator instead of page-faulted in afresh, and stays warm in cache for the second GEMM.
@@ -92,7 +94,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not x.is_contiguous():
+        if torch.is_grad_enabled():
+            # GELU recomputed in the backward: autograd keeps the 4C hidden field once (fc1's output), not twice.
+            return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
+        if not x.is_contiguous():
             return self.fc2(self.act(self.fc1(x)))
         rows = x.view(-1, x.shape[-1])
         # `out=` kernels bypass autocast (it casts only in the dispatcher's functional ops): under autocast the second

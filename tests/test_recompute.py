@@ -1,0 +1,90 @@
+"""Exactness of the training path's recompute-in-backward autograd functions (rsvheat.operators.recompute).
+
+The reference is the plain autograd composition of the same torch ops, written out here: the functions are patched
+out of the model for the reference pass, so every parameter's gradient is compared with what autograd gives.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rsvheat.models.rsvheat as rsvheat_module
+from rsvheat.operators.recompute import (
+    gelu_linear,
+)
+from tests.conftest import micro_model
+
+
+def _plain_gelu_linear(h, weight, bias=None):
+    return F.linear(F.gelu(h), weight, bias)
+
+
+def _use_plain_autograd(monkeypatch):
+    """Patch the recompute functions out of the model: the reference pass is the plain autograd composition."""
+    monkeypatch.setattr(rsvheat_module, "gelu_linear", _plain_gelu_linear)
+
+
+def test_gelu_linear_gradcheck_float64():
+    h = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gelu_linear, (h, w, b))
+    assert torch.autograd.gradcheck(gelu_linear, (h, w))  # no bias
+
+
+def _grads(model, x, seed):
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same drop-path masks in every pass
+    model(x).square().mean().backward()
+    return {"input": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_every_gradient_equals_plain_autograd_float64(monkeypatch, post_norm, checkpointing):
+    # odd sides, drop path on, float64: every parameter's gradient and the input's, against the plain composition
+    torch.manual_seed(0)
+    model = micro_model(post_norm=post_norm, layer_scale=1e-5 if post_norm else None, drop_path_rate=0.2).double()
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
+    fused = _grads(model, x, seed=1)
+    _use_plain_autograd(monkeypatch)
+    plain = _grads(model, x, seed=1)
+    assert all(g is not None for g in plain.values())
+    for name, expected in plain.items():
+        torch.testing.assert_close(fused[name], expected, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_autocast_bf16_training_step_matches_plain_autocast(monkeypatch):
+    torch.manual_seed(0)
+    model = micro_model()
+    x = torch.randn(2, 3, 37, 41)
+
+    def grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    fused = grads()
+    _use_plain_autograd(monkeypatch)
+    plain = grads()
+    for name, expected in plain.items():
+        got = fused[name]
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), name
+        # bf16 GEMMs on both sides; the gate's LN runs in float32 here, autocast's CPU LN in bf16
+        scale = expected.abs().max().clamp_min(1e-12)
+        assert (got - expected).abs().max() / scale < 5e-2, name
+
+
+def test_inference_keeps_its_paths():
+    # without autograd no recompute function is recorded (and none is needed): outputs equal under no_grad and grad
+    model = micro_model().eval()
+    x = torch.randn(1, 3, 33, 35)
+    with torch.no_grad():
+        expected = model(x)
+    out = model(x)
+    assert out.grad_fn is not None
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-6)
