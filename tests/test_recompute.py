@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import rsvheat.models.rsvheat as rsvheat_module
+import rsvheat.operators.heat as heat_module
 from rsvheat.operators.recompute import (
+    _GatedProjection,
+    gated_projection,
     gelu_linear,
 )
 from tests.conftest import micro_model
@@ -19,9 +22,14 @@ def _plain_gelu_linear(h, weight, bias=None):
     return F.linear(F.gelu(h), weight, bias)
 
 
+def _plain_gated_projection(c, z, norm, proj):
+    return proj(norm(c) * F.silu(z))
+
+
 def _use_plain_autograd(monkeypatch):
     """Patch the recompute functions out of the model: the reference pass is the plain autograd composition."""
     monkeypatch.setattr(rsvheat_module, "gelu_linear", _plain_gelu_linear)
+    monkeypatch.setattr(heat_module, "gated_projection", _plain_gated_projection)
 
 
 def test_gelu_linear_gradcheck_float64():
@@ -30,6 +38,33 @@ def test_gelu_linear_gradcheck_float64():
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(gelu_linear, (h, w, b))
     assert torch.autograd.gradcheck(gelu_linear, (h, w))  # no bias
+
+
+def test_gated_projection_gradcheck_float64():
+    norm = torch.nn.LayerNorm(6).double()
+    proj = torch.nn.Linear(6, 5).double()
+    with torch.no_grad():  # not the identity affine: its gradient terms must show
+        norm.weight.normal_()
+        norm.bias.normal_()
+    c = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = (norm.weight, norm.bias, proj.weight, proj.bias)
+
+    def fn(c, z, nw, nb, pw, pb):
+        return _GatedProjection.apply(c, z, nw, nb, norm.eps, pw, pb)
+
+    assert torch.autograd.gradcheck(fn, (c, z, *params))
+    # and the module-level wrapper equals the plain composition
+    torch.testing.assert_close(gated_projection(c, z, norm, proj), _plain_gated_projection(c, z, norm, proj))
+
+
+def test_partial_gradients_only_for_what_requires_them():
+    norm, proj = torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
+    proj.requires_grad_(False)
+    c = torch.randn(2, 5, 4, requires_grad=True)
+    z = torch.randn(2, 5, 4)  # no gradient wanted
+    gated_projection(c, z, norm, proj).sum().backward()
+    assert c.grad is not None and norm.weight.grad is not None and proj.weight.grad is None
 
 
 def _grads(model, x, seed):
@@ -46,6 +81,10 @@ def test_every_gradient_equals_plain_autograd_float64(monkeypatch, post_norm, ch
     # odd sides, drop path on, float64: every parameter's gradient and the input's, against the plain composition
     torch.manual_seed(0)
     model = micro_model(post_norm=post_norm, layer_scale=1e-5 if post_norm else None, drop_path_rate=0.2).double()
+    with torch.no_grad():  # non-trivial LN affines in the gate
+        for block in (b for s in model.stages for b in s.blocks):
+            block.hco.out_norm.weight.normal_()
+            block.hco.out_norm.bias.normal_()
     model.set_grad_checkpointing(checkpointing)
     x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
     fused = _grads(model, x, seed=1)

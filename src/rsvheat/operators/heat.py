@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsvheat.operators.dct import DctImpl, _fft_dct_last, autocast_off, dct2d, dct_basis
+from rsvheat.operators.recompute import gated_projection
 
 
 @lru_cache(maxsize=64)
@@ -209,10 +210,10 @@ class HeatConduction(nn.Module):
         filt = self.decay_filter(freq_embed)
         conducted = heat_conduct(u, filt, self.dct_impl, overwrite=not return_states)
         if torch.is_grad_enabled():
-            gated = self.out_norm(conducted) * F.silu(z)
+            # LN, SiLU and their product recomputed in the backward: autograd keeps conducted and z only.
+            out = gated_projection(conducted, z, self.out_norm, self.out_proj)
         else:
-            gated = self.out_norm(conducted).mul_(F.silu(z, inplace=True))
-        out = self.out_proj(gated)
+            out = self.out_proj(self.out_norm(conducted).mul_(F.silu(z, inplace=True)))
         if not return_states:
             return out
         states = dict(

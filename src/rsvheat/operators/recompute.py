@@ -1,15 +1,17 @@
 """Autograd functions that keep fewer activations for the backward pass: the GEMMs' inputs are saved, the cheap
-element-wise parts between them are recomputed in the backward.
+element-wise parts between them (GELU, SiLU, LayerNorm, the gate product) are recomputed in the backward.
 
 Plain autograd keeps, per token, every element-wise op's input and output that a later op needs: for the MLP
-``fc2(GELU(h))`` both ``h`` and ``GELU(h)`` (4C each). :func:`gelu_linear` saves only ``h``; no GEMM is run twice. Its
-gradients equal autograd's (same ATen backward kernels; tested in float64). (The heat operator itself needs no such
-function: its DCT bases need no gradient, so autograd already keeps only the spectrum that the filter multiplies.)
+``fc2(GELU(h))`` both ``h`` and ``GELU(h)`` (4C each); for the HCO gate ``out_proj(LN(c) * SiLU(z))`` the fields
+``c``, ``LN(c)``, ``z``, ``SiLU(z)`` and the product. The functions here save only ``h``; ``c`` and ``z``. No GEMM is
+run twice. Their gradients equal autograd's (same ATen backward kernels; tested in float64). (The heat operator itself
+needs no such function: its DCT bases need no gradient, so autograd already keeps only the spectrum that the filter
+multiplies.)
 
-It is meant for training (autograd recording); the models call it only then, and keep their in-place inference paths
-otherwise. Under autocast the forward's GEMM runs in autocast's dtype as a plain ``F.linear`` would, and the backward
-runs its GEMMs in the dtype of the incoming gradient (the forward GEMM's output dtype) with autocast off, as autograd's
-own linear backward does, so the result is the same on CPU and CUDA.
+They are meant for training (autograd recording); the models call them only then, and keep their in-place inference
+paths otherwise. Under autocast the forward's GEMM runs in autocast's dtype as a plain ``F.linear`` would, and the
+backward runs its GEMMs in the dtype of the incoming gradient (the forward GEMM's output dtype) with autocast off, as
+autograd's own linear backward does, so the result is the same on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from rsvheat.operators.dct import autocast_off
 
-__all__ = ["gelu_linear"]
+__all__ = ["gated_projection", "gelu_linear"]
 
 
 def _linear_backward(
@@ -61,3 +63,76 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     Under autograd only ``h`` is kept for the backward (the MLP's hidden activation is saved once, not twice)."""
     return _GeluLinear.apply(h, weight, bias)
+
+
+class _GatedProjection(torch.autograd.Function):
+    """``F.linear(LN(c) * SiLU(z), proj_w, proj_b)`` keeping ``c`` and ``z`` only; ``LN(c)``, ``SiLU(z)`` and their
+    product are recomputed in the backward (the LN statistics too: one cheap reduction, bitwise the forward's)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        c: torch.Tensor,
+        z: torch.Tensor,
+        norm_w: torch.Tensor,
+        norm_b: torch.Tensor,
+        eps: float,
+        proj_w: torch.Tensor,
+        proj_b: torch.Tensor | None,
+    ) -> torch.Tensor:
+        gated, _, _ = _GatedProjection._gate(c, z, norm_w, norm_b, eps)
+        ctx.save_for_backward(c, z, norm_w, norm_b, proj_w)
+        ctx.eps, ctx.has_bias = eps, proj_b is not None
+        return F.linear(gated, proj_w, proj_b)
+
+    @staticmethod
+    def _gate(c: torch.Tensor, z: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, eps: float):
+        """``(LN(c) * SiLU(z), LN(c), SiLU(z), mean, rstd)`` minus the last two: ``(B, H, W, C)`` each. The LN runs
+        in the wider of the field's and its weight's dtypes (float32 for a bf16 field), as autocast does on CUDA."""
+        dtype = torch.promote_types(c.dtype, norm_w.dtype)
+        normed, mean, rstd = torch.native_layer_norm(
+            c.to(dtype), (c.shape[-1],), norm_w.to(dtype), norm_b.to(dtype), eps
+        )
+        act = F.silu(z)
+        return normed * act, (normed, act), (mean, rstd)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        c, z, norm_w, norm_b, proj_w = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with autocast_off(grad):
+            gated, (normed, act), (mean, rstd) = _GatedProjection._gate(c, z, norm_w, norm_b, ctx.eps)
+            grad_gated, grad_pw, grad_pb = _linear_backward(
+                grad, gated, proj_w, (needs[0] or needs[1] or needs[2] or needs[3], needs[5], needs[6] and ctx.has_bias)
+            )
+            grad_z = grad_c = grad_nw = grad_nb = None
+            if grad_gated is not None:
+                if needs[1]:
+                    grad_z = torch.ops.aten.silu_backward((grad_gated * normed).to(z.dtype), z)
+                if needs[0] or needs[2] or needs[3]:
+                    dtype = normed.dtype
+                    grad_c, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                        (grad_gated * act).to(dtype),
+                        c.to(dtype),
+                        (c.shape[-1],),
+                        mean,
+                        rstd,
+                        norm_w.to(dtype),
+                        norm_b.to(dtype),
+                        [needs[0], needs[2], needs[3]],
+                    )
+                    grad_c = grad_c.to(c.dtype) if grad_c is not None else None
+                    grad_nw = grad_nw.to(norm_w.dtype) if grad_nw is not None else None
+                    grad_nb = grad_nb.to(norm_b.dtype) if grad_nb is not None else None
+        return grad_c, grad_z, grad_nw, grad_nb, None, grad_pw, grad_pb
+
+
+def gated_projection(
+    c: torch.Tensor,
+    z: torch.Tensor,
+    norm: torch.nn.LayerNorm,
+    proj: torch.nn.Linear,
+) -> torch.Tensor:
+    """The HCO's output gate and projection, ``proj(norm(c) * SiLU(z))``: ``c``, ``z`` ``(B, H, W, C)`` ->
+    ``(B, H, W, C_out)``. Under autograd only ``c`` and ``z`` are kept for the backward."""
+    return _GatedProjection.apply(c, z, norm.weight, norm.bias, norm.eps, proj.weight, proj.bias)
