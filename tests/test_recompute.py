@@ -11,7 +11,9 @@ import torch.nn.functional as F
 import rsvheat.models.rsvheat as rsvheat_module
 import rsvheat.operators.heat as heat_module
 from rsvheat.operators.recompute import (
+    _CorrectedDepthwiseConv,
     _GatedProjection,
+    corrected_depthwise_conv,
     gated_projection,
     gelu_linear,
 )
@@ -26,10 +28,15 @@ def _plain_gated_projection(c, z, norm, proj):
     return proj(norm(c) * F.silu(z))
 
 
+def _plain_corrected_depthwise_conv(x, sce, norm, conv):
+    return conv(norm(F.relu(x + sce)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 def _use_plain_autograd(monkeypatch):
     """Patch the recompute functions out of the model: the reference pass is the plain autograd composition."""
     monkeypatch.setattr(rsvheat_module, "gelu_linear", _plain_gelu_linear)
     monkeypatch.setattr(heat_module, "gated_projection", _plain_gated_projection)
+    monkeypatch.setattr(heat_module, "corrected_depthwise_conv", _plain_corrected_depthwise_conv)
 
 
 def test_gelu_linear_gradcheck_float64():
@@ -58,6 +65,26 @@ def test_gated_projection_gradcheck_float64():
     torch.testing.assert_close(gated_projection(c, z, norm, proj), _plain_gated_projection(c, z, norm, proj))
 
 
+def test_corrected_depthwise_conv_gradcheck_float64():
+    norm = torch.nn.LayerNorm(4).double()
+    conv = torch.nn.Conv2d(4, 4, kernel_size=3, padding=1, groups=4).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    # odd sides; the ReLU's kink is avoided by finite differences' step at these magnitudes
+    x = torch.randn(2, 5, 7, 4, dtype=torch.float64, requires_grad=True)
+    sce = torch.randn(5, 7, 4, dtype=torch.float64, requires_grad=True)
+    params = (norm.weight, norm.bias, conv.weight, conv.bias)
+
+    def fn(x, sce, nw, nb, cw, cb):
+        return _CorrectedDepthwiseConv.apply(x, sce, nw, nb, norm.eps, cw, cb)
+
+    assert torch.autograd.gradcheck(fn, (x, sce, *params))
+    torch.testing.assert_close(
+        corrected_depthwise_conv(x, sce, norm, conv), _plain_corrected_depthwise_conv(x, sce, norm, conv)
+    )
+
+
 def test_partial_gradients_only_for_what_requires_them():
     norm, proj = torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
     proj.requires_grad_(False)
@@ -81,10 +108,11 @@ def test_every_gradient_equals_plain_autograd_float64(monkeypatch, post_norm, ch
     # odd sides, drop path on, float64: every parameter's gradient and the input's, against the plain composition
     torch.manual_seed(0)
     model = micro_model(post_norm=post_norm, layer_scale=1e-5 if post_norm else None, drop_path_rate=0.2).double()
-    with torch.no_grad():  # non-trivial LN affines in the gate
+    with torch.no_grad():  # non-trivial LN affines in the gate and the SCE correction
         for block in (b for s in model.stages for b in s.blocks):
-            block.hco.out_norm.weight.normal_()
-            block.hco.out_norm.bias.normal_()
+            for norm in (block.hco.out_norm, block.hco.sce_norm):
+                norm.weight.normal_()
+                norm.bias.normal_()
     model.set_grad_checkpointing(checkpointing)
     x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
     fused = _grads(model, x, seed=1)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsvheat.operators.dct import DctImpl, _fft_dct_last, autocast_off, dct2d, dct_basis
-from rsvheat.operators.recompute import gated_projection
+from rsvheat.operators.recompute import corrected_depthwise_conv, gated_projection
 
 
 @lru_cache(maxsize=64)
@@ -198,12 +198,17 @@ class HeatConduction(nn.Module):
         """x: ``(B, H, W, C)``; freq_embed, sce: ``(H, W, C)``. With ``return_states`` also a dict of the fields
         (for heat maps): ``corrected`` (after SCE), ``source`` (HCO input u), ``spectrum`` (its DCT), ``conducted``
         (after the IDCT), ``filter``."""
-        if self.sce_norm is not None:
-            if sce is None:
-                raise ValueError("this HCO was built with a spatial correction embedding (SCE) but none was given")
-            x = self.sce_norm(F.relu(x + sce))
-        corrected = x
-        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if self.sce_norm is not None and sce is None:
+            raise ValueError("this HCO was built with a spatial correction embedding (SCE) but none was given")
+        corrected = None
+        if self.sce_norm is not None and torch.is_grad_enabled() and not return_states:
+            # x + SCE, ReLU and LN recomputed in the backward: autograd keeps x only, not the ReLU and LN outputs.
+            x = corrected_depthwise_conv(x, sce, self.sce_norm, self.dwconv)
+        else:
+            if self.sce_norm is not None:
+                x = self.sce_norm(F.relu(x + sce))
+            corrected = x
+            x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         # Two half-size GEMMs instead of one + chunk: both halves come out contiguous for the DCT.
         u = F.linear(x, self.in_proj.weight[: self.dim], self.in_proj.bias[: self.dim])
         z = F.linear(x, self.in_proj.weight[self.dim :], self.in_proj.bias[self.dim :])

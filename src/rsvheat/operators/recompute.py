@@ -1,12 +1,13 @@
-"""Autograd functions that keep fewer activations for the backward pass: the GEMMs' inputs are saved, the cheap
-element-wise parts between them (GELU, SiLU, LayerNorm, the gate product) are recomputed in the backward.
+"""Autograd functions that keep fewer activations for the backward pass: the GEMMs' and convolutions' inputs are
+saved, the cheap element-wise parts between them (GELU, SiLU, ReLU, LayerNorm, the gate product) are recomputed in the
+backward.
 
 Plain autograd keeps, per token, every element-wise op's input and output that a later op needs: for the MLP
 ``fc2(GELU(h))`` both ``h`` and ``GELU(h)`` (4C each); for the HCO gate ``out_proj(LN(c) * SiLU(z))`` the fields
-``c``, ``LN(c)``, ``z``, ``SiLU(z)`` and the product. The functions here save only ``h``; ``c`` and ``z``. No GEMM is
-run twice. Their gradients equal autograd's (same ATen backward kernels; tested in float64). (The heat operator itself
-needs no such function: its DCT bases need no gradient, so autograd already keeps only the spectrum that the filter
-multiplies.)
+``c``, ``LN(c)``, ``z``, ``SiLU(z)`` and the product; for RS-vHeat's correction ``dwconv(LN(ReLU(x + SCE)))`` the ReLU's
+and the LN's outputs. The functions here save only ``h``; ``c`` and ``z``; ``x``. No GEMM or convolution is run twice.
+Their gradients equal autograd's (same ATen backward kernels; tested in float64). (The heat operator itself needs no
+such function: its DCT bases need no gradient, so autograd already keeps only the spectrum that the filter multiplies.)
 
 They are meant for training (autograd recording); the models call them only then, and keep their in-place inference
 paths otherwise. Under autocast the forward's GEMM runs in autocast's dtype as a plain ``F.linear`` would, and the
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from rsvheat.operators.dct import autocast_off
 
-__all__ = ["gated_projection", "gelu_linear"]
+__all__ = ["corrected_depthwise_conv", "gated_projection", "gelu_linear"]
 
 
 def _linear_backward(
@@ -136,3 +137,89 @@ def gated_projection(
     """The HCO's output gate and projection, ``proj(norm(c) * SiLU(z))``: ``c``, ``z`` ``(B, H, W, C)`` ->
     ``(B, H, W, C_out)``. Under autograd only ``c`` and ``z`` are kept for the backward."""
     return _GatedProjection.apply(c, z, norm.weight, norm.bias, norm.eps, proj.weight, proj.bias)
+
+
+class _CorrectedDepthwiseConv(torch.autograd.Function):
+    """RS-vHeat's SCE correction and the HCO's depthwise conv, ``dwconv(LN(ReLU(x + sce)))``, keeping ``x`` only:
+    ``x + sce``, the ReLU, the LN and its statistics are recomputed in the backward (plain autograd keeps the ReLU's
+    output for the LN and the LN's output for the conv's weight gradient)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        sce: torch.Tensor,
+        norm_w: torch.Tensor,
+        norm_b: torch.Tensor,
+        eps: float,
+        conv_w: torch.Tensor,
+        conv_b: torch.Tensor | None,
+    ) -> torch.Tensor:
+        _, _, normed, _ = _CorrectedDepthwiseConv._correct(x, sce, norm_w, norm_b, eps)
+        ctx.save_for_backward(x, sce, norm_w, norm_b, conv_w)
+        ctx.eps, ctx.has_bias = eps, conv_b is not None
+        # (B, H, W, C) viewed as NCHW is channels_last: the conv reads and writes it without a copy
+        return F.conv2d(normed.permute(0, 3, 1, 2), conv_w, conv_b, padding=1, groups=conv_w.shape[0]).permute(
+            0, 2, 3, 1
+        )
+
+    @staticmethod
+    def _correct(x: torch.Tensor, sce: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, eps: float):
+        """``(ReLU(x + sce), (mean, rstd), LN(ReLU(x + sce)), dtype)``, ``(B, H, W, C)`` fields; the LN runs in the
+        wider of the field's and its weight's dtypes."""
+        act = F.relu(x + sce)
+        dtype = torch.promote_types(act.dtype, norm_w.dtype)
+        act = act.to(dtype)
+        normed, mean, rstd = torch.native_layer_norm(act, (act.shape[-1],), norm_w.to(dtype), norm_b.to(dtype), eps)
+        return act, (mean, rstd), normed, dtype
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, sce, norm_w, norm_b, conv_w = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = grad_sce = grad_nw = grad_nb = grad_cw = grad_cb = None
+        with autocast_off(grad):
+            act, (mean, rstd), normed, dtype = _CorrectedDepthwiseConv._correct(x, sce, norm_w, norm_b, ctx.eps)
+            want_input = needs[0] or needs[1] or needs[2] or needs[3]
+            grad_normed, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
+                grad.permute(0, 3, 1, 2),
+                normed.to(grad.dtype).permute(0, 3, 1, 2),
+                conv_w.to(grad.dtype),
+                [conv_w.shape[0]] if ctx.has_bias else None,
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                False,
+                [0, 0],
+                conv_w.shape[0],
+                [want_input, needs[5], needs[6] and ctx.has_bias],
+            )
+            grad_cw = grad_cw.to(conv_w.dtype) if grad_cw is not None else None
+            grad_cb = grad_cb.to(conv_w.dtype) if grad_cb is not None else None
+            if want_input:
+                grad_act, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                    grad_normed.permute(0, 2, 3, 1).to(dtype),
+                    act,
+                    (act.shape[-1],),
+                    mean,
+                    rstd,
+                    norm_w.to(dtype),
+                    norm_b.to(dtype),
+                    [needs[0] or needs[1], needs[2], needs[3]],
+                )
+                grad_nw = grad_nw.to(norm_w.dtype) if grad_nw is not None else None
+                grad_nb = grad_nb.to(norm_b.dtype) if grad_nb is not None else None
+                if grad_act is not None:
+                    grad_pre = torch.ops.aten.threshold_backward(grad_act, act, 0)  # ReLU's, from its output
+                    grad_x = grad_pre.to(x.dtype) if needs[0] else None
+                    grad_sce = grad_pre.sum(0).to(sce.dtype) if needs[1] else None
+        return grad_x, grad_sce, grad_nw, grad_nb, None, grad_cw, grad_cb
+
+
+def corrected_depthwise_conv(
+    x: torch.Tensor, sce: torch.Tensor, norm: torch.nn.LayerNorm, conv: torch.nn.Conv2d
+) -> torch.Tensor:
+    """``conv(norm(ReLU(x + sce)))`` on channels-last fields: ``x`` ``(B, H, W, C)``, ``sce`` ``(H, W, C)``, ``conv`` a
+    3x3 depthwise ``nn.Conv2d`` (padding 1) -> ``(B, H, W, C)``. Under autograd only ``x`` (and the small ``sce``) is
+    kept for the backward."""
+    return _CorrectedDepthwiseConv.apply(x, sce, norm.weight, norm.bias, norm.eps, conv.weight, conv.bias)
