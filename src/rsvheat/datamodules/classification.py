@@ -57,15 +57,24 @@ class ClassificationDataModule(TaskDataModule):
         stats_samples: int = 256,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples)
-        self.root = resolve_root(root) if Path(root).is_dir() else Path(root)
-        self.classes, samples = scan_class_folders(self.root, classes)
-        self.samples = samples
         self.img_size, self.bands = img_size, bands
         self.modality, self.band_count = one_stem(channels, "classification")
+        self.root, self.classes, self.samples = self.scan(root, classes)
         self.predict_dir = predict_dir
         default_file = f"splits/{self.root.name}_tr{train_ratio:g}_val{val_ratio:g}_seed{seed}.json"
         self.split_file = Path(split_file or default_file)
         self.split = self._load_or_write_split(train_ratio, val_ratio, seed)
+
+    def scan(self, root: str, classes: Sequence[str] | None) -> tuple[Path, list[str], list[tuple[str, object]]]:
+        """``(root, classes, [(path relative to root, label), ...])`` of the dataset; here the class folders. The
+        multi-label data module reads its own layouts and keeps the split, statistics and loaders of this class."""
+        folder = resolve_root(root) if Path(root).is_dir() else Path(root)
+        found, samples = scan_class_folders(folder, classes)
+        return folder, found, samples
+
+    def strata(self) -> list[int]:
+        """One group per sample for :func:`stratified_split` (here its class)."""
+        return [label for _, label in self.samples]
 
     @property
     def channels(self) -> dict[str, int]:
@@ -97,7 +106,7 @@ class ClassificationDataModule(TaskDataModule):
             if missing:
                 raise ValueError(f"{self.split_file}: lists files that are not in {self.root}, e.g. {missing}")
             return split
-        indices = stratified_split([label for _, label in self.samples], train_ratio, val_ratio, seed)
+        indices = stratified_split(self.strata(), train_ratio, val_ratio, seed)
         split = {
             "root": str(self.root),
             "classes": self.classes,
@@ -146,7 +155,8 @@ class ClassificationDataModule(TaskDataModule):
         if split == "predict":
             if self.predict_dir is None:
                 return None
-            return UnlabelledImages({"image": self.predict_dir}, self.channels, stats, {"image": self.modality})
+            bands = {self.modality: self.bands} if self.bands else None  # the training band selection
+            return UnlabelledImages({"image": self.predict_dir}, self.channels, stats, {"image": self.modality}, bands)
         # no validation share: no validation data (the test split is never used to pick a model)
         files = self.split[split]
         return self._dataset(files, stats, train=split == "train") if files else None
