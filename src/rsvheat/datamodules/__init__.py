@@ -3,6 +3,7 @@
 from rsvheat.datamodules.change import ChangeDetectionDataModule
 from rsvheat.datamodules.classification import ClassificationDataModule
 from rsvheat.datamodules.detection import DetectionDataModule
+from rsvheat.datamodules.multilabel import MultiLabelDataModule
 from rsvheat.datamodules.pretrain import PretrainDataModule
 from rsvheat.datamodules.segmentation import SegmentationDataModule
 
@@ -10,6 +11,7 @@ __all__ = [
     "ChangeDetectionDataModule",
     "ClassificationDataModule",
     "DetectionDataModule",
+    "MultiLabelDataModule",
     "PretrainDataModule",
     "SegmentationDataModule",
 ]
