@@ -77,8 +77,9 @@ class MultiLabelClassificationTask(TaskModule):
     decision, micro), ``AA`` (per-class accuracy averaged), ``F1_micro``, ``F1_macro``, ``mAP_macro`` (average
     precision per class, averaged over the classes that have a positive among the evaluated images: see
     :class:`PresentClassAP`; threshold-free, the checkpoint's ranking metric) and ``mAP_micro`` (one precision-recall
-    curve over all image × class decisions). ``AA`` and ``F1_macro`` average over all ``K`` classes (torchmetrics'
-    convention: a class without positives or predictions scores F1 0). The test run also writes per-class precision,
+    curve over all image × class decisions). ``F1_macro`` averages over all ``K`` classes (torchmetrics' convention:
+    a class without positives or predictions scores F1 0). ``AA`` equals ``OA`` here, since every class is judged on
+    every image; it is kept for the names TorchGeo's tasks log. The test run also writes per-class precision,
     recall, F1, AP and positives (CSV) into the log folder; prediction writes every image's per-class probabilities
     and its predicted labels (CSV).
     """
