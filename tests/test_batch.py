@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 
 from rsvheat.inference.batch import (
     SUMMARY,
@@ -20,10 +21,30 @@ from rsvheat.inference.batch import (
     predict_scenes,
     split_by_size,
 )
+from rsvheat.trainers import SegmentationTask
 from tests.rasters import write
-from tests.test_export import segmentation_checkpoint
 
 FAST = ["--tile", "64", "--overlap", "16", "--device", "cpu", "--no-cog"]
+
+
+def segmentation_checkpoint(folder: Path) -> Path:
+    """A task checkpoint as ``rsvheat fit`` writes it, of a micro backbone and a narrow decoder: a scene of a few
+    64-pixel tiles is mapped in a fraction of a second, so the tests can map many."""
+    task = SegmentationTask(
+        num_classes=3,
+        backbone="rsvheat_tiny",
+        img_size=64,
+        decoder_width=16,
+        encoder_kwargs={"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]},
+    )
+    path = folder / "seg.ckpt"
+    meta = {
+        "task": "rsvheat.trainers.segmentation.SegmentationTask",
+        "stats": {"optical": {"mean": [0.0] * 3, "std": [1.0] * 3}},
+        "classes": ["water", "field", "town"],
+    }
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "rsvheat": meta}, path)
+    return path
 
 
 def scenes_in(folder: Path, shapes) -> list[Path]:
