@@ -19,6 +19,7 @@ from rsvheat.inference.batch import (
     collect_scenes,
     main,
     predict_scenes,
+    run,
     split_by_size,
 )
 from rsvheat.trainers import SegmentationTask
@@ -136,6 +137,20 @@ def test_scene_lists_and_refused_requests(tmp_path):
         (tmp_path / "plain.ckpt").write_bytes(b"")
         predict_scenes(tmp_path / "plain.ckpt", [a], tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    ckpt = segmentation_checkpoint(tmp_path)
+    with pytest.raises(SystemExit) as end:
+        run([str(ckpt), "-o", str(tmp_path / "out")])
+    assert end.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "rsvheat predict-scenes: error: no scenes given: name rasters or globs, or a list file (--list)\n"
+    )
+    with pytest.raises(SystemExit) as end:
+        run([str(ckpt), "--list", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "out")])
+    assert end.value.code == 2 and "cannot read the scene list" in capsys.readouterr().err
 
 
 def test_split_balances_pixels_deterministically():
