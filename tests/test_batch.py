@@ -199,3 +199,30 @@ def test_a_scene_of_the_batch_equals_predict_scene(tmp_path):
         with rasterio.open(tmp_path / alone) as a, rasterio.open(tmp_path / "out" / batch) as b:
             np.testing.assert_array_equal(a.read(), b.read())
             assert a.profile == b.profile and a.tags(1) == b.tags(1)
+
+
+def test_change_pairs_from_a_list_file(tmp_path):
+    """Pairs (``before|after``) mapped by a change-detection checkpoint: each named after its first raster."""
+    from rsvheat.trainers import ChangeDetectionTask
+
+    task = ChangeDetectionTask(
+        backbone="rsvheat_tiny",
+        img_size=64,
+        decoder_width=16,
+        encoder_kwargs={"depths": [1] * 4, "dims": [8, 16, 32, 64]},
+    )
+    meta = {
+        "task": "rsvheat.trainers.change.ChangeDetectionTask",
+        "stats": {"optical": {"mean": [0.0] * 3, "std": [1.0] * 3}},
+    }
+    ckpt = tmp_path / "cd.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "rsvheat": meta}, ckpt)
+    before, after, later = scenes_in(tmp_path / "in", [(64, 72), (64, 72), (64, 72)])
+    listing = tmp_path / "in/pairs.txt"
+    listing.write_text("scene0.tif | scene1.tif\nscene1.tif|scene2.tif\n")
+    summary = predict_scenes(ckpt, [], tmp_path / "out", list_file=listing, tile=64, device="cpu", progress=False)
+    assert summary["counts"]["ok"] == 2
+    assert [r["scene"] for r in summary["scenes"]] == [f"{before}|{after}", f"{after}|{later}"]
+    for name in ("scene0.tif", "scene1.tif"):
+        with rasterio.open(tmp_path / "out" / name) as change:
+            assert change.shape == (64, 72) and set(np.unique(change.read(1))) <= {0, 1}
