@@ -375,3 +375,55 @@ def test_checkpoint_round_trip_test_report_and_predictions(tmp_path):
         table = list(csv.DictReader(f))
     assert len(table) == len(PATCHES) and all(0 <= float(r["Pastures"]) <= 1 for r in table)
     assert all(set(filter(None, r["labels"].split(";"))) <= set(BIGEARTHNET_19) for r in table)
+
+
+# -- TorchGeo ----------------------------------------------------------------------------------------------------------
+
+
+def torchgeo_bigearthnet_root(root: Path, s2_folder: Path) -> Path:
+    """TorchGeo's BigEarthNet layout around an S2 folder: ``BigEarthNet-v1.0`` and the split CSVs of
+    ``s2 patch,s1 patch`` lines (every patch in every split; only the S2 side is read with ``bands="s2"``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "BigEarthNet-v1.0").symlink_to(s2_folder.resolve(), target_is_directory=True)
+    (root / "BigEarthNet-S1-v1.0").mkdir()
+    lines = "".join(f"{p.name},s1_{p.name}\n" for p in sorted(s2_folder.iterdir()) if p.is_dir())
+    for split in ("train", "val", "test"):
+        (root / f"bigearthnet-{split}.csv").write_text(lines)
+    return root
+
+
+def test_labels_agree_with_torchgeo_bigearthnet(tmp_path):
+    """Every one of the 43 labels, alone and in sets, gives the same 19- and 43-class vectors as TorchGeo's dataset
+    (its labels JSON is all either reads here)."""
+    datasets = pytest.importorskip("torchgeo.datasets")
+    s2 = tmp_path / "s2"
+    patches = {f"p{i:02d}": [name] for i, name in enumerate(BIGEARTHNET_43)}
+    patches.update(
+        {"x01": [BIGEARTHNET_43[0], BIGEARTHNET_43[1], BIGEARTHNET_43[42]], "x02": list(PATCHES.values())[1]}
+    )
+    for name, labels in patches.items():
+        (s2 / name).mkdir(parents=True)
+        (s2 / name / f"{name}_labels_metadata.json").write_text(json.dumps({"labels": labels}))
+    root = torchgeo_bigearthnet_root(tmp_path / "tg", s2)
+    for k in (19, 43):
+        theirs = datasets.BigEarthNet(str(root), split="train", bands="s2", num_classes=k)
+        classes, ours = scan_bigearthnet(s2, nomenclature=k)
+        assert classes == theirs.class_sets[k]
+        order = {Path(f["s2"]).name: i for i, f in enumerate(theirs.folders)}
+        for name, vector in ours:
+            assert theirs._load_target(order[name]).tolist() == list(vector), (k, name)
+
+
+@pytest.mark.skipif(not EXAMPLE.is_dir(), reason="run scripts/get_bigearthnet_example.py for the real patches")
+def test_task_trains_on_torchgeo_bigearthnet_samples(tmp_path):
+    """TorchGeo's BigEarthNet samples (12 bands, 120 x 120, multi-hot ``label``) train the task as they are."""
+    datasets = pytest.importorskip("torchgeo.datasets")
+    root = torchgeo_bigearthnet_root(tmp_path / "tg", EXAMPLE)
+    ds = datasets.BigEarthNet(str(root), split="train", bands="s2", num_classes=19)
+    batch = torch.utils.data.default_collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 12, 120, 120) and batch["label"].shape == (2, 19)
+    batch["image"] = (batch["image"] - 1500.0) / 1500.0  # roughly the example's scale (no transforms given)
+    task = MultiLabelClassificationTask(num_classes=19, modalities={"optical": 12}, img_size=120, **MICRO)
+    loss = task.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and task.model.stems.optical.conv1.weight.grad is not None
