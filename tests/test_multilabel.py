@@ -427,3 +427,23 @@ def test_task_trains_on_torchgeo_bigearthnet_samples(tmp_path):
     loss = task.training_step(batch, 0)
     loss.backward()
     assert torch.isfinite(loss) and task.model.stems.optical.conv1.weight.grad is not None
+
+
+def test_fixed_split_from_lists_like_bigearthnets_official_ones(tmp_path):
+    root = bigearthnet(tmp_path / "ben", PATCHES, bands=("B04", "B03", "B02"))
+    names = sorted(PATCHES)
+    lists = {}
+    for key, part in (("train", names[:3]), ("val", names[3:4]), ("test", names[4:5])):  # names[5]: in no list
+        lists[key] = str(tmp_path / f"{key}.csv")
+        Path(lists[key]).write_text("".join(f"{n},S1_{n}\n" for n in part))  # official lines: s2 patch,s1 patch
+    dm = MultiLabelDataModule(str(root), split_lists=lists, split_file=str(tmp_path / "unused.json"), num_workers=0)
+    assert dm.split == {"train": names[:3], "val": names[3:4], "test": names[4:5]} and dm.has_validation
+    assert not (tmp_path / "unused.json").exists()
+    Path(lists["test"]).write_text(f"{names[4]},x\nS2A_nowhere,x\n")
+    with pytest.raises(ValueError, match=r"test\.csv line 2: 'S2A_nowhere' is not a sample"):
+        MultiLabelDataModule(str(root), split_lists=lists)
+    Path(lists["test"]).write_text(f"{names[0]},x\n")
+    with pytest.raises(
+        ValueError, match=r"test\.csv line 1: 'S2A_a_1_1' is listed twice \(first at .*train\.csv line 1"
+    ):
+        MultiLabelDataModule(str(root), split_lists=lists)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +248,36 @@ def read_label_csv(
         found = sorted({label for _, labels in entries for label in labels})
     names = list(classes) if classes is not None else found
     return names, [(name, multi_hot(labels, names, f"{csv_path} line {seen[name]}")) for name, labels in entries]
+
+
+def read_split_lists(lists: Mapping[str, str | Path], names: Sequence[str]) -> dict[str, list[str]]:
+    """A fixed split (BigEarthNet's official ``train``/``val``/``test`` lists) from one CSV per split whose lines start
+    with a sample's name: a BigEarthNet S2 patch folder (the official lists' ``s2 patch,s1 patch`` lines) or an image
+    file of the CSV layout (a first line ``filename,...`` is taken as a header). Samples on disk that no list names
+    (BigEarthNet's patches under snow, cloud or shadow) are left out; a listed name that is not among ``names``, or one
+    listed twice, is an error naming the list and its line."""
+    split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    unknown = sorted(set(lists) - set(split))
+    if unknown or "train" not in lists:
+        raise ValueError(f"split lists are given for train, val and test (train required), got {sorted(lists)}")
+    known, seen = set(names), {}
+    for key, path in lists.items():
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{key} split list not found: {path}")
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            for line, row in enumerate(csv.reader(f), start=1):
+                name = row[0].strip() if row else ""
+                if not name or (line == 1 and name.lower() == "filename"):
+                    continue
+                where = f"{path} line {line}"
+                if name not in known:
+                    raise ValueError(f"{where}: {name!r} is not a sample of the dataset (no such patch or image)")
+                if name in seen:
+                    raise ValueError(f"{where}: {name!r} is listed twice (first at {seen[name]})")
+                seen[name] = where
+                split[key].append(name)
+    return split
 
 
 def rarest_label_strata(labels: Sequence[MultiHot]) -> list[int]:

@@ -12,6 +12,7 @@ from rsvheat.data.multilabel import (
     BigEarthNetPatches,
     rarest_label_strata,
     read_label_csv,
+    read_split_lists,
     scan_bigearthnet,
 )
 from rsvheat.data.stats import Stats
@@ -34,6 +35,10 @@ class MultiLabelDataModule(ClassificationDataModule):
         bands: CSV layout: 1-based band indices of every image (as in the single-label module). BigEarthNet: band
             names, e.g. ``["B04", "B03", "B02"]``; by default true colour for 3 channels, all twelve bands (B01 ...
             B12, 20/60 m bands resampled to 10 m) for 12.
+        split_lists: a fixed split instead of a drawn one: ``{train: csv, val: csv, test: csv}`` (``val`` and
+            ``test`` optional), each CSV's lines starting with a sample's name, e.g. BigEarthNet's official
+            ``train.csv``/``val.csv``/``test.csv`` (see :func:`~rsvheat.data.multilabel.read_split_lists`); the
+            ratios, ``seed`` and ``split_file`` are then unused.
         predict_dir: images (CSV layout) or patch folders (BigEarthNet) to predict; their labels are not read.
         train_ratio, val_ratio, seed, split_file, img_size, channels, batch_size, ...: as in
             :class:`~rsvheat.datamodules.ClassificationDataModule`; the split is stratified on each image's rarest
@@ -50,6 +55,7 @@ class MultiLabelDataModule(ClassificationDataModule):
         val_ratio: float = 0.2,
         seed: int = 0,
         split_file: str | None = None,
+        split_lists: dict[str, str] | None = None,
         img_size: int = 120,
         channels: dict[str, int] | None = None,
         bands: Sequence[int] | Sequence[str] | None = None,
@@ -60,7 +66,7 @@ class MultiLabelDataModule(ClassificationDataModule):
         stats: dict | None = None,
         stats_samples: int = 256,
     ) -> None:
-        self.labels_csv, self.nomenclature = labels, nomenclature
+        self.labels_csv, self.nomenclature, self.split_lists = labels, nomenclature, split_lists
         super().__init__(
             root,
             classes,
@@ -100,6 +106,11 @@ class MultiLabelDataModule(ClassificationDataModule):
         if len(self.bands) != self.band_count:
             raise ValueError(f"{len(self.bands)} BigEarthNet bands {list(self.bands)} for {self.band_count} channels")
         return (folder, *scan_bigearthnet(folder, classes, self.nomenclature))
+
+    def _load_or_write_split(self, train_ratio: float, val_ratio: float, seed: int) -> dict[str, list[str]]:
+        if self.split_lists is None:
+            return super()._load_or_write_split(train_ratio, val_ratio, seed)
+        return read_split_lists(self.split_lists, [name for name, _ in self.samples])
 
     def strata(self) -> list[int]:
         return rarest_label_strata([label for _, label in self.samples])
