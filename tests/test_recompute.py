@@ -13,15 +13,21 @@ import rsvheat.operators.heat as heat_module
 from rsvheat.operators.recompute import (
     _CorrectedDepthwiseConv,
     _GatedProjection,
+    _LayerNormLinear,
     corrected_depthwise_conv,
     gated_projection,
     gelu_linear,
+    layer_norm_linear,
 )
 from tests.conftest import micro_model
 
 
 def _plain_gelu_linear(h, weight, bias=None):
     return F.linear(F.gelu(h), weight, bias)
+
+
+def _plain_layer_norm_linear(x, norm, linear):
+    return linear(norm(x))
 
 
 def _plain_gated_projection(c, z, norm, proj):
@@ -35,6 +41,7 @@ def _plain_corrected_depthwise_conv(x, sce, norm, conv):
 def _use_plain_autograd(monkeypatch):
     """Patch the recompute functions out of the model: the reference pass is the plain autograd composition."""
     monkeypatch.setattr(rsvheat_module, "gelu_linear", _plain_gelu_linear)
+    monkeypatch.setattr(rsvheat_module, "layer_norm_linear", _plain_layer_norm_linear)
     monkeypatch.setattr(heat_module, "gated_projection", _plain_gated_projection)
     monkeypatch.setattr(heat_module, "corrected_depthwise_conv", _plain_corrected_depthwise_conv)
 
@@ -45,6 +52,22 @@ def test_gelu_linear_gradcheck_float64():
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(gelu_linear, (h, w, b))
     assert torch.autograd.gradcheck(gelu_linear, (h, w))  # no bias
+
+
+def test_layer_norm_linear_gradcheck_float64():
+    norm = torch.nn.LayerNorm(7).double()
+    linear = torch.nn.Linear(7, 4).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True)
+    params = (norm.weight, norm.bias, linear.weight, linear.bias)
+
+    def fn(x, nw, nb, w, b):
+        return _LayerNormLinear.apply(x, nw, nb, norm.eps, w, b)
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+    torch.testing.assert_close(layer_norm_linear(x, norm, linear), _plain_layer_norm_linear(x, norm, linear))
 
 
 def test_gated_projection_gradcheck_float64():
@@ -108,9 +131,9 @@ def test_every_gradient_equals_plain_autograd_float64(monkeypatch, post_norm, ch
     # odd sides, drop path on, float64: every parameter's gradient and the input's, against the plain composition
     torch.manual_seed(0)
     model = micro_model(post_norm=post_norm, layer_scale=1e-5 if post_norm else None, drop_path_rate=0.2).double()
-    with torch.no_grad():  # non-trivial LN affines in the gate and the SCE correction
+    with torch.no_grad():  # non-trivial LN affines in the gate, the SCE correction, the MLP's
         for block in (b for s in model.stages for b in s.blocks):
-            for norm in (block.hco.out_norm, block.hco.sce_norm):
+            for norm in (block.hco.out_norm, block.hco.sce_norm, block.norm2):
                 norm.weight.normal_()
                 norm.bias.normal_()
     model.set_grad_checkpointing(checkpointing)

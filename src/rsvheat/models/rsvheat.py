@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
 from rsvheat.operators.dct import DctImpl
 from rsvheat.operators.heat import HeatConduction, resize_embedding, tensor_version
-from rsvheat.operators.recompute import gelu_linear
+from rsvheat.operators.recompute import gelu_linear, layer_norm_linear
 
 __all__ = ["RSVHeat", "VARIANTS", "create_model", "create_model_from_weights"]
 
@@ -80,8 +80,8 @@ class Downsample(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``Linear -> GELU -> Linear`` on channels-last rows, ``(..., C) -> (..., C)``; under autograd the GELU is
-    recomputed in the backward (:func:`~rsvheat.operators.recompute.gelu_linear`)."""
+    """``[LN ->] Linear -> GELU -> Linear`` on channels-last rows, ``(..., C) -> (..., C)``; under autograd the LN and
+    the GELU are recomputed in the backward (:mod:`rsvheat.operators.recompute`)."""
 
     #: Inference processes rows in chunks whose hidden activations stay below this many elements: the buffer is then
     #: recycled by the allocator instead of page-faulted in afresh, and stays warm in cache for the second GEMM.
@@ -93,10 +93,14 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """``(..., C) -> (..., C)``; ``norm`` (a pre-norm block's LN) is applied to ``x`` first."""
         if torch.is_grad_enabled():
-            # GELU recomputed in the backward: autograd keeps the 4C hidden field once (fc1's output), not twice.
-            return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
+            # LN and GELU recomputed in the backward: autograd keeps x and the 4C hidden field (fc1's output) only.
+            h = self.fc1(x) if norm is None else layer_norm_linear(x, norm, self.fc1)
+            return gelu_linear(h, self.fc2.weight, self.fc2.bias)
+        if norm is not None:
+            x = norm(x)
         if not x.is_contiguous():
             return self.fc2(self.act(self.fc1(x)))
         rows = x.view(-1, x.shape[-1])
@@ -201,7 +205,7 @@ class HeatBlock(nn.Module):
             return x.add_(ffn) if inplace else x + ffn
         mixed = self.hco(self.norm1(x), freq_embed, sce)
         x = x + self.drop_path(mixed if self.gamma1 is None else mixed * self.gamma1)
-        ffn = self.mlp(self.norm2(x))
+        ffn = self.mlp(x, self.norm2)  # the MLP applies norm2 (recomputed in the backward under autograd)
         ffn = self.drop_path(ffn if self.gamma2 is None else ffn * self.gamma2)
         return x.add_(ffn) if inplace else x + ffn
 

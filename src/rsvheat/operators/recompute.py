@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from rsvheat.operators.dct import autocast_off
 
-__all__ = ["corrected_depthwise_conv", "gated_projection", "gelu_linear"]
+__all__ = ["corrected_depthwise_conv", "gated_projection", "gelu_linear", "layer_norm_linear"]
 
 
 def _linear_backward(
@@ -64,6 +64,68 @@ def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     Under autograd only ``h`` is kept for the backward (the MLP's hidden activation is saved once, not twice)."""
     return _GeluLinear.apply(h, weight, bias)
+
+
+class _LayerNormLinear(torch.autograd.Function):
+    """``F.linear(LN(x), weight, bias)`` keeping ``x`` only: the LN (statistics included) is recomputed in the
+    backward for the weight gradient (plain autograd keeps both ``x``, for the LN, and ``LN(x)``, for the GEMM)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        norm_w: torch.Tensor,
+        norm_b: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        normed, _, _ = _layer_norm(x, norm_w, norm_b, eps)
+        ctx.save_for_backward(x, norm_w, norm_b, weight)
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        return F.linear(normed, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, norm_w, norm_b, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = grad_nw = grad_nb = None
+        with autocast_off(grad):
+            normed, mean, rstd = _layer_norm(x, norm_w, norm_b, ctx.eps)
+            want_input = needs[0] or needs[1] or needs[2]
+            grad_normed, grad_w, grad_b = _linear_backward(
+                grad, normed, weight, (want_input, needs[4], needs[5] and ctx.has_bias)
+            )
+            if want_input:
+                dtype = normed.dtype
+                grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                    grad_normed.to(dtype),
+                    x.to(dtype),
+                    (x.shape[-1],),
+                    mean,
+                    rstd,
+                    norm_w.to(dtype),
+                    norm_b.to(dtype),
+                    [needs[0], needs[1], needs[2]],
+                )
+                grad_x = grad_x.to(x.dtype) if grad_x is not None else None
+                grad_nw = grad_nw.to(norm_w.dtype) if grad_nw is not None else None
+                grad_nb = grad_nb.to(norm_b.dtype) if grad_nb is not None else None
+        return grad_x, grad_nw, grad_nb, None, grad_w, grad_b
+
+
+def _layer_norm(
+    x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(LN(x), mean, rstd)`` over the last axis, in the wider of ``x``'s and the weight's dtypes."""
+    dtype = torch.promote_types(x.dtype, norm_w.dtype)
+    return torch.native_layer_norm(x.to(dtype), (x.shape[-1],), norm_w.to(dtype), norm_b.to(dtype), eps)
+
+
+def layer_norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, linear: torch.nn.Linear) -> torch.Tensor:
+    """``linear(norm(x))``: ``x`` ``(..., K)`` -> ``(..., N)``. Under autograd only ``x`` is kept for the backward
+    (in a pre-norm block the residual stream, which a plain LN keeps as well), not ``norm(x)``."""
+    return _LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
 
 
 class _GatedProjection(torch.autograd.Function):
