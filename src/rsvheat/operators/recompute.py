@@ -5,7 +5,8 @@ backward.
 Plain autograd keeps, per token, every element-wise op's input and output that a later op needs: for the MLP
 ``fc2(GELU(h))`` both ``h`` and ``GELU(h)`` (4C each); for the HCO gate ``out_proj(LN(c) * SiLU(z))`` the fields
 ``c``, ``LN(c)``, ``z``, ``SiLU(z)`` and the product; for RS-vHeat's correction ``dwconv(LN(ReLU(x + SCE)))`` the ReLU's
-and the LN's outputs. The functions here save only ``h``; ``c`` and ``z``; ``x``. No GEMM or convolution is run twice.
+and the LN's outputs; for a pre-norm block's ``fc1(LN(x))`` both ``x`` and ``LN(x)``. The functions here save only
+``h``; ``c`` and ``z``; ``x``; ``x``. No GEMM or convolution is run twice.
 Their gradients equal autograd's (same ATen backward kernels; tested in float64). (The heat operator itself needs no
 such function: its DCT bases need no gradient, so autograd already keeps only the spectrum that the filter multiplies.)
 
