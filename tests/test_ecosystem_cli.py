@@ -2,9 +2,8 @@
 ``rsvheat terratorch ...`` run those tools' CLIs with the models registered (neither tool loads plugins through entry
 points), and TerraTorch builds an rsvheat backbone from its registry (``timm_rsvheat_*``) under a UPerNet decoder.
 
-The TerraTorch tests skip when terratorch is not importable: every TerraTorch release that installs on Python 3.11
-pins ``lightly==1.5.22`` while rsvheat's tested set (constraints.txt, through TorchGeo) holds lightly 1.6.0, so CI's
-environment does not include it (see README, "TerraTorch")."""
+TorchGeo and TerraTorch are part of the tested environment (``rsvheat[integrations]``: TerraTorch 1.2.11, the newest
+that installs beside TorchGeo 0.8.1 on Python 3.11)."""
 
 from pathlib import Path
 
@@ -15,8 +14,6 @@ import yaml
 from PIL import Image
 
 from rsvheat.cli import main
-
-pytest.importorskip("torchgeo")
 
 
 def _uc_merced(root: Path, size: int = 32) -> None:
@@ -104,7 +101,6 @@ def _uperNet_args(num_classes: int, in_chans: int) -> dict:
 
 @pytest.mark.slow
 def test_terratorch_registry_builds_rsvheat_under_upernet_and_trains_a_step():
-    pytest.importorskip("terratorch")
     import lightning.pytorch as pl
     from terratorch.registry import BACKBONE_REGISTRY
     from terratorch.tasks import SemanticSegmentationTask
@@ -138,7 +134,6 @@ def test_terratorch_registry_builds_rsvheat_under_upernet_and_trains_a_step():
 
 @pytest.mark.slow
 def test_terratorch_fit_through_rsvheat_terratorch(tmp_path):
-    pytest.importorskip("terratorch")
     rng = np.random.default_rng(0)
     root = tmp_path / "loveda"
     for split in ("Train", "Val"):
