@@ -154,7 +154,9 @@ def test_every_command_has_help_on_every_option_an_example_and_out(command, caps
 
 
 @pytest.mark.parametrize(
-    "argv", [["fit", "--help"], ["pretrain", "--help"], ["torchgeo", "--help"], ["--help"]], ids=" ".join
+    "argv",
+    [["fit", "--help"], ["pretrain", "--help"], ["torchgeo", "--help"], ["predict-scenes", "--help"], ["--help"]],
+    ids=" ".join,
 )
 def test_lightning_and_passthrough_commands_show_examples_too(argv, capsys):
     with pytest.raises(SystemExit):

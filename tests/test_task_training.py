@@ -34,7 +34,7 @@ from rsvheat.trainers.cli import task_cli
 MICRO = {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-TASKS = ("classification", "segmentation", "change", "detection")
+TASKS = ("classification", "segmentation", "change", "detection", "multilabel")
 # fewer proposals and sampled boxes: RoIAlign's backward dominates a CPU step of torchvision's Faster R-CNN
 LIGHT = {"rpn_post_nms_top_n_train": 200, "rpn_post_nms_top_n_test": 200, "box_batch_size_per_image": 64}
 COMMON = dict(backbone="rsvheat_tiny", encoder_kwargs=MICRO, drop_path_rate=0.0, layer_decay=1.0, warmup_fraction=0.0)

@@ -481,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
             add_help=False,
         )
     _add_predict_scene(sub)
+    # passed through like bench: building its parser imports torch, which `rsvheat --help` must not pay for
+    sub.add_parser(
+        "predict-scenes",
+        help="map many scenes with a fine-tuned checkpoint over processes, GPUs and nodes (see --help)",
+        add_help=False,
+    )
     _add_explain(sub)
     _add_export(sub)
     return parser
@@ -496,9 +502,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in EXTERNAL_CLIS:
         _guarded(argv[0], run_external_cli, argv[0], argv[1:])
         return
-    if argv and argv[0] in ("bench", "pretrain"):
+    if argv and argv[0] in ("bench", "pretrain", "predict-scenes"):
         if argv[0] == "bench":
             from rsvheat.apps.bench import main as passthrough
+        elif argv[0] == "predict-scenes":
+            from rsvheat.inference.batch import run as passthrough
         else:
             from rsvheat.trainers.pretrain import pretrain_cli as passthrough
         _guarded(argv[0], passthrough, argv[1:])
