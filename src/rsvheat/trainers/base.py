@@ -179,7 +179,8 @@ class TaskModule(pl.LightningModule):
         ``last.ckpt`` (the latest model, written at every checkpoint interval and when training ends, so that
         ``--ckpt_path last`` resumes where the run stopped). It takes the place of an unmonitored ``ModelCheckpoint``
         the trainer already has (the CLI's ``checkpoint`` section), keeping that one's folder and period; a trainer
-        with a monitored checkpoint of its own is left as it is.
+        with a monitored checkpoint of its own is left as it is, and one built with
+        ``enable_checkpointing=False`` writes no checkpoint.
 
         Both files are overwritten in place (atomically, as Lightning saves): no ``best-v1.ckpt`` when a second fit
         runs in the same folder, so ``--ckpt_path best`` always names this run's best model. Without validation
@@ -189,23 +190,24 @@ class TaskModule(pl.LightningModule):
             return []
         speed = [] if any(isinstance(c, TrainingSpeed) for c in self.trainer.callbacks) else [TrainingSpeed()]
         present = [c for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint)]
-        if any(c.monitor for c in present):
+        # none present: the trainer was built with enable_checkpointing=False, which must mean no checkpoint files
+        if not present or any(c.monitor for c in present):
             return speed
-        base = present[0] if present else None
+        base = present[0]
         name, mode = self.monitor
         dm = self.trainer.datamodule
         if not getattr(dm, "has_validation", True) or self.trainer.limit_val_batches == 0:
             name = None  # an unmonitored top-1 checkpoint keeps the latest model
         return speed + [
             IntervalCheckpoint(
-                dirpath=(base.dirpath if base else None) or Path(self.trainer.default_root_dir) / "checkpoints",
+                dirpath=base.dirpath or Path(self.trainer.default_root_dir) / "checkpoints",
                 filename="best",
                 monitor=name,
                 mode=mode,
                 save_top_k=1,
                 save_last=True,
-                every_n_train_steps=base._every_n_train_steps if base else None,
-                every_n_epochs=base._every_n_epochs if base else None,
+                every_n_train_steps=base._every_n_train_steps,
+                every_n_epochs=base._every_n_epochs,
                 enable_version_counter=False,
             )
         ]

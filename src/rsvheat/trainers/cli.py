@@ -67,6 +67,12 @@ def with_examples(examples: dict[str, str], backbone: str = "model.backbone") ->
     }
 
 
+def next_log_version(folder: Path) -> int:
+    """The first ``N`` above every ``version_N`` folder in ``folder`` (0 when there is none)."""
+    taken = [int(p.name.removeprefix("version_")) for p in folder.glob("version_*") if p.name[8:].isdigit()]
+    return max(taken, default=-1) + 1
+
+
 class RSVHeatCLI(LightningCLI):
     """Adds a ``checkpoint`` section (:class:`IntervalCheckpoint`: periodic, atomic, ``last.ckpt`` written at every
     interval) whose folder defaults to ``<trainer.default_root_dir>/checkpoints`` (stable across runs, so
@@ -110,9 +116,13 @@ class RSVHeatCLI(LightningCLI):
             config.weights_only = True  # Lightning's default (None) leaves the choice to torch and its environment
         if config.trainer.logger in (None, True):
             classes = ["CSVLogger"] + (["TensorBoardLogger"] if _tensorboard_available() else [])
+            # One version for both: each logger would otherwise number its own folder (CSV in version_0, TensorBoard
+            # in version_1, as the CSV folder already exists by then).
+            version = next_log_version(root / "logs")
             config.trainer.logger = [
                 Namespace(
-                    class_path=f"lightning.pytorch.loggers.{name}", init_args=Namespace(save_dir=str(root), name="logs")
+                    class_path=f"lightning.pytorch.loggers.{name}",
+                    init_args=Namespace(save_dir=str(root), name="logs", version=version),
                 )
                 for name in classes
             ]
