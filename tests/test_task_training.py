@@ -108,6 +108,8 @@ def read_csv(path) -> list[dict]:
 
 def fit_and_score(tmp_path, task, dm, epochs, key):
     trainer(tmp_path, epochs, check_val_every_n_epoch=epochs).fit(task, dm)
+    # enable_checkpointing=False: the task's own checkpoint callback stays away too
+    assert not (tmp_path / "run/checkpoints").exists()
     dm.datasets["val"] = dm.datasets["train"]
     dm.datasets["train"].train = False  # score the training set as seen, without augmentation
     if hasattr(dm.datasets["train"], "crop_size"):
