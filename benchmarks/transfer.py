@@ -432,12 +432,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def monitor_curve(out: Path) -> list[tuple[int, float, float]]:
-    rows = []
-    for path in sorted((out / "pretrain").glob("logs/version_*/metrics.csv")):
-        for r in csv.DictReader(path.open()):
+    """``(step, k-NN acc, linear acc)`` of the main run's monitor; a resumed run repeats the steps after its last
+    checkpoint, and its later value of a step replaces the earlier one."""
+    by_step = {}
+    versions = sorted((out / "pretrain").glob("logs/version_*"), key=lambda p: int(p.name.removeprefix("version_")))
+    for version in versions:
+        path = version / "metrics.csv"
+        for r in csv.DictReader(path.open()) if path.is_file() else []:
             if r.get("monitor/knn_acc"):
-                rows.append((int(r["step"]), float(r["monitor/knn_acc"]), float(r["monitor/linear_acc"])))
-    return sorted(set(rows))
+                by_step[int(r["step"])] = (float(r["monitor/knn_acc"]), float(r["monitor/linear_acc"]))
+    return [(step, *accs) for step, accs in sorted(by_step.items())]
 
 
 def report(args: argparse.Namespace, state: dict, results: Path, commands: list[str]) -> None:
@@ -472,7 +476,8 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
         "",
         f"Pre-training: {args.variant}, {plan.get('steps', '?')} steps of {args.crop}² crops, batch "
         f"{args.pretrain_batch} per source ({', '.join(plan.get('sources', []))}), lr {args.pretrain_lr}, budget "
-        f"{args.pretrain_minutes} min (took {plan.get('minutes_last_session', '?')} min, monitor included). "
+        f"{args.pretrain_minutes} min (its last session took {plan.get('minutes_last_session', '?')} min, monitor "
+        "included; a run resumed over sessions took longer in all). "
         "Unlabelled pool: "
         f"{state['pretrain_pool']} AID images (all but the evaluation test split) + the embedded Landsat scene"
         + (" + BigEarthNet's 6 S1/S2 example pairs." if "bigearthnet" in plan.get("sources", []) else "."),

@@ -553,3 +553,8 @@ def test_a_fit_run_prints_no_warning_a_user_cannot_act_on(tmp_path):
     output = done.stdout + done.stderr
     for noise in ("args parameter", "litlogger", "LeafSpec", "will override existing callbacks", "logging interval"):
         assert noise not in output, output[-3000:]
+    # the learning rate is logged every step (the schedule is something users check), in the one log folder
+    rows = read_csv(tmp_path / "run/logs/version_0/metrics.csv")
+    lrs = [float(v) for r in rows for k, v in r.items() if k.startswith("lr-AdamW/pg") and v]  # one per group
+    assert lrs, rows[:2]  # (this config trains at lr 0)
+    assert sorted(p.name for p in (tmp_path / "run/logs").iterdir()) == ["version_0"]

@@ -594,7 +594,14 @@ def plot(rows: list[dict], gmac: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="rsvheat bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="rsvheat bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  rsvheat bench --quick -o /tmp/bench\n"
+        "  rsvheat bench --models rsvheat_base swin_base --sizes 512 1024 --modes infer --precision fp32 bf16\n"
+        "  rsvheat bench --models rsvheat_base vheat_official_base --modes infer "
+        "--official-source PATH/TO/vHeat/classification/models/vHeat.py",
     )
     parser.add_argument(
         "--models",
@@ -603,8 +610,16 @@ def main(argv: list[str] | None = None) -> None:
         choices=ALL_MODELS,
         help="default: all (the vheat_official_* ones only with --official-source)",
     )
-    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512, 1024, 2048])
-    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument(
+        "--sizes", nargs="+", type=int, default=[224, 512, 1024, 2048], help="square input sizes for inference"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["infer", "train"],
+        choices=["infer", "train"],
+        help="infer (eval, folded) and/or train (forward, backward, optimizer step)",
+    )
     parser.add_argument(
         "--train-sizes",
         nargs="+",
@@ -617,7 +632,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (one fewer at 1024², one at 2048²)")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up runs below 1024² (one from 1024² on)")
     parser.add_argument("--long-seconds", type=float, default=60.0, help="warm-up this slow: no further runs")
-    parser.add_argument("--case-timeout", type=float, default=1800.0)
+    parser.add_argument("--case-timeout", type=float, default=1800.0, help="seconds before a case is abandoned")
     parser.add_argument(
         "--precision",
         nargs="+",
@@ -633,8 +648,20 @@ def main(argv: list[str] | None = None) -> None:
         help="the official vHeat source file (classification/models/vHeat.py of the official repository; needs "
         "einops and timm): adds vheat_official_tiny/base, the official code folded by its infer_init()",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda if present)",
+    )
+    parser.add_argument(
+        "-o",
+        "--out",
+        "--out-dir",
+        dest="out_dir",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="folder of efficiency.{csv,md,png} (default benchmarks/results; --out-dir is the old spelling)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny models at 224² only, one timed run")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

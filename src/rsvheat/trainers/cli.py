@@ -126,6 +126,15 @@ class RSVHeatCLI(LightningCLI):
                 )
                 for name in classes
             ]
+        if config.trainer.logger and not any(
+            str(getattr(c, "class_path", "")).endswith("LearningRateMonitor") for c in config.trainer.callbacks or []
+        ):
+            # the schedule (warm-up, cosine, layer decay's groups) is part of what a user checks in the logs
+            monitor = Namespace(
+                class_path="lightning.pytorch.callbacks.LearningRateMonitor",
+                init_args=Namespace(logging_interval="step"),
+            )
+            config.trainer.callbacks = [*(config.trainer.callbacks or []), monitor]
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         plugins = config.get("plugins") or []
