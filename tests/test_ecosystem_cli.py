@@ -16,6 +16,16 @@ from PIL import Image
 from rsvheat.cli import main
 
 
+@pytest.fixture(autouse=True)
+def _keep_matmul_precision():
+    """Importing TerraTorch's backbones sets ``torch.set_float32_matmul_precision("medium")`` for the whole process
+    (its Clay v1.5 module does it at import), which lets CPU float32 GEMMs run in bfloat16: every later exactness test
+    would fail. Each test here restores the setting it found."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 def _uc_merced(root: Path, size: int = 32) -> None:
     """A tiny UC Merced in its on-disk layout: UCMerced_LandUse/Images/<class>/<class>NN.tif + split lists."""
     rng = np.random.default_rng(0)
