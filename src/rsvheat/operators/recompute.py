@@ -38,6 +38,26 @@ def _linear_backward(
     return grad_in, grad_w, grad_b
 
 
+def _layer_norm_backward(
+    grad: torch.Tensor,
+    inp: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    norm_w: torch.Tensor,
+    norm_b: torch.Tensor,
+    needs: list[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """ATen's LayerNorm backward over the last axis in ``grad``'s dtype, from the saved statistics: the input gradient
+    in that dtype, the weight and bias gradients in the parameters' dtype. ``needs``: input, weight, bias."""
+    dtype = grad.dtype
+    grad_in, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+        grad, inp.to(dtype), (inp.shape[-1],), mean, rstd, norm_w.to(dtype), norm_b.to(dtype), needs
+    )
+    grad_w = grad_w.to(norm_w.dtype) if grad_w is not None else None
+    grad_b = grad_b.to(norm_b.dtype) if grad_b is not None else None
+    return grad_in, grad_w, grad_b
+
+
 class _GeluLinear(torch.autograd.Function):
     """``F.linear(GELU(h), weight, bias)`` keeping ``h`` only (``GELU(h)`` is recomputed in the backward)."""
 
@@ -98,20 +118,10 @@ class _LayerNormLinear(torch.autograd.Function):
                 grad, normed, weight, (want_input, needs[4], needs[5] and ctx.has_bias)
             )
             if want_input:
-                dtype = normed.dtype
-                grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
-                    grad_normed.to(dtype),
-                    x.to(dtype),
-                    (x.shape[-1],),
-                    mean,
-                    rstd,
-                    norm_w.to(dtype),
-                    norm_b.to(dtype),
-                    [needs[0], needs[1], needs[2]],
+                grad_x, grad_nw, grad_nb = _layer_norm_backward(
+                    grad_normed.to(normed.dtype), x, mean, rstd, norm_w, norm_b, [needs[0], needs[1], needs[2]]
                 )
                 grad_x = grad_x.to(x.dtype) if grad_x is not None else None
-                grad_nw = grad_nw.to(norm_w.dtype) if grad_nw is not None else None
-                grad_nb = grad_nb.to(norm_b.dtype) if grad_nb is not None else None
         return grad_x, grad_nw, grad_nb, None, grad_w, grad_b
 
 
@@ -174,20 +184,16 @@ class _GatedProjection(torch.autograd.Function):
                 if needs[1]:
                     grad_z = torch.ops.aten.silu_backward((grad_gated * normed).to(z.dtype), z)
                 if needs[0] or needs[2] or needs[3]:
-                    dtype = normed.dtype
-                    grad_c, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
-                        (grad_gated * act).to(dtype),
-                        c.to(dtype),
-                        (c.shape[-1],),
+                    grad_c, grad_nw, grad_nb = _layer_norm_backward(
+                        (grad_gated * act).to(normed.dtype),
+                        c,
                         mean,
                         rstd,
-                        norm_w.to(dtype),
-                        norm_b.to(dtype),
+                        norm_w,
+                        norm_b,
                         [needs[0], needs[2], needs[3]],
                     )
                     grad_c = grad_c.to(c.dtype) if grad_c is not None else None
-                    grad_nw = grad_nw.to(norm_w.dtype) if grad_nw is not None else None
-                    grad_nb = grad_nb.to(norm_b.dtype) if grad_nb is not None else None
         return grad_c, grad_z, grad_nw, grad_nb, None, grad_pw, grad_pb
 
 
@@ -260,18 +266,15 @@ class _CorrectedDepthwiseConv(torch.autograd.Function):
             grad_cw = grad_cw.to(conv_w.dtype) if grad_cw is not None else None
             grad_cb = grad_cb.to(conv_w.dtype) if grad_cb is not None else None
             if want_input:
-                grad_act, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
+                grad_act, grad_nw, grad_nb = _layer_norm_backward(
                     grad_normed.permute(0, 2, 3, 1).to(dtype),
                     act,
-                    (act.shape[-1],),
                     mean,
                     rstd,
-                    norm_w.to(dtype),
-                    norm_b.to(dtype),
+                    norm_w,
+                    norm_b,
                     [needs[0] or needs[1], needs[2], needs[3]],
                 )
-                grad_nw = grad_nw.to(norm_w.dtype) if grad_nw is not None else None
-                grad_nb = grad_nb.to(norm_b.dtype) if grad_nb is not None else None
                 if grad_act is not None:
                     grad_pre = torch.ops.aten.threshold_backward(grad_act, act, 0)  # ReLU's, from its output
                     grad_x = grad_pre.to(x.dtype) if needs[0] else None
