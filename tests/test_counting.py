@@ -3,8 +3,12 @@
 import pytest
 import timm
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from rsvheat.models.counting import count, count_gmacs, count_params
+from rsvheat.models.counting import activation_bytes, count, count_gmacs, count_params
+from rsvheat.operators.dct import _dct_basis_cached
+from rsvheat.operators.heat import _frequency_sq_cached
+from tests.conftest import micro_model
 
 # (variant, image size, classifier classes, published M params, published G MACs)
 PUBLISHED = [
@@ -47,3 +51,46 @@ def test_matmul_counts_alone_are_the_lower_bound():
     model = timm.create_model("vheat_tiny", num_classes=1000)
     assert count_gmacs(model, (224, 224), folded=True, fvcore=False) < count_gmacs(model, (224, 224), folded=True)
     assert torch.is_grad_enabled()
+
+
+def test_activation_bytes_counts_what_the_backward_pass_keeps():
+    x = torch.randn(1000, requires_grad=True)
+
+    def chain(v):
+        return v.exp().sin()  # sin's backward needs exp's output (4000 bytes); the sine itself is not kept
+
+    assert activation_bytes(lambda: chain(x).sum())[1] == 4000
+    # checkpointing keeps only its input: none when it is x (not created by the forward), all of it when it is new
+    assert activation_bytes(lambda: checkpoint(chain, x, use_reentrant=False).sum())[1] == 0
+    assert activation_bytes(lambda: checkpoint(chain, x * 2, use_reentrant=False).sum())[1] == 4000
+
+
+def clear_operator_caches() -> None:
+    _dct_basis_cached.cache_clear()
+    _frequency_sq_cached.cache_clear()
+
+
+def test_activation_bytes_of_a_model_equal_autograds_saved_tensors():
+    # an independent count: every storage autograd packs for the backward pass, parameters and the input excluded
+    model = micro_model(drop_path_rate=0.0)
+    x = torch.randn(2, 3, 45, 39)
+    excluded = {t.untyped_storage().data_ptr() for t in [x, *model.parameters(), *model.buffers()]}
+    packed = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in excluded:
+            packed[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    # each count starts without the operators' cached constants (DCT bases, frequency grids): both then see the
+    # constants built (and kept) by their forward
+    clear_operator_caches()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x).square().mean()
+    expected = sum(packed.values())
+    del out
+    clear_operator_caches()
+    held = activation_bytes(lambda: model(x).square().mean())[1]
+    assert held == expected > 0
+    model.set_grad_checkpointing(True, blocks=2)  # the first two blocks keep only their inputs
+    assert 0 < activation_bytes(lambda: model(x).square().mean())[1] < held

@@ -200,8 +200,8 @@ def test_checkpointing_gives_the_plain_gradients_of_every_parameter_in_float64(p
     model = micro_model(post_norm=post_norm, layer_scale=1e-5 if post_norm else None, drop_path_rate=0.2).double()
     x = torch.randn(2, 3, 45, 39, dtype=torch.float64)
     grads = {}
-    for mode in (False, True):
-        model.set_grad_checkpointing(mode)
+    for mode in (False, True, 3):  # 3: the first three of the five blocks, a stage boundary inside the setting
+        model.set_grad_checkpointing(bool(mode), blocks=None if isinstance(mode, bool) else mode)
         model.zero_grad()
         torch.manual_seed(1)  # the same drop-path masks in every mode
         model(x).square().mean().backward()
@@ -209,6 +209,8 @@ def test_checkpointing_gives_the_plain_gradients_of_every_parameter_in_float64(p
     assert all(g is not None for g in grads[False].values())
     for name, expected in grads[False].items():
         torch.testing.assert_close(grads[True][name], expected, rtol=1e-12, atol=1e-15, msg=name)
+        torch.testing.assert_close(grads[3][name], expected, rtol=1e-12, atol=1e-15, msg=name)
+    assert [stage.recomputed_blocks for stage in model.stages] == [1, 1, 1, 0]
 
 
 def test_reset_classifier_and_head():

@@ -558,3 +558,14 @@ def test_a_fit_run_prints_no_warning_a_user_cannot_act_on(tmp_path):
     lrs = [float(v) for r in rows for k, v in r.items() if k.startswith("lr-AdamW/pg") and v]  # one per group
     assert lrs, rows[:2]  # (this config trains at lr 0)
     assert sorted(p.name for p in (tmp_path / "run/logs").iterdir()) == ["version_0"]
+
+
+@pytest.mark.parametrize(("option", "expected"), [("true", [2, 2, 6, 2]), ("3", [2, 1, 0, 0]), ("false", [0, 0, 0, 0])])
+def test_grad_checkpointing_option_from_the_command_line(option, expected, capsys):
+    """``--model.grad_checkpointing``: true (every block) or N (the first N blocks), as the CLI parses it."""
+    config = str(CONFIGS / "segmentation/landsat_tiny_cpu.yaml")
+    with pytest.raises(SystemExit):
+        task_cli(["fit", "--config", config, "--model.grad_checkpointing", option, "--print_config"])
+    init_args = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    task = SegmentationTask(num_classes=2, backbone="rsvheat_tiny", grad_checkpointing=init_args["grad_checkpointing"])
+    assert [stage.recomputed_blocks for stage in task.backbone.stages] == expected

@@ -4,8 +4,10 @@ Every (model, size, mode) case runs in a fresh subprocess, so its peak RSS is it
 invocation, one after the other, so the ratios between models are measured under the same machine conditions.
 
 * latency: median of ``repeats`` timed runs after ``warmup`` runs (``perf_counter``; CUDA synchronised);
-* memory: peak RSS of the subprocess minus its RSS after building the model = activation memory (CPU), or the CUDA
-  allocator's peak (GPU);
+* activation memory (train): what the forward pass leaves alive for the backward pass, counted exactly per storage
+  (:func:`rsvheat.models.counting.activation_bytes`; independent of the allocator);
+* memory growth: peak RSS of the subprocess minus its RSS after building the model (CPU; activations, gradients,
+  workspace and the heap the allocator keeps), or the CUDA allocator's peak growth (GPU);
 * FLOPs: ``torch.utils.flop_counter`` on the meta device (no compute), batch 1, as GMACs (matmul + conv only, the
   same rule for every model);
 * modes: ``infer`` (eval, ``inference_mode``; RS-vHeat folded) and ``train`` (forward, backward of the mean pooled
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 
 from rsvheat.files import write_atomic
+from rsvheat.models.counting import activation_bytes
 from rsvheat.models.precision import PRECISIONS, autocast
 
 BASELINES = {
@@ -45,9 +48,10 @@ BASELINES = {
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
 }
-#: our models; ``_gc``: with gradient checkpointing (each block recomputed in the backward pass), a training-memory
-#: option, train only
-OURS = ("rsvheat_tiny", "rsvheat_base", "rsvheat_tiny_gc", "rsvheat_base_gc")
+#: our models; ``_gc``: with gradient checkpointing (every block recomputed in the backward pass), ``_gcN``: the first
+#: ``N`` blocks recomputed (the high-resolution ones; the memory-saving setting the targets judge); train only
+TRAIN_ONLY = ("rsvheat_tiny_gc2", "rsvheat_base_gc8", "rsvheat_tiny_gc", "rsvheat_base_gc")
+OURS = ("rsvheat_tiny", "rsvheat_base", *TRAIN_ONLY)
 #: our re-expression of the official computation structure (not the official code): the variant it mirrors
 OFFICIAL = {"official_tiny": "rsvheat_tiny", "official_base": "rsvheat_base"}
 #: the official vHeat module, from the user's source file: its constructor arguments for the tiny and base variants
@@ -67,10 +71,8 @@ ALL_MODELS = [
     "official_base",
     "swin_base",
     "vit_base",
-    "rsvheat_tiny_gc",
-    "rsvheat_base_gc",
+    *TRAIN_ONLY,
 ]
-TRAIN_ONLY = ("rsvheat_tiny_gc", "rsvheat_base_gc")
 #: timed for inference only: the official code's training path is not what its speed claims are about
 INFER_ONLY = tuple(OFFICIAL_SOURCE)
 #: which of our models each other model is compared with
@@ -83,8 +85,7 @@ SCALE = {
     "official_base": "rsvheat_base",
     "swin_base": "rsvheat_base",
     "vit_base": "rsvheat_base",
-    "rsvheat_tiny_gc": "rsvheat_tiny",
-    "rsvheat_base_gc": "rsvheat_base",
+    **{name: name.partition("_gc")[0] for name in TRAIN_ONLY},
 }
 
 
@@ -122,8 +123,9 @@ def build(name: str, size: int, infer: bool, official_source: str | Path | None 
         return build_official(name, size, official_source)
 
     if name in OURS:
-        model = rsvheat.create_model(name.removesuffix("_gc"), num_classes=0, img_size=size)
-        model.set_grad_checkpointing(name.endswith("_gc"))
+        variant, checkpointing, blocks = name.partition("_gc")
+        model = rsvheat.create_model(variant, num_classes=0, img_size=size)
+        model.set_grad_checkpointing(bool(checkpointing), blocks=int(blocks) if blocks else None)
         return model.fold((size, size)) if infer else model.train()
     if name in OFFICIAL:
         cfg = rsvheat.VARIANTS[OFFICIAL[name]]
@@ -212,15 +214,20 @@ def run_case(
         throughput_img_s=round(batch / median, 3),
         repeats=len(times),
         peak_rss_mb=round(peak_rss, 1),
-        activation_mb=round(peak_rss - rss_before, 1),
+        activation_mb="",
+        memory_growth_mb=round(peak_rss - rss_before, 1),
         peak_cuda_mb="",
         gmacs="",
         rel_err_vs_fp32="",
         error="",
     )
     if dev.type == "cuda":
-        row["activation_mb"] = round((torch.cuda.max_memory_allocated() - cuda_before) / 2**20, 1)
+        row["memory_growth_mb"] = round((torch.cuda.max_memory_allocated() - cuda_before) / 2**20, 1)
         row["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if opt is not None:  # after the memory reading: the count runs the forward once more, op by op
+        with autocast(precision, dev):
+            _, held = activation_bytes(lambda: model(x).float().mean())
+        row["activation_mb"] = round(held / 2**20, 1)
     if precision != "fp32" and opt is None:
         # after the memory reading: the fp32 reference output is not part of the case's cost
         with torch.inference_mode():
@@ -326,10 +333,16 @@ TARGETS = [
 ]
 
 
+#: the memory-saving setting judged by the targets: the first blocks recomputed, 2 of RS-vHeat-T's 12 (stage 1), 8 of
+#: RS-vHeat-B's 24 (stages 1-2 and 4 of stage 3)
+SAVING = {"tiny": "rsvheat_tiny_gc2", "base": "rsvheat_base_gc8"}
+
+
 def _training_targets(scale: str) -> list[tuple]:
     """Issue F's training targets for ``scale`` (tiny, base) at 512² and 1024²: step time and activation memory
-    against Swin of the same scale, and the memory option (``_gc``) at <= 0.5x Swin's memory for <= 15 % time."""
-    ours, swin, saving = f"rsvheat_{scale}", f"swin_{scale}", f"rsvheat_{scale}_gc"
+    against Swin of the same scale, and the memory-saving setting (:data:`SAVING`) at <= 0.5x Swin's memory for
+    <= 15 % time."""
+    ours, swin, saving = f"rsvheat_{scale}", f"swin_{scale}", SAVING[scale]
     memory, step = "activation_mb", "median_s"
     return [
         target
@@ -421,19 +434,23 @@ def _precision_table(rows: list[dict]) -> list[str]:
     ]
 
 
+QUANTITY = {"median_s": "latency", "activation_mb": "activation memory", "memory_growth_mb": "memory growth"}
+
+
 def _measurement_tables(rows: list[dict], models: list[str], sizes: list[int]) -> list[str]:
     lines = []
     for mode, key, unit in (
         ("infer", "median_s", "s"),
         ("train", "median_s", "s"),
         ("train", "activation_mb", "MB"),
-        ("infer", "activation_mb", "MB"),
+        ("train", "memory_growth_mb", "MB"),
+        ("infer", "memory_growth_mb", "MB"),
     ):
         if not any(r["mode"] == mode for r in rows):
             continue
         errors = {(r["model"], r["size"]): r["error"] for r in rows if r["mode"] == mode and r.get("error")}
         lines += [
-            f"## {mode}: {'latency' if key == 'median_s' else 'memory'} ({unit})",
+            f"## {mode}: {QUANTITY[key]} ({unit})",
             "",
             "| model | " + " | ".join(f"{s}²" for s in sizes) + " |",
             "|---|" + "---:|" * len(sizes),
@@ -456,13 +473,17 @@ def _ratio_table(rows: list[dict], models: list[str], sizes: list[int]) -> list[
     for m, ref in pairs:
         if m not in models or ref not in models:
             continue
-        for mode, key in (("infer", "median_s"), ("train", "median_s"), ("train", "activation_mb")):
+        for mode, key in (
+            ("infer", "median_s"),
+            ("train", "median_s"),
+            ("train", "activation_mb"),
+            ("train", "memory_growth_mb"),
+        ):
             cells = []
             for s in sizes:
                 a, b = _value(rows, m, s, mode, key), _value(rows, ref, s, mode, key)
                 cells.append(f"{a / b:.2f}" if a and b else "—")
-            quantity = "latency" if key == "median_s" else "memory"
-            lines.append(f"| {m} | {ref} | {mode} | {quantity} | " + " | ".join(cells) + " |")
+            lines.append(f"| {m} | {ref} | {mode} | {QUANTITY[key]} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -526,12 +547,15 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: di
         "",
         f"Command: `rsvheat bench {' '.join(args.argv)}`. Infer batch {args.batch}, train batch "
         f"{args.train_batch}; median of the timed runs after {args.warmup} warm-up (count in the CSV; one run "
-        f"at 2048², and a single run when the warm-up exceeds {args.long_seconds:.0f} s). Memory = peak RSS "
-        "of the case's own process minus its RSS after building the model (activations, workspace, "
-        "gradients). GMACs: matmul + conv, batch 1. `official_*`: our re-expression of the official vHeat "
-        "computation structure; `vheat_official_*`: the official vHeat code itself (`--official-source`), "
-        "folded by its `infer_init()`; `_gc`: gradient checkpointing (each block recomputed in the backward "
-        "pass). CPU only here: GPU figures are not measured.",
+        f"at 2048², and a single run when the warm-up exceeds {args.long_seconds:.0f} s). Activation memory "
+        "(train) = the bytes the forward pass leaves alive for the backward pass, counted per storage "
+        "(`rsvheat.models.counting.activation_bytes`, exact and independent of the allocator); memory growth = "
+        "peak RSS of the case's own process minus its RSS after building the model (activations, gradients, "
+        "workspace, and the heap glibc keeps). GMACs: matmul + conv, batch 1. `official_*`: our re-expression "
+        "of the official vHeat computation structure; `vheat_official_*`: the official vHeat code itself "
+        "(`--official-source`), folded by its `infer_init()`; `_gc`: gradient checkpointing (each block "
+        "recomputed in the backward pass), `_gcN`: the first N blocks recomputed. CPU only here: GPU figures are "
+        "not measured.",
         "",
         *_measurement_tables(rows, models, sizes),
         *_precision_table(rows),
@@ -696,7 +720,8 @@ def main(argv: list[str] | None = None) -> None:
     for i, (m, s, mode, p) in enumerate(cases, 1):
         row = _subprocess_case(args, m, s, mode, p)
         rows.append(row)
-        shown = row.get("error") or f"{row['median_s']:.3f} s, {row['activation_mb']:.0f} MB"
+        memory = f"{row['activation_mb']:.0f} MB activations, " if row.get("activation_mb") else ""
+        shown = row.get("error") or f"{row['median_s']:.3f} s, {memory}{row['memory_growth_mb']:.0f} MB growth"
         print(f"[{i}/{len(cases)}] {m:19s} {s:5d} {mode:5s} {p:4s} {shown}", flush=True)
     gmac = {}
     # the official code's counts equal its re-expression's (official_*), which runs on the meta device
@@ -719,6 +744,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats",
         "peak_rss_mb",
         "activation_mb",
+        "memory_growth_mb",
         "peak_cuda_mb",
         "gmacs",
         "rel_err_vs_fp32",

@@ -9,14 +9,20 @@
 FLOPs are multiply-accumulates ("G" in the papers = GMACs), measured with :mod:`torch.utils.flop_counter` for every
 matmul and convolution. ``fvcore=True`` adds what fvcore, the counter the papers used, also counts: 5 per LayerNorm
 element, 1 per pooled element, and half an operation per element of the HCO's filter multiply (fvcore's einsum rule).
+
+Training memory is counted by :func:`activation_bytes`: what a forward pass leaves alive for its backward pass.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from rsvheat.models.rsvheat import RSVHeat
@@ -121,3 +127,39 @@ def count(model: RSVHeat, img_size: int | tuple[int, int], variant: str = "", fv
         gmacs_train=count_gmacs(model, size, folded=False, fvcore=fvcore),
         gmacs_folded=count_gmacs(model, size, folded=True, fvcore=fvcore),
     )
+
+
+class _NewStorages(TorchDispatchMode):
+    """Weak references to every storage an operator allocates while the mode is on (not the views and in-place
+    results that alias its inputs: a weight's transpose is not new memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage().data_ptr() not in inputs:
+                storage = t.untyped_storage()
+                known = self.storages.get(storage.data_ptr())
+                if known is None or known[0].expired():  # an address is reused once its storage is freed
+                    self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+
+def activation_bytes(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Run ``forward`` (a forward pass under autograd) and count the activation memory it leaves for the backward
+    pass: the bytes of every storage created during the call that is still alive when it returns, except the
+    returned tensor's own. That is what autograd saved (and what gradient checkpointing keeps to recompute from), the
+    memory a training step holds at its peak besides weights, gradients and optimizer state, counted exactly and
+    independently of the allocator (peak RSS on CPU also holds freed-but-cached heap and short-lived temporaries).
+
+    Returns ``(output, bytes)``. Runs every operator through a Python dispatch mode: slower than a plain forward."""
+    mode = _NewStorages()
+    with mode:
+        out = forward()
+    own = {t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+    held = sum(n for ptr, (ref, n) in mode.storages.items() if ptr not in own and not ref.expired())
+    return out, held

@@ -77,6 +77,9 @@ class TaskModule(pl.LightningModule):
         weight_decay: none on norms, biases, FVE and SCE.
         warmup_fraction, min_lr_ratio: linear warm-up over this share of the steps, then cosine decay to
             ``min_lr_ratio`` × ``lr``.
+        grad_checkpointing: trade compute for activation memory: ``true`` recomputes every backbone block in the
+            backward pass, an integer N the first N blocks (the high-resolution ones: most of the memory for little
+            time; see :meth:`RSVHeat.set_grad_checkpointing`).
     """
 
     monitor: tuple[str, str] = ("val/loss", "min")
@@ -96,6 +99,7 @@ class TaskModule(pl.LightningModule):
         warmup_fraction: float = 0.05,
         min_lr_ratio: float = 0.01,
         encoder_kwargs: dict | None = None,
+        grad_checkpointing: bool | int = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # with the subclass's arguments: Lightning collects every __init__ frame
@@ -131,6 +135,10 @@ class TaskModule(pl.LightningModule):
         h = self.hparams
         self.backbone = build_backbone(
             h.backbone, self.modalities, h.img_size, h.weights, h.drop_path_rate, num_classes, h.encoder_kwargs
+        )
+        checkpointing = h.get("grad_checkpointing", False)  # True: every block; N: the first N
+        self.backbone.set_grad_checkpointing(
+            bool(checkpointing), None if isinstance(checkpointing, bool) else checkpointing
         )
         if num_classes == 0:
             self.backbone.head.requires_grad_(False)  # dense tasks do not use the classifier's norm

@@ -31,8 +31,9 @@ class PretrainTask(pl.LightningModule):
         as in :class:`FrequencyPretrainer`.
     Args (optimisation): AdamW with ``lr``, ``weight_decay`` (none on norms, biases, FVE and SCE), ``betas``; linear
         warm-up over ``warmup_fraction`` of the steps, then cosine to ``min_lr_ratio * lr``.
-        ``grad_checkpointing`` trades compute for activation memory. ``encoder_kwargs``: more :class:`RSVHeat`
-        arguments (e.g. ``depths``/``dims`` of a custom size).
+        ``grad_checkpointing`` trades compute for activation memory: ``true`` recomputes every encoder block in the
+        backward pass, an integer N the first N (see :meth:`RSVHeat.set_grad_checkpointing`).
+        ``encoder_kwargs``: more :class:`RSVHeat` arguments (e.g. ``depths``/``dims`` of a custom size).
     """
 
     def __init__(
@@ -54,7 +55,7 @@ class PretrainTask(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_fraction: float = 0.1,
         min_lr_ratio: float = 0.025,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | int = False,
         encoder_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
@@ -73,8 +74,9 @@ class PretrainTask(pl.LightningModule):
             temperature=temperature,
             encoder_kwargs={"drop_path_rate": drop_path_rate, **(encoder_kwargs or {})},
         )
-        if grad_checkpointing:
-            self.model.encoder.set_grad_checkpointing(True)
+        self.model.encoder.set_grad_checkpointing(  # True: every block; N: the first N
+            bool(grad_checkpointing), None if isinstance(grad_checkpointing, bool) else grad_checkpointing
+        )
 
     @property
     def encoder(self):
