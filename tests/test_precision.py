@@ -8,7 +8,7 @@ import torch
 
 import rsvheat
 from rsvheat.cli import build_parser, main
-from rsvheat.models.precision import PRECISIONS, autocast
+from rsvheat.models.precision import PRECISIONS, autocast, low_precision_weights
 from tests.rasters import write
 from tests.test_task_training import MICRO
 
@@ -103,3 +103,25 @@ def test_trainer_bf16_mixed_fits_a_task(tmp_path):
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_low_precision_weights_give_autocasts_results_and_restore_the_weights():
+    from rsvheat.trainers import DetectionTask
+
+    torch.manual_seed(0)
+    classifier = rsvheat.create_model("rsvheat_tiny", num_classes=5, img_size=64, **MICRO).eval()
+    detector = DetectionTask(num_classes=2, backbone="rsvheat_tiny", img_size=64, encoder_kwargs=MICRO).model.eval()
+    x = torch.rand(1, 3, 97, 83)
+    for model in (classifier, detector):  # the detector: torchvision's heads run with them too
+        before = {name: (p.data_ptr(), p.clone()) for name, p in model.named_parameters()}
+        with torch.inference_mode(), autocast("bf16", x.device):
+            expected = model(x)
+        with low_precision_weights(model, "bf16"):
+            linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+            assert linear.weight.dtype == torch.bfloat16
+            with torch.inference_mode(), autocast("bf16", x.device):
+                got = model(x)
+        # autocast rounds the same weights to bf16 on every call: the results are identical
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        for name, p in model.named_parameters():
+            assert p.dtype == torch.float32 and p.data_ptr() == before[name][0] and torch.equal(p, before[name][1])

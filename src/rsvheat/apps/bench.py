@@ -34,13 +34,14 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from rsvheat.files import write_atomic
 from rsvheat.models.counting import activation_bytes
-from rsvheat.models.precision import PRECISIONS, autocast
+from rsvheat.models.precision import PRECISIONS, autocast, low_precision_weights
 
 BASELINES = {
     "swin_tiny": "swin_tiny_patch4_window7_224",
@@ -188,20 +189,23 @@ def run_case(
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    rss_before = _rss_mb()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        cuda_before = torch.cuda.memory_allocated()
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        step()
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed)
-        elif elapsed > long_seconds:  # a very slow case: its warm-up is its single measurement
-            times.append(elapsed)
-            break
+    # bf16 inference holds the layers' weights in bf16 (as predict-scene does), so autocast does not cast them again
+    # for every row chunk of every pass; the fp32 reference below runs after the weights are restored
+    with low_precision_weights(model, precision) if opt is None else nullcontext():
+        rss_before = _rss_mb()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            cuda_before = torch.cuda.memory_allocated()
+        times = []
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times.append(elapsed)
+            elif elapsed > long_seconds:  # a very slow case: its warm-up is its single measurement
+                times.append(elapsed)
+                break
     median = sorted(times)[len(times) // 2]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row = dict(

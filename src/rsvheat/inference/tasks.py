@@ -28,7 +28,7 @@ from rsvheat.inference.scene import (
     write_geojson,
 )
 from rsvheat.models.checkpoint import CheckpointError, read_torch_file
-from rsvheat.models.precision import autocast, check_precision
+from rsvheat.models.precision import autocast, check_precision, low_precision_weights
 
 
 def _task_classes() -> dict:
@@ -197,7 +197,11 @@ def map_scene(
     if detection and probabilities is not None:
         raise ValueError(f"{source} is a detection model: it writes boxes only, drop --probabilities")
     inputs = _scene_inputs(task, images, bands)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), Scene(inputs, task.modalities, meta["stats"]) as scene:
+    with (
+        rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),
+        Scene(inputs, task.modalities, meta["stats"]) as scene,
+        low_precision_weights(task.model, precision),  # bf16: the weights cast once for all tiles
+    ):
         scene.check_statistics()  # a scene in other units than the training data: say so before the long run
         if detection:
             geojson = Path(output).suffix.lower() == ".geojson"
