@@ -173,3 +173,10 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     bench.main(args)  # resumed: nothing re-measured
     assert results.read_text().splitlines() == lines
     assert len((tmp_path / "out/ablation/results.jsonl").read_text().splitlines()) == len(ablation)
+    # the diagnosis stage: a fine-tuning pair per layer decay, scored on validation and test, its own table
+    bench.main([*args, "--stage", "diagnose", "--diagnose-layer-decays", "1.0"])
+    diag = [json.loads(line) for line in results.read_text().splitlines()[len(lines) :]]
+    assert {(r["init"], r["protocol"]) for r in diag} == {("pretrained", "diag_ld1"), ("random", "diag_ld1")}
+    assert all(0 <= r["val_accuracy"] <= 1 and r["layer_decay"] == 1.0 for r in diag)
+    md = (tmp_path / "res/transfer.md").read_text()
+    assert "## Diagnosis" in md and "| 1 | pretrained |" in md and "Status: 24 of 24 units" in md

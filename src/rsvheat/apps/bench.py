@@ -453,14 +453,17 @@ def _measurement_tables(rows: list[dict], models: list[str], sizes: list[int]) -
         if not any(r["mode"] == mode for r in rows):
             continue
         errors = {(r["model"], r["size"]): r["error"] for r in rows if r["mode"] == mode and r.get("error")}
+        mode_sizes = [s for s in sizes if any(r["mode"] == mode and r["size"] == s for r in rows)]
         lines += [
             f"## {mode}: {QUANTITY[key]} ({unit})",
             "",
-            "| model | " + " | ".join(f"{s}²" for s in sizes) + " |",
-            "|---|" + "---:|" * len(sizes),
+            "| model | " + " | ".join(f"{s}²" for s in mode_sizes) + " |",
+            "|---|" + "---:|" * len(mode_sizes),
         ]
         for m in models:
-            cells = [_cell(_value(rows, m, s, mode, key), key, errors.get((m, s), "")) for s in sizes]
+            if not any(r["model"] == m and r["mode"] == mode for r in rows):
+                continue  # a train-only or infer-only model in the other mode's table
+            cells = [_cell(_value(rows, m, s, mode, key), key, errors.get((m, s), "")) for s in mode_sizes]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -487,6 +490,8 @@ def _ratio_table(rows: list[dict], models: list[str], sizes: list[int]) -> list[
             for s in sizes:
                 a, b = _value(rows, m, s, mode, key), _value(rows, ref, s, mode, key)
                 cells.append(f"{a / b:.2f}" if a and b else "—")
+            if set(cells) == {"—"}:
+                continue  # a pair never measured in this mode
             lines.append(f"| {m} | {ref} | {mode} | {QUANTITY[key]} | " + " | ".join(cells) + " |")
     return lines
 
