@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from rsvheat.data.io import open_raster
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import Input, Scene, check_tile
-from rsvheat.models.precision import autocast, check_precision
+from rsvheat.models.precision import autocast, check_precision, low_precision_weights
 from rsvheat.models.sliding import window_grid
 from rsvheat.progress import bar as progress_bar
 
@@ -178,7 +178,8 @@ def explain_scene(
     source = Input(image, modality, tuple(bands) if bands else None)
     with Scene({modality: source}, model.modalities, {modality: stats}, georeferenced_outputs=False) as scene:
         size = (scene.height, scene.width)
-        canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device, progress, precision)
+        with low_precision_weights(model, precision):  # bf16: the weights cast once for all tiles
+            canvases, spectra = _stitched_fields(model, scene, modality, tile, max_side, device, progress, precision)
     shape = next(iter(canvases.values())).shape
     rgb, valid = _overview(image, bands, shape)
     if weights is None:
