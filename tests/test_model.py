@@ -211,6 +211,8 @@ def test_checkpointing_gives_the_plain_gradients_of_every_parameter_in_float64(p
         torch.testing.assert_close(grads[True][name], expected, rtol=1e-12, atol=1e-15, msg=name)
         torch.testing.assert_close(grads[3][name], expected, rtol=1e-12, atol=1e-15, msg=name)
     assert [stage.recomputed_blocks for stage in model.stages] == [1, 1, 1, 0]
+    with pytest.raises(ValueError, match="blocks must be >= 0 or None, got -1"):
+        model.set_grad_checkpointing(True, blocks=-1)
 
 
 def test_reset_classifier_and_head():

@@ -141,11 +141,14 @@ class _NewStorages(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage().data_ptr() not in inputs:
-                storage = t.untyped_storage()
-                known = self.storages.get(storage.data_ptr())
-                if known is None or known[0].expired():  # an address is reused once its storage is freed
-                    self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            address = storage.data_ptr()
+            known = self.storages.get(address)
+            # an address is reused once its storage is freed
+            if address not in inputs and (known is None or known[0].expired()):
+                self.storages[address] = (StorageWeakRef(storage), storage.nbytes())
         return out
 
 
