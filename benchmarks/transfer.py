@@ -51,6 +51,7 @@ import yaml  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import prepare_aid  # noqa: E402
+import prepare_dubai  # noqa: E402
 
 from rsvheat.apps.bench import machine_description  # noqa: E402
 from rsvheat.evaluation import (  # noqa: E402
@@ -138,14 +139,14 @@ def step_seconds(model_kwargs: dict, modalities: dict[str, int], crop: int, batc
     return min(times[1:])  # the first step pays for allocations
 
 
-#: the paper's ablations in miniature (issue H.5) and the masking-semantics diagnostic: overrides of the main run
+#: variations of the main run, pre-trained for ``--ablation-steps`` each and judged by frozen probes
 ABLATIONS = {
-    "spa": {"loss_weights": {"spa": 1.0, "fre": 0.0, "con": 0.0}},
-    "spa_fre": {"loss_weights": {"spa": 1.0, "fre": 1.0, "con": 0.0}},
-    "spa_fre_con": {},
-    "ratio_low": {"ratio_part": "low"},
-    "optical_only": {"sources": ["optical"]},
-    "reconstruct_low": {"reconstruct_from": "low"},
+    "default": {},  # masked frequency modelling on two augmented views (the reference of the ablation table)
+    "paper": {"views": "low_high", "reconstruct_from": "both", "temperature": 0.1},  # the paper's reading
+    "paper_low": {"views": "low_high", "reconstruct_from": "low", "temperature": 0.1},  # its decoder sees I_low only
+    "recon_only": {"loss_weights": {"spa": 1.0, "fre": 1.0, "con": 0.0}},  # masked frequency modelling alone
+    "con_only": {"loss_weights": {"spa": 0.0, "fre": 0.0, "con": 1.0}},  # the view contrast alone
+    "optical_only": {"sources": ["optical"]},  # no BigEarthNet S1/S2 pairs: no SAR stem, no cross-modal term
 }
 
 
@@ -418,12 +419,108 @@ def evaluate(args: argparse.Namespace, state: dict, encoder: Path) -> Path:
             todo = [f for f in args.fractions if any((init, seed, p, f) not in done for p in ("knn", "linear"))]
             frozen_units(args, state, init, weights, seed, todo, results)
     # fine-tuning after every frozen unit: the cheap protocols finish first in a session cut short
-    for fraction in sorted(args.fractions):
+    for fraction in sorted(args.fractions, reverse=True):  # the most telling units first in a session cut short
         for seed in args.seeds:
             for init in ("pretrained", "random"):
                 if (init, seed, "finetune", fraction) not in done_units(results):
                     finetune_unit(args, state, init, encoder if init == "pretrained" else None, seed, fraction, results)
     return results
+
+
+def dense_unit(args, init: str, weights: Path | None, seed: int, results: Path) -> None:
+    """The dense protocol: fine-tune UPerNet segmentation (:class:`SegmentationTask`) on the Dubai set (split by tile:
+    tiles 1-6 train, 7 validation, 8 test; ``scripts/prepare_dubai.py``) for ``--dense-steps`` steps from the
+    pre-trained encoder or from random weights; the final model's test mIoU is recorded (no selection)."""
+    import lightning.pytorch as pl
+
+    from rsvheat.datamodules import SegmentationDataModule
+    from rsvheat.trainers import SegmentationTask
+
+    start = time.perf_counter()
+    data = args.out / "dubai"
+    if not (data / "counts.json").is_file():
+        prepare_dubai.prepare(args.dubai, data, patch=args.dense_patch)
+    dm = SegmentationDataModule(
+        train_root=str(data / "train"),
+        val_root=str(data / "val"),
+        test_root=str(data / "test"),
+        num_classes=len(prepare_dubai.CLASSES),
+        crop_size=args.dense_crop,
+        batch_size=args.dense_batch,
+        eval_batch_size=4,
+        num_workers=0,
+    )
+    pl.seed_everything(seed, verbose=False)
+    task = SegmentationTask(
+        num_classes=len(prepare_dubai.CLASSES),
+        classes=list(prepare_dubai.CLASSES),
+        backbone=args.variant,
+        weights=str(weights) if weights else None,
+        img_size=args.dense_crop,
+        decoder_width=32 if args.smoke else 128,
+        eval_tile=args.dense_patch,
+        eval_overlap=0,
+        drop_path_rate=0.1,
+        lr=args.ft_lr,
+        layer_decay=0.9,
+        warmup_fraction=0.1,
+        encoder_kwargs=MICRO if args.smoke else None,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.dense_steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(args.out / "dense" / f"{init}_s{seed}"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, datamodule=dm)
+    metrics = trainer.test(task, datamodule=dm, verbose=False)[0]
+    extra = {"OA": round(float(metrics["test/OA"]), 4), "steps": args.dense_steps, "crop": args.dense_crop}
+    n_train = len(list((data / "train/images").iterdir()))
+    seconds = time.perf_counter() - start
+    record(results, unit(init, seed, "dubai_miou", 1.0, metrics["test/mIoU"], n_train, seconds, extra))
+    log(f"{init} seed {seed}: Dubai test mIoU {metrics['test/mIoU']:.3f}, OA {metrics['test/OA']:.3f}")
+
+
+def dense(args: argparse.Namespace, encoder: Path) -> None:
+    if args.dubai is None:
+        raise SystemExit("--stage dense needs --dubai (the Dubai set, see scripts/prepare_dubai.py)")
+    results = args.out / "results.jsonl"
+    for seed in args.dense_seeds:
+        for init in ("pretrained", "random"):
+            if (init, seed, "dubai_miou", 1.0) not in done_units(results):
+                dense_unit(args, init, encoder if init == "pretrained" else None, seed, results)
+
+
+def dense_lines(units: list[dict]) -> list[str]:
+    """The dense protocol's table (markdown lines; none before it ran)."""
+    rows = [u for u in units if u["protocol"] == "dubai_miou"]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Dense protocol: Dubai semantic segmentation (5 classes, split by tile)",
+        "",
+        f"UPerNet on the encoder, fine-tuned end to end for {rows[0].get('steps', '?')} steps on "
+        f"{rows[0].get('crop', '?')}² crops of {rows[0]['train_images']} training patches (tiles 1-6); the final "
+        "model scored on tile 8 (never looked at before).",
+        "",
+        "| init | seeds | test mIoU (mean ± std) | test OA (mean) |",
+        "|---|---:|---:|---:|",
+    ]
+    for init in ("pretrained", "random"):
+        us = [u for u in rows if u["init"] == init]
+        if us:
+            m, sd = mean_std([u["accuracy"] for u in us])
+            oa = sum(u["OA"] for u in us) / len(us)
+            lines.append(f"| {init} | {len(us)} | {m:.3f} ± {sd:.3f} | {oa:.3f} |")
+    return lines
 
 
 def diagnose(args: argparse.Namespace, state: dict, encoder: Path) -> None:
@@ -496,6 +593,27 @@ def monitor_curve(out: Path) -> list[tuple[int, float, float]]:
             if r.get("monitor/knn_acc"):
                 by_step[int(r["step"])] = (float(r["monitor/knn_acc"]), float(r["monitor/linear_acc"]))
     return [(step, *accs) for step, accs in sorted(by_step.items())]
+
+
+def health_curve(out: Path, rows: int = 12) -> tuple[list[str], list[tuple[int, list[float]]]]:
+    """The collapse monitors of the main run (``health/<source>/<modality>/{nce_ratio,std}``): column names and up
+    to ``rows`` evenly spaced ``(step, values)``, a resumed run's later values replacing earlier ones."""
+    by_step: dict[int, dict[str, float]] = {}
+    for path in sorted((out / "pretrain").glob("logs/version_*/metrics.csv")):
+        for r in csv.DictReader(path.open()):
+            values = {
+                k: float(v)
+                for k, v in r.items()
+                if v and k.startswith("health/") and k.endswith(("/nce_ratio", "/std"))
+            }
+            if values:
+                by_step.setdefault(int(r["step"]), {}).update(values)
+    if not by_step:
+        return [], []
+    columns = sorted({k for v in by_step.values() for k in v})
+    steps = sorted(by_step)
+    picked = sorted({steps[round(i * (len(steps) - 1) / max(1, rows - 1))] for i in range(min(rows, len(steps)))})
+    return columns, [(st, [by_step[st].get(c, float("nan")) for c in columns]) for st in picked]
 
 
 def report(args: argparse.Namespace, state: dict, results: Path, commands: list[str]) -> None:
@@ -575,6 +693,21 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
             "|---:|---:|---:|",
             *[f"| {s} | {a:.3f} | {b:.3f} |" for s, a, b in curve],
         ]
+    columns, health = health_curve(args.out)
+    if health:
+        names = [
+            c.removeprefix("health/").replace("/nce_ratio", " InfoNCE/ln B").replace("/std", " std") for c in columns
+        ]
+        lines += [
+            "",
+            "Collapse monitors during pre-training (the batch's embeddings of the two views, per source/modality: "
+            "InfoNCE over ln B, 1 = chance; normalised per-dimension std × √D, 0 = collapsed, ~1 = spread):",
+            "",
+            "| step | " + " | ".join(names) + " |",
+            "|---:|" + "---:|" * len(names),
+            *[f"| {st} | " + " | ".join(f"{v:.3f}" for v in values) + " |" for st, values in health],
+        ]
+    lines += dense_lines(list(done_units(results).values()))
     lines += diagnosis_lines(list(done_units(results).values()))
     lines += ablation_lines(args, units)
     lines += ["", "Commands:", "", "```", *commands, "```", ""]
@@ -585,7 +718,7 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
 def ablation_lines(args: argparse.Namespace, main_units: list[dict]) -> list[str]:
     """The ablation table (markdown lines; none before any ablation ran): each variant's frozen-probe accuracy as mean
     ± std over seeds, next to random initialisation and the main run, and whether it differs from the full method
-    (``spa_fre_con``) by more than the spread."""
+    (``default``) by more than the spread."""
     units = list(done_units(args.out / "ablation/results.jsonl").values())
     if not units:
         return []
@@ -597,19 +730,20 @@ def ablation_lines(args: argparse.Namespace, main_units: list[dict]) -> list[str
         accs = [u["accuracy"] for u in us if (u["protocol"], u["fraction"]) == (protocol, fraction)]
         return mean_std(accs) if accs else None
 
-    full = {c: cell(rows["spa_fre_con"], *c) for c in cols}
+    full = {c: cell(rows["default"], *c) for c in cols}
     lines = [
         "",
         f"## Ablations in miniature ({args.ablation_steps} pre-training steps each, frozen probes)",
         "",
-        "Same data, crops, batch and schedule as the main run, shorter. `spa`: L_spa only; `spa_fre`: + L_fre; "
-        "`spa_fre_con`: + L_con (the full method, the reference of the † marks); `ratio_low`: the 20-30 % share "
-        "is the low part's (so 70-80 % of the coefficients are high); `optical_only`: no BigEarthNet S1/S2 pairs "
-        "(no SAR stem, no cross-modal term); `reconstruct_low`: the decoder sees the I_low stream alone and must "
-        "predict the hidden high frequencies. † = differs from `spa_fre_con` by more than the sum of the two stds. "
-        "Each variant is one pre-training run: the 10 % columns vary the label subset over the seeds, the 100 % "
-        "columns do not vary at all (std 0), so they get no verdict, and the spread between pre-training runs of one "
-        "variant is not measured.",
+        "Same data, crops, batch and schedule as the main run, shorter. `default`: masked frequency modelling on two "
+        "augmented views with the view contrast (the reference of the † marks); `paper`: the paper's reading (the "
+        "encoder sees I_low and I_high of one image, both streams fused and decoded, L_con between them, temperature "
+        "0.1): the method before the views were changed; `paper_low`: the same with the decoder reading the I_low "
+        "stream only; `recon_only`: masked frequency modelling alone (no L_con); `con_only`: the view contrast "
+        "alone (no reconstruction); `optical_only`: no BigEarthNet S1/S2 pairs (no SAR stem, no cross-modal term). "
+        "† = differs from `default` by more than the sum of the two stds. Each variant is one pre-training run: the "
+        "10 % columns vary the label subset over the seeds, the 100 % columns do not vary at all (std 0), so they "
+        "get no verdict, and the spread between pre-training runs of one variant is not measured.",
         "",
         "| variant | " + " | ".join(f"{p} {100 * f:g} %" for p, f in cols) + " |",
         "|---|" + "---:|" * len(cols),
@@ -626,7 +760,7 @@ def ablation_lines(args: argparse.Namespace, main_units: list[dict]) -> list[str
                 continue
             # two single pre-training runs scored on all labels have no spread at all: no verdict there
             spread = v[1] + full[c][1] if full[c] else 0.0
-            mark = "†" if spread and name != "spa_fre_con" and abs(v[0] - full[c][0]) > spread else ""
+            mark = "†" if spread and name != "default" and abs(v[0] - full[c][0]) > spread else ""
             texts.append(f"{v[0]:.3f} ± {v[1]:.3f}{mark}")
         lines.append(f"| {name} | " + " | ".join(texts) + " |")
     return lines
@@ -668,7 +802,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-minutes", type=float, default=60)
     parser.add_argument("--pretrain-steps", type=int, default=None, help="instead of the time budget")
     parser.add_argument("--pretrain-batch", type=int, default=12)
-    parser.add_argument("--pretrain-lr", type=float, default=2e-4)
+    parser.add_argument(
+        "--pretrain-lr", type=float, default=1e-3, help="model.lr: the rate at batch 256 (square-root rule)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--knn-k", type=int, default=20)
@@ -679,8 +815,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     parser.add_argument(
-        "--stage", choices=("data", "pretrain", "evaluate", "ablation", "diagnose", "report", "all"), default="all"
+        "--stage",
+        choices=("data", "pretrain", "evaluate", "ablation", "diagnose", "dense", "report", "all"),
+        default="all",
     )
+    parser.add_argument("--dubai", type=Path, default=None, help="the Dubai set (see scripts/prepare_dubai.py)")
+    parser.add_argument("--dense-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--dense-steps", type=int, default=300)
+    parser.add_argument("--dense-batch", type=int, default=8)
+    parser.add_argument("--dense-crop", type=int, default=128)
+    parser.add_argument("--dense-patch", type=int, default=256, help="Dubai images cut into N×N patches")
     parser.add_argument(
         "--diagnose-layer-decays", type=float, nargs="+", default=[1.0, 0.9], help="layer decays of --stage diagnose"
     )
@@ -690,6 +834,7 @@ def main(argv: list[str] | None = None) -> None:
         args.variant, args.img_size, args.crop, args.per_class = "rsvheat_tiny", 32, 32, min(args.per_class, 6)
         args.pretrain_steps, args.pretrain_batch, args.ft_steps, args.ft_batch = 2, 2, 2, 4
         args.knn_k, args.ablation_steps = 3, 2
+        args.dense_steps, args.dense_batch, args.dense_crop, args.dense_patch = 2, 2, 32, 64
     torch.set_num_threads(args.threads or max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     command = "python benchmarks/transfer.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -709,6 +854,8 @@ def main(argv: list[str] | None = None) -> None:
         ablate(args, state)
     if args.stage == "diagnose":
         diagnose(args, state, pretrain(args, state))
+    if args.stage == "dense" or (args.stage == "all" and args.dubai is not None):
+        dense(args, pretrain(args, state))
     results = args.out / "results.jsonl"
     report(args, state, results, commands)
     log(f"report written to {args.results_dir}/transfer.md")

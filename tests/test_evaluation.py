@@ -72,6 +72,20 @@ def make_classes(root, n: int = 12, size: int = 40, classes=("dark", "light", "s
             Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.png")
 
 
+def make_dubai(root, size: int = 64) -> None:
+    """Eight ``Tile N`` folders of the Dubai layout, one image each, masks in the set's own colours."""
+    rng = np.random.default_rng(0)
+    colours = [(0x84, 0x29, 0xF6), (0xE2, 0xA9, 0x29), (0x3C, 0x10, 0x98), (0xFE, 0xDD, 0x3A), (0x6E, 0xC1, 0xE4)]
+    for t in range(1, 9):
+        (root / f"Tile {t}/images").mkdir(parents=True)
+        (root / f"Tile {t}/masks").mkdir(parents=True)
+        classes = rng.integers(0, 5, (size // 16, size // 16)).repeat(16, 0).repeat(16, 1)
+        mask = np.array(colours, dtype=np.uint8)[classes]
+        image = (classes[..., None] * 40 + rng.integers(0, 30, (size, size, 3))).astype(np.uint8)
+        Image.fromarray(image).save(root / f"Tile {t}/images/image_part_001.jpg")
+        Image.fromarray(mask).save(root / f"Tile {t}/masks/image_part_001.png")
+
+
 def test_fraction_split_file_is_read_by_the_classification_data_module(tmp_path):
     from rsvheat.datamodules import ClassificationDataModule
 
@@ -154,7 +168,7 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     spec.loader.exec_module(bench)
     make_classes(tmp_path / "AID", n=6, size=40)
     args = ["--aid", str(tmp_path / "AID"), "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "res")]
-    args += ["--smoke", "--seeds", "0", "1", "--fractions", "0.5", "1.0", "--ablations", "reconstruct_low"]
+    args += ["--smoke", "--seeds", "0", "1", "--fractions", "0.5", "1.0", "--ablations", "paper"]
     bench.main(args)
     results = tmp_path / "out/results.jsonl"
     lines = results.read_text().splitlines()
@@ -167,8 +181,9 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     assert (tmp_path / "res/transfer.png").stat().st_size > 0
     # the ablation stage: its own pre-training, frozen probes at 10 % and 100 % for each seed, a table row
     ablation = [json.loads(line) for line in (tmp_path / "out/ablation/results.jsonl").read_text().splitlines()]
-    assert len(ablation) == 2 * 2 * 2 and {r["init"] for r in ablation} == {"reconstruct_low"}
-    assert "| reconstruct_low | " in md and "| spa | not run |" in md
+    assert len(ablation) == 2 * 2 * 2 and {r["init"] for r in ablation} == {"paper"}
+    assert "| paper | " in md and "| con_only | not run |" in md
+    assert "Collapse monitors during pre-training" in md and "optical/optical InfoNCE/ln B" in md
     assert len(list(csv.DictReader((tmp_path / "res/transfer.csv").open()))) == 3 * 2 * 2
     bench.main(args)  # resumed: nothing re-measured
     assert results.read_text().splitlines() == lines
@@ -180,3 +195,10 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     assert all(0 <= r["val_accuracy"] <= 1 and r["layer_decay"] == 1.0 for r in diag)
     md = (tmp_path / "res/transfer.md").read_text()
     assert "## Diagnosis" in md and "| 1 | pretrained |" in md and "Status: 24 of 24 units" in md
+    # the dense protocol: Dubai segmentation (split by tile), one fine-tuning per init, its own table
+    make_dubai(tmp_path / "dubai")
+    bench.main([*args, "--stage", "dense", "--dubai", str(tmp_path / "dubai")])
+    dense = [json.loads(line) for line in results.read_text().splitlines() if "dubai_miou" in line]
+    assert {r["init"] for r in dense} == {"pretrained", "random"} and all(0 <= r["accuracy"] <= 1 for r in dense)
+    md = (tmp_path / "res/transfer.md").read_text()
+    assert "## Dense protocol: Dubai" in md and "| pretrained | 1 |" in md

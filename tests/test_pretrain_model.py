@@ -1,6 +1,8 @@
 """Pre-training model and losses: exact against float64 references, zero on perfect reconstruction, gradients, ablation
 switches, odd sizes, and learning."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,33 @@ def test_info_nce():
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
     assert info_nce(a, b).item() == pytest.approx(1.0)  # batch of one: 1 - cos
     assert info_nce(a, a).item() == pytest.approx(0.0)
+    # both sides collapsed onto one direction: chance level exactly, and no gradient to leave it (the dead point)
+    same = torch.ones(5, 3)
+    other = (torch.rand(5, 1) + 0.5).mul(same).requires_grad_()
+    loss = info_nce(other, same)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(5), rel=1e-6)
+    assert other.grad.abs().max() < 1e-6
+
+
+def test_embedding_health_against_float64_reference():
+    from rsvheat.pretraining.model import embedding_health
+
+    a, b = torch.randn(16, 8), torch.randn(16, 8)
+    h = embedding_health(a, b)
+    ua, ub = (x.double() / x.double().norm(dim=1, keepdim=True) for x in (a, b))
+    both = torch.cat([ua, ub])
+    assert h["std"] == pytest.approx(both.std(0).mean().item() * math.sqrt(8), rel=1e-5)
+    s = np.linalg.svd(both.numpy(), compute_uv=False)
+    p = s / s.sum()
+    assert h["rank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-4)
+    assert h["alignment"] == pytest.approx(((ua - ub) ** 2).sum(1).mean().item(), rel=1e-5)
+    d2 = torch.cdist(both, both) ** 2
+    iu = torch.triu_indices(32, 32, 1)
+    assert h["uniformity"] == pytest.approx(torch.exp(-2 * d2[iu[0], iu[1]]).mean().log().item(), rel=1e-4)
+    assert h["nce_ratio"] == pytest.approx(info_nce(a, b).item() / math.log(16), rel=1e-6)
+    collapsed = embedding_health(torch.ones(16, 8) + 1e-4 * a, torch.ones(16, 8))
+    assert collapsed["std"] < 0.01 and collapsed["rank"] < 1.1 and collapsed["nce_ratio"] == pytest.approx(1, abs=1e-3)
 
 
 def test_forward_terms_and_ablation_switches():
@@ -80,13 +109,14 @@ def test_gradients_reach_every_encoder_part():
     assert [n for n, p in ablated.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
-def test_reconstruct_from_low_hides_the_high_frequencies():
-    """With reconstruct_from="low" the decoder's output depends on I_low alone (the high part is a target to predict,
-    not an input), while I_high still shapes L_con; every trainable parameter stays on the loss path."""
+def test_paper_reading_reconstruct_from_low_hides_the_high_frequencies():
+    """views="low_high" with reconstruct_from="low": the decoder's output depends on I_low alone (the high part is a
+    target to predict, not an input), while I_high still shapes L_con; every trainable parameter stays on the loss
+    path. With "both" the decoder reads I_high too."""
     from rsvheat.pretraining.masking import FrequencySplit
 
     torch.manual_seed(0)
-    model = micro_pretrainer(reconstruct_from="low", modalities={"optical": 3}).eval()
+    model = micro_pretrainer(views="low_high", reconstruct_from="low", modalities={"optical": 3}).eval()
     x = torch.randn(2, 3, 64, 64)
     split = model.masking(x)
     other = FrequencySplit(split.low, torch.randn_like(split.high), split.high_mask, split.ratio)
@@ -96,13 +126,116 @@ def test_reconstruct_from_low_hides_the_high_frequencies():
     assert model.fuse_frequency is None
     model.train()({"optical": x}).loss.backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
-    both = micro_pretrainer(modalities={"optical": 3}).eval()
+    both = micro_pretrainer(views="low_high", reconstruct_from="both", modalities={"optical": 3}).eval()
     assert not torch.allclose(
         both({"optical": x}, {"optical": split}).previews["optical"][3],
         both({"optical": x}, {"optical": other}).previews["optical"][3],
     )
     with pytest.raises(ValueError, match="reconstruct_from"):
         micro_pretrainer(reconstruct_from="high")
+    with pytest.raises(ValueError, match="reconstruct_from must be 'low'"):
+        micro_pretrainer(views="crops", reconstruct_from="both")
+    with pytest.raises(ValueError, match="views='low_high'"):
+        micro_pretrainer()({"optical": x}, {"optical": split})
+
+
+def test_default_views_hide_the_high_band_from_the_encoder():
+    """The default (views="crops"): the encoder sees only I_low of each augmented view (no energy in the outer 20 %
+    of the spectrum, which every draw of the 20-30 % ratio hides), while the loss targets are the whole views."""
+    from rsvheat.operators.dct import dct2d
+    from rsvheat.pretraining.masking import normalised_radius
+
+    model = micro_pretrainer(modalities={"optical": 3})
+    seen = []
+    model.encoder.stems["optical"].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    x = torch.randn(3, 3, 40, 48)
+    out = model({"optical": x})
+    (encoded,) = seen
+    assert encoded.shape == (6, 3, 40, 48)  # two views of each image, one pass
+    radius = normalised_radius(40, 48)
+    outer = radius >= torch.quantile(radius.flatten(), 0.8)
+    spectrum = dct2d(encoded.double())
+    assert spectrum[..., outer].abs().max() < 1e-4 * spectrum.abs().max()
+    view, low, high, recon = out.previews["optical"]
+    torch.testing.assert_close(low + high, view, atol=1e-5, rtol=0)
+    assert high.abs().mean() > 0.05  # the hidden band is not empty: there is something to predict
+    assert not torch.allclose(view, x, atol=1e-2)  # a view is a new crop, not the image
+
+
+def test_view_augment_is_a_shared_random_geometry():
+    """ViewAugment: one geometry per image for every modality of a pair; the full-scale identity-ratio draw of a
+    crop reproduces the image up to flips and 90 degree turns; shapes kept on odd sizes."""
+    from rsvheat.pretraining.model import ViewAugment
+
+    x = torch.arange(2 * 7 * 9, dtype=torch.float32).view(2, 1, 7, 9)
+    pair = {"optical": x.expand(2, 3, 7, 9), "sar": x}
+    views = ViewAugment()(pair)
+    assert views["optical"].shape == (2, 3, 7, 9) and views["sar"].shape == (2, 1, 7, 9)
+    torch.testing.assert_close(views["optical"][:, :1], views["sar"])  # co-registered
+    square = torch.arange(36.0).view(1, 1, 6, 6).expand(8, 1, 6, 6)
+    whole = ViewAugment(scale=(1.0, 1.0), ratio=(1.0, 1.0))({"optical": square})["optical"]
+    turns = [square[0].rot90(k, (-2, -1)) for k in range(4)]
+    images = [t.flip(d) for t in turns for d in ((), (-1,), (-2,), (-2, -1))]
+    for view in whole:  # each is the image flipped and/or turned, resampled exactly
+        assert any(torch.allclose(view, image, atol=1e-4) for image in images)
+    with pytest.raises(ValueError, match="scale"):
+        ViewAugment(scale=(0.0, 1.0))
+
+
+def _landsat_crops(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random ``size``² crops of the embedded Landsat scene, standardised per band: real imagery."""
+    import rasterio
+
+    from rsvheat.data import sample_scene_path
+
+    with rasterio.open(sample_scene_path()) as src:
+        scene = torch.from_numpy(src.read().astype(np.float32))
+    scene = (scene - scene.mean((1, 2), keepdim=True)) / scene.std((1, 2), keepdim=True)
+    ys = torch.randint(0, scene.shape[1] - size, (count,), generator=generator).tolist()
+    xs = torch.randint(0, scene.shape[2] - size, (count,), generator=generator).tolist()
+    return torch.stack([scene[:, y : y + size, x : x + size] for y, x in zip(ys, xs, strict=True)])
+
+
+def _contrast_run(views: str, steps: int = 40, batch: int = 32) -> list[dict[str, float]]:
+    """The contrastive term alone on real crops; the health of each step's embeddings."""
+    from rsvheat.pretraining.model import embedding_health
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = micro_pretrainer(
+        views=views,
+        loss_weights={"spa": 0, "fre": 0, "con": 1},
+        modalities={"optical": 3},
+        img_size=32,
+        proj_dim=32,
+        encoder_kwargs={**MICRO, "dims": (16, 32, 64, 128)},
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    history = []
+    for _ in range(steps):
+        out = model({"optical": _landsat_crops(batch, 32, generator)})
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first, second = out.embeddings["optical"]
+        unit = [torch.nn.functional.normalize(z, dim=-1) for z in (first, second)]
+        side_std = [u.std(0).mean().item() * u.shape[1] ** 0.5 for u in unit]
+        history.append({**embedding_health(first, second, model.temperature), "side_std": min(side_std)})
+    return history
+
+
+def test_paper_views_reach_the_dead_point_and_crop_views_learn():
+    """The mechanism behind a dead L_con, on real crops in seconds. Paired I_low/I_high views of one image start
+    *less* alike than the negatives (InfoNCE above ln B), collapse to one direction within a few steps (normalised
+    std near 0) and sit at chance (InfoNCE = ln B), where the gradient vanishes. The default crop views fall below
+    half of ln B and stay spread."""
+    paper = _contrast_run("low_high")
+    assert paper[0]["nce_ratio"] > 1.05
+    dead = min(paper[2:25], key=lambda h: h["side_std"])
+    assert dead["side_std"] < 0.2 and abs(dead["nce_ratio"] - 1) < 0.03, dead
+    crops = _contrast_run("crops")
+    assert crops[-1]["nce_ratio"] < 0.5, crops[-1]
+    assert min(h["std"] for h in crops[5:]) > 0.5 and crops[-1]["rank"] > 5
 
 
 def test_odd_sizes_reconstruct_at_input_size():

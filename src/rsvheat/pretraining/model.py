@@ -1,25 +1,38 @@
-"""RS-vHeat self-supervised pre-training: frequency-domain hierarchical masking + multi-domain reconstruction.
+"""RS-vHeat self-supervised pre-training: frequency-domain masking + multi-domain reconstruction + contrast.
 
-One step, for a batch of images ``x`` of one modality (optical or SAR), or a co-registered optical+SAR pair:
+Two readings of the method share this file; ``views`` picks one.
 
-1. split ``x`` in the DCT domain into ``I_low`` and ``I_high`` (:class:`FrequencyMasking`, ``I_low + I_high = x``);
-2. run the shared encoder (its stem for that modality) on both, as one batch of ``2B``;
-3. fuse the two streams per stage (``concat -> 1x1 conv``; the official checkpoints' ``fuse_frequency``);
-4. decode: stages 3 and 4 (stride 16 and 32) are projected, stage 4 upsampled and added, refined by a 3x3 conv, and a
-   per-modality 1x1 conv predicts the ``16 x 16`` pixels of each stride-16 cell (pixel shuffle) = the reconstruction;
-5. losses: ``L_spa = |x_hat - x|_1``, ``L_fre = |DCT(x_hat) - DCT(x)|_1`` (orthonormal DCT, so both are in the same
-   units), ``L_con`` = contrastive consistency in the shared heat space between the pooled stage-4 features of
-   ``I_low`` and ``I_high`` of the same image and, for pairs, between the fused optical and SAR features.
-   ``L = w_spa L_spa + w_fre L_fre + w_con L_con`` (default 1:1:1; a weight of 0 switches the term off).
+``views="crops"`` (the default): **masked frequency modelling on two augmented views**. For a batch ``x`` of one
+modality (or a co-registered optical+SAR pair, cropped alike):
 
-``L_con`` is a symmetric InfoNCE over the batch (positives: the two views of the same image/scene; negatives: the
-other images), which cannot collapse to a constant embedding; with a batch of one there are no negatives and it falls
-back to ``1 - cos``. The paper names "cosine similarity"; its decoder widths are not published (paper-digest 2.3), so
-the decoder here is deliberately light (it is thrown away after pre-training).
+1. draw two views of each image (:class:`ViewAugment`: random resized crop, flips, 90 degree turns);
+2. split each view in the DCT domain (:class:`FrequencyMasking`) and give the encoder its ``I_low`` alone: the
+   ``I_high`` band is hidden, a target, never an input;
+3. decode each view's stage-3/4 features into the whole view: ``L_spa = |x_hat - x|_1`` over pixels and
+   ``L_fre = |DCT(x_hat) - DCT(x)|_1`` over the **hidden** coefficients only (Xie et al., "Masked Frequency Modeling
+   for Self-Supervised Visual Pre-Training", ICLR 2023), so the loss cannot be lowered by copying what was seen;
+4. ``L_con``: symmetric InfoNCE between the pooled, projected stage-4 features of the two views of an image (SimCLR,
+   Chen et al. 2020, with the frequency split as one of the augmentations) and, for pairs, between the optical and
+   SAR features of the same view.
+
+``views="low_high"`` (the paper's reading, kept for comparison): the encoder sees ``I_low`` and ``I_high`` of the
+image itself, the two streams are fused per stage (``concat -> 1x1 conv``, the official ``fuse_frequency``) and decoded
+(``reconstruct_from="both"``, so nothing is hidden from the decoder; ``"low"`` decodes the ``I_low`` stream alone),
+and ``L_con`` pairs the pooled ``I_low`` and ``I_high`` features of one image.
+
+Why the default differs: the ``I_high`` band (20-30 % of the coefficients, under 1 % of an image's energy) carries too
+little of the scene for its embedding to be matched to its ``I_low`` partner; at initialisation the positives are
+*less* alike than the negatives (the InfoNCE starts above ``ln B``), the quickest descent maps every image to one
+direction, and there the InfoNCE sits at ``ln B`` with a vanishing gradient (reproduced in
+``tests/test_pretrain_model.py``). Two views that both carry the scene learn at once.
+
+``L = w_spa L_spa + w_fre L_fre + w_con L_con`` (default 1:1:1; a weight of 0 switches a term off). The decoder is
+deliberately light (its widths are not published, paper-digest 2.3; it is thrown away after pre-training).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -32,24 +45,27 @@ from rsvheat.operators.dct import dct2d
 from rsvheat.pretraining.masking import FrequencyMasking, FrequencySplit
 
 DECODER_STRIDE = 16  # the decoder works on stage 3's grid
+VIEWS = ("crops", "low_high")
 
 
 @dataclass
 class PretrainOutput:
     """``loss``: weighted total; ``terms``: each loss term (unweighted, detached for logging when not used);
-    ``parts``: the two halves of ``L_con``, detached, for logging: ``con_freq`` (low vs high views, mean over
+    ``parts``: the two halves of ``L_con``, detached, for logging: ``con_freq`` (the view pair, mean over
     modalities) and, for pairs, ``con_modal`` (optical vs SAR); ``previews``: per modality ``(x, I_low, I_high,
-    reconstruction)``, each ``(B, C, H, W)``, detached."""
+    reconstruction)`` of the first view, each ``(B, C, H, W)``, detached; ``embeddings``: per modality the projected
+    embeddings of the two views ``((B, D), (B, D))``, detached, for :func:`embedding_health`."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
     previews: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """Symmetric InfoNCE between rows of ``a`` and ``b`` ``(B, D)`` (row i of each is a positive pair);
-    ``1 - cos`` when ``B == 1``."""
+    ``1 - cos`` when ``B == 1``. Chance level is ``ln B``."""
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     if a.shape[0] == 1:
         return 1 - (a * b).sum(-1).mean()
@@ -58,14 +74,92 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torc
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+#: below this, :func:`embedding_health`'s ``std`` reads as a collapsed embedding (1 = spread over the sphere)
+COLLAPSE_STD = 0.1
+
+
+@torch.no_grad()
+def embedding_health(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> dict[str, float]:
+    """Collapse monitors of two views' embeddings ``(B, D)`` (row i of each from the same image), cheap enough for
+    every step:
+
+    - ``std``: mean per-dimension std of the L2-normalised embeddings times ``sqrt(D)`` (SimSiam's monitor, scaled so
+      that embeddings spread over the sphere give ~1 and a collapse to one direction gives 0);
+    - ``rank``: effective rank (RankMe, Garrido et al. 2023: ``exp`` of the entropy of the normalised singular
+      values) of both views' normalised embeddings, between 1 (collapsed) and ``min(2B, D)``;
+    - ``alignment`` (mean squared distance of positives, lower is better) and ``uniformity`` (``log`` mean
+      ``exp(-2 d^2)`` over all pairs, lower is more uniform), Wang & Isola 2020;
+    - ``nce_ratio``: the InfoNCE over ``ln B`` (1 = chance: nothing tells the positives apart).
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    both = torch.cat([a, b])
+    sv = torch.linalg.svdvals(both)
+    p = sv / sv.sum().clamp_min(1e-12)
+    rank = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    n = a.shape[0]
+    return {
+        "std": (both.std(0).mean() * math.sqrt(both.shape[1])).item(),
+        "rank": rank.item(),
+        "alignment": (a - b).pow(2).sum(-1).mean().item(),
+        "uniformity": torch.pdist(both).pow(2).mul(-2).exp().mean().log().item(),
+        "nce_ratio": info_nce(a, b, temperature).item() / math.log(n) if n > 1 else float("nan"),
+    }
+
+
+class ViewAugment(nn.Module):
+    """Random views of images: a random resized crop (area share in ``scale``, aspect ratio in ``ratio``), horizontal
+    and vertical flips and a random multiple of 90 degrees (remote-sensing scenes have no upright), resampled
+    bilinearly to the input size in one ``grid_sample``.
+
+    ``forward({modality: (B, C_m, H, W)})`` draws one geometry per image and applies it to every modality, so a
+    co-registered optical+SAR pair stays co-registered; returns the same dict of views.
+    """
+
+    def __init__(self, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        super().__init__()
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
+        self.scale, self.ratio = scale, ratio
+
+    def geometry(self, batch: int, device: torch.device) -> torch.Tensor:
+        """``(B, 2, 3)`` affine matrices in ``affine_grid``'s normalised coordinates."""
+        area = torch.empty(batch, device=device).uniform_(*self.scale)
+        log_ratio = torch.empty(batch, device=device).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]))
+        half_w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)  # half-extents in [-1, 1] coordinates
+        half_h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+        centre = (torch.rand(batch, 2, device=device) * 2 - 1) * torch.stack([1 - half_w, 1 - half_h], 1)
+        flip = torch.randint(0, 2, (batch, 2), device=device) * 2 - 1
+        turn = torch.randint(0, 4, (batch,), device=device) * (math.pi / 2)
+        cos, sin = turn.cos().round(), turn.sin().round()
+        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)  # (B, 2, 2)
+        scale = torch.diag_embed(torch.stack([half_w, half_h], 1) * flip)
+        return torch.cat([scale @ rotation, centre[..., None]], dim=2)
+
+    def forward(self, images: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        first = next(iter(images.values()))
+        theta = self.geometry(first.shape[0], first.device)
+        views = {}
+        for modality, x in images.items():
+            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+            views[modality] = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return views
+
+
 def spatial_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``L_spa``: mean absolute error in pixel space."""
     return F.l1_loss(recon, target)
 
 
-def frequency_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``L_fre``: mean absolute error between orthonormal 2-D DCT-II spectra."""
-    return F.l1_loss(dct2d(recon.float()), dct2d(target.float()))
+def frequency_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``L_fre``: mean absolute error between orthonormal 2-D DCT-II spectra ``(B, C, H, W)``; with ``mask``
+    ``(B, H, W)`` (True where a coefficient counts, e.g. the hidden band), the mean over those coefficients only."""
+    error = (dct2d(recon.float()) - dct2d(target.float())).abs()
+    if mask is None:
+        return error.mean()
+    weight = mask[:, None].to(error.dtype).expand_as(error)
+    return (error * weight).sum() / weight.sum().clamp_min(1)
 
 
 class ConvNormAct(nn.Sequential):
@@ -91,7 +185,8 @@ class ReconstructionDecoder(nn.Module):
 
 
 class FrequencyPretrainer(nn.Module):
-    """The pre-training model: encoder + frequency fusion + reconstruction decoder + contrastive projection.
+    """The pre-training model: encoder + reconstruction decoder + contrastive projection (+ the paper reading's
+    frequency fusion).
 
     Args:
         variant: encoder architecture (a key of :data:`rsvheat.models.VARIANTS`, e.g. ``"rsvheat_base"``).
@@ -99,10 +194,13 @@ class FrequencyPretrainer(nn.Module):
         img_size: pre-training resolution (FVE/SCE are stored at it).
         ratio_range, sector_degrees, ratio_part: frequency masking (see :class:`FrequencyMasking`).
         loss_weights: ``{"spa": 1, "fre": 1, "con": 1}``; 0 switches a term off.
-        reconstruct_from: ``"both"`` (the paper's reading: the fused ``I_low`` and ``I_high`` streams are decoded, so
-            no information is hidden from the decoder) or ``"low"``: the decoder sees the ``I_low`` stream alone and
-            must predict the hidden high frequencies (masked frequency modelling); ``I_high`` still feeds ``L_con``.
-        decoder_width, proj_dim, temperature: decoder and contrastive head sizes.
+        views: ``"crops"`` (default: masked frequency modelling on two augmented views, see the module docstring) or
+            ``"low_high"`` (the paper's reading: ``I_low`` and ``I_high`` of one image are the two streams).
+        reconstruct_from: with ``views="low_high"`` only: ``"both"`` (the paper's reading: the fused ``I_low`` and
+            ``I_high`` streams are decoded, so nothing is hidden from the decoder) or ``"low"`` (the ``I_low`` stream
+            alone). ``views="crops"`` always decodes from ``I_low``.
+        crop_scale: area share range of :class:`ViewAugment`'s crops (``views="crops"``).
+        decoder_width, proj_dim, temperature: decoder and contrastive head sizes, InfoNCE temperature.
         encoder_kwargs: more :class:`RSVHeat` arguments (e.g. ``drop_path_rate``).
     """
 
@@ -115,10 +213,12 @@ class FrequencyPretrainer(nn.Module):
         sector_degrees: float | None = None,
         ratio_part: str = "high",
         loss_weights: Mapping[str, float] | None = None,
-        reconstruct_from: str = "both",
+        views: str = "crops",
+        reconstruct_from: str = "low",
+        crop_scale: tuple[float, float] = (0.25, 1.0),
         decoder_width: int = 256,
         proj_dim: int = 128,
-        temperature: float = 0.1,
+        temperature: float = 0.2,
         encoder_kwargs: Mapping | None = None,
     ) -> None:
         super().__init__()
@@ -128,9 +228,16 @@ class FrequencyPretrainer(nn.Module):
         weights = {"spa": 1.0, "fre": 1.0, "con": 1.0, **(loss_weights or {})}
         if set(weights) != {"spa", "fre", "con"} or any(w < 0 for w in weights.values()):
             raise ValueError(f"loss_weights takes non-negative 'spa', 'fre', 'con', got {dict(loss_weights or {})}")
+        if not any(weights.values()):
+            raise ValueError("loss_weights: at least one of 'spa', 'fre', 'con' must be positive")
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {VIEWS}, got {views!r}")
         if reconstruct_from not in ("both", "low"):
             raise ValueError(f"reconstruct_from must be 'both' or 'low', got {reconstruct_from!r}")
+        if views == "crops" and reconstruct_from != "low":
+            raise ValueError("views='crops' hides I_high from the encoder: reconstruct_from must be 'low'")
         self.loss_weights = weights
+        self.views = views
         self.reconstruct_from = reconstruct_from
         self.variant = variant
         self.encoder = RSVHeat(
@@ -143,11 +250,14 @@ class FrequencyPretrainer(nn.Module):
         self.encoder.head.requires_grad_(False)
         dims = self.encoder.dims
         self.masking = FrequencyMasking(ratio_range, sector_degrees, ratio_part)
-        # With reconstruct_from="low" nothing is fused: a module outside the loss would leave DDP unused parameters.
+        self.augment = ViewAugment(crop_scale) if views == "crops" else None
+        # Only the paper reading with both streams decoded fuses: a module outside the loss would leave DDP unused
+        # parameters.
         self.fuse_frequency = (
             nn.ModuleList(nn.Conv2d(2 * d, d, 1) for d in dims[-2:]) if reconstruct_from == "both" else None
         )
-        self.decoder = ReconstructionDecoder((dims[-2], dims[-1]), decoder_width, modalities)
+        reconstructs = weights["spa"] > 0 or weights["fre"] > 0
+        self.decoder = ReconstructionDecoder((dims[-2], dims[-1]), decoder_width, modalities) if reconstructs else None
         self.projector = (
             nn.Sequential(nn.Linear(dims[-1], dims[-1]), nn.GELU(), nn.Linear(dims[-1], proj_dim))
             if weights["con"]
@@ -155,52 +265,78 @@ class FrequencyPretrainer(nn.Module):
         )
         self.temperature = temperature
 
-    def encode(self, low: torch.Tensor, high: torch.Tensor, modality: str):
-        """Both streams through the shared encoder in one pass; returns the stage-3/4 maps the decoder reads (fused,
-        or the ``I_low`` stream's with ``reconstruct_from="low"``) and the pooled stage-4 features of each stream
-        ``(B, C4)``."""
+    def encode(self, first: torch.Tensor, second: torch.Tensor, modality: str):
+        """Both streams ``(B, C, H, W)`` through the shared encoder in one pass. Returns the stage-3/4 maps of each
+        stream ``[(2B, C3, ...), (2B, C4, ...)]`` and the pooled stage-4 features of each ``(B, C4)``."""
         feats = self.encoder.forward_intermediates(
-            torch.cat([low, high]), indices=(2, 3), intermediates_only=True, modality=modality
+            torch.cat([first, second]), indices=(2, 3), intermediates_only=True, modality=modality
         )
+        pooled_first, pooled_second = feats[-1].mean((2, 3)).chunk(2)
+        return feats, pooled_first, pooled_second
+
+    def _decoder_input(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the decoder reads: both views (crops), the fused streams (``both``) or the ``I_low`` stream."""
+        if self.views == "crops":
+            return feats
         if self.fuse_frequency is None:
-            fused = [f.chunk(2)[0] for f in feats]
-        else:
-            fused = [fuse(torch.cat(f.chunk(2), dim=1)) for fuse, f in zip(self.fuse_frequency, feats, strict=True)]
-        pooled_low, pooled_high = feats[-1].mean((2, 3)).chunk(2)
-        return fused, pooled_low, pooled_high
+            return [f.chunk(2)[0] for f in feats]
+        return [fuse(torch.cat(f.chunk(2), dim=1)) for fuse, f in zip(self.fuse_frequency, feats, strict=True)]
 
     def forward(self, batch: Mapping[str, torch.Tensor], split: Mapping[str, FrequencySplit] | None = None):
         """``batch``: ``{modality: (B, C_m, H, W)}``, one modality or a co-registered optical+SAR pair (same B).
-        ``split`` (optional) gives the frequency splits instead of drawing them (for tests and previews)."""
+        ``split`` (optional, ``views="low_high"`` only) gives the frequency splits instead of drawing them (for
+        tests)."""
         if not batch:
             raise ValueError("empty batch")
-        w = self.loss_weights
-        spa, fre, con, fused_pool, previews = [], [], [], {}, {}
-        for modality, x in batch.items():
+        for modality in batch:
             if modality not in self.encoder.modalities:
                 raise ValueError(f"unknown modality {modality!r}; the encoder has {sorted(self.encoder.modalities)}")
+        if split is not None and self.views != "low_high":
+            raise ValueError("a given split needs views='low_high' (the crop views draw their own)")
+        w = self.loss_weights
+        if self.augment is not None:
+            pairs = [self.augment(batch), self.augment(batch)]
+            targets = {m: torch.cat([pairs[0][m], pairs[1][m]]) for m in batch}
+        else:
+            targets = dict(batch)
+        spa, fre, con, cross, previews, embeddings = [], [], [], {}, {}, {}
+        for modality, x in targets.items():
             parts = split[modality] if split is not None else self.masking(x)
-            (f3, f4), pooled_low, pooled_high = self.encode(parts.low, parts.high, modality)
-            recon = self.decoder(f3, f4, modality, x.shape[-2:])
-            spa.append(spatial_loss(recon, x))
-            if w["fre"]:
-                fre.append(frequency_loss(recon, x))
-            if w["con"]:
-                con.append(info_nce(self.projector(pooled_low), self.projector(pooled_high), self.temperature))
-                fused_pool[modality] = f4.mean((2, 3))
-            previews[modality] = tuple(t.detach() for t in (x, parts.low, parts.high, recon))
-        if w["con"] and "optical" in fused_pool and "sar" in fused_pool:
-            z_opt, z_sar = self.projector(fused_pool["optical"]), self.projector(fused_pool["sar"])
-            con.append(info_nce(z_opt, z_sar, self.temperature))
-        terms = {"spa": torch.stack(spa).mean()}
+            if self.views == "crops":
+                first, second = parts.low.chunk(2)  # the I_low of each view; I_high stays hidden
+            else:
+                first, second = parts.low, parts.high
+            feats, pooled_first, pooled_second = self.encode(first, second, modality)
+            recon = None
+            decoded = self._decoder_input(feats) if self.decoder is not None or self.views == "low_high" else None
+            if self.decoder is not None:
+                f3, f4 = decoded
+                recon = self.decoder(f3, f4, modality, x.shape[-2:])
+                spa.append(spatial_loss(recon, x))
+                if w["fre"]:
+                    hidden = parts.high_mask if self.views == "crops" else None
+                    fre.append(frequency_loss(recon, x, hidden))
+            if self.projector is not None:
+                z_first, z_second = self.projector(pooled_first), self.projector(pooled_second)
+                con.append(info_nce(z_first, z_second, self.temperature))
+                embeddings[modality] = (z_first.detach(), z_second.detach())
+                # the cross-modal term: the same view (crops) or the fused streams (low_high) of each modality
+                cross[modality] = z_first if self.views == "crops" else self.projector(decoded[-1].mean((2, 3)))
+            b = batch[modality].shape[0]
+            shown = [t[:b].detach() for t in (x, parts.low, parts.high)]
+            previews[modality] = (*shown, recon[:b].detach() if recon is not None else torch.zeros_like(shown[0]))
+        if "optical" in cross and "sar" in cross:
+            con.append(info_nce(cross["optical"], cross["sar"], self.temperature))
+        terms, parts_log = {}, {}
+        if spa:
+            terms["spa"] = torch.stack(spa).mean()
         if fre:
             terms["fre"] = torch.stack(fre).mean()
-        parts = {}
         if con:
             terms["con"] = torch.stack(con).mean()
-            views = len(batch)  # one low/high term per modality, then the cross-modal one if any
-            parts["con_freq"] = torch.stack(con[:views]).mean().detach()
+            views = len(batch)  # one view-pair term per modality, then the cross-modal one if any
+            parts_log["con_freq"] = torch.stack(con[:views]).mean().detach()
             if len(con) > views:
-                parts["con_modal"] = con[views].detach()
+                parts_log["con_modal"] = con[views].detach()
         loss = sum(w[name] * value for name, value in terms.items())
-        return PretrainOutput(loss=loss, terms=terms, previews=previews, parts=parts)
+        return PretrainOutput(loss=loss, terms=terms, previews=previews, parts=parts_log, embeddings=embeddings)

@@ -141,6 +141,9 @@ class RSVHeatCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, SameFolderCheckpointIO()]
+        if config.get("enable_checkpointing") is False:
+            # --trainer.enable_checkpointing false: Lightning refuses a checkpoint callback beside it; ours is dropped
+            callbacks = [c for c in callbacks if not isinstance(c, IntervalCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,21 +17,37 @@ from rsvheat.data.pretrain import skipped_count
 from rsvheat.evaluation import TransferMonitor
 from rsvheat.files import write_atomic
 from rsvheat.models.checkpoint import save_weights
-from rsvheat.pretraining.model import FrequencyPretrainer
+from rsvheat.pretraining.model import COLLAPSE_STD, FrequencyPretrainer, embedding_health
 from rsvheat.trainers.checkpoints import check_checkpoint, read_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
 
 ENCODER_FILE = "encoder.safetensors"
+#: the learning-rate rules: the multiplier of ``lr`` for a batch of B images (``lr`` is the rate at 256)
+LR_SCALING = {"sqrt": lambda b: math.sqrt(b / 256), "linear": lambda b: b / 256, "none": lambda b: 1.0}
+
+
+def scaled_lr(lr: float, batch_size: int, rule: str = "sqrt") -> float:
+    """The learning rate for ``batch_size`` images per step, ``lr`` being the rate at 256. ``"sqrt"`` is the
+    square-root rule for adaptive optimisers (Malladi et al., "On the SDEs and Scaling Rules for Adaptive Gradient
+    Algorithms", NeurIPS 2022): AdamW's update size does not grow with the batch as SGD's does, so the linear rule
+    (Goyal et al. 2017) overshoots at large batches."""
+    return lr * LR_SCALING[rule](batch_size)
 
 
 class PretrainTask(pl.LightningModule):
     """Frequency-masking pre-training of an RS-vHeat encoder (see :mod:`rsvheat.pretraining.model`).
 
     Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``ratio_part``,
-        ``loss_weights``, ``reconstruct_from``, ``decoder_width``, ``proj_dim``, ``temperature``, ``drop_path_rate``
-        as in :class:`FrequencyPretrainer`.
-    Args (optimisation): AdamW with ``lr``, ``weight_decay`` (none on norms, biases, FVE and SCE), ``betas``; linear
-        warm-up over ``warmup_fraction`` of the steps, then cosine to ``min_lr_ratio * lr``.
+        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``decoder_width``, ``proj_dim``,
+        ``temperature``, ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
+    Args (optimisation): AdamW with ``weight_decay`` (none on norms, biases, FVE and SCE) and ``betas``. ``lr`` is the
+        rate at a batch of 256 images; the rate used follows the batch (:func:`scaled_lr`): ``lr_scaling="sqrt"``
+        (default) multiplies it by ``sqrt(B / 256)``, ``"linear"`` by ``B / 256``, ``"none"`` uses ``lr`` as given,
+        with ``B`` = the data module's ``batch_size`` (per source) x devices x gradient accumulation.
+        Linear warm-up over ``warmup_fraction`` of the steps, then cosine to ``min_lr_ratio`` x the rate.
+        ``health_every_n_steps``: every N steps the collapse monitors of :func:`embedding_health` are logged
+        (``health/<source>/<modality>/{std,rank,alignment,uniformity,nce_ratio}``) and a collapsed embedding
+        (``std`` under :data:`COLLAPSE_STD`) is reported as a warning; 0 turns them off.
         ``grad_checkpointing`` trades compute for activation memory: ``true`` recomputes every encoder block in the
         backward pass, an integer N the first N (see :meth:`RSVHeat.set_grad_checkpointing`).
         ``encoder_kwargs``: more :class:`RSVHeat` arguments (e.g. ``depths``/``dims`` of a custom size).
@@ -45,20 +62,26 @@ class PretrainTask(pl.LightningModule):
         sector_degrees: float | None = None,
         ratio_part: str = "high",
         loss_weights: dict[str, float] | None = None,
-        reconstruct_from: str = "both",
+        views: str = "crops",
+        reconstruct_from: str = "low",
+        crop_scale: tuple[float, float] = (0.25, 1.0),
         decoder_width: int = 256,
         proj_dim: int = 128,
-        temperature: float = 0.1,
+        temperature: float = 0.2,
         drop_path_rate: float = 0.1,
-        lr: float = 2e-4,
+        lr: float = 1e-3,
+        lr_scaling: str = "sqrt",
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_fraction: float = 0.1,
         min_lr_ratio: float = 0.025,
         grad_checkpointing: bool | int = False,
+        health_every_n_steps: int = 25,
         encoder_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
+        if lr_scaling not in LR_SCALING:
+            raise ValueError(f"lr_scaling must be one of {sorted(LR_SCALING)}, got {lr_scaling!r}")
         self.save_hyperparameters()
         self.model = FrequencyPretrainer(
             variant=variant,
@@ -68,7 +91,9 @@ class PretrainTask(pl.LightningModule):
             sector_degrees=sector_degrees,
             ratio_part=ratio_part,
             loss_weights=loss_weights,
+            views=views,
             reconstruct_from=reconstruct_from,
+            crop_scale=crop_scale,
             decoder_width=decoder_width,
             proj_dim=proj_dim,
             temperature=temperature,
@@ -94,6 +119,7 @@ class PretrainTask(pl.LightningModule):
                 self.log(f"train/{source}/{name}", value.detach(), batch_size=_batch_size(images))
             for name, value in out.parts.items():  # diagnostics: not part of the loss
                 self.log(f"train/{source}/{name}", value, batch_size=_batch_size(images))
+            self._watch_health(source, out)
             previews[source] = out.previews
         loss = total / len(batch)
         bs = sum(_batch_size(images) for images in batch.values())
@@ -102,11 +128,38 @@ class PretrainTask(pl.LightningModule):
             self.log(f"train/{name}", torch.stack(values).mean(), prog_bar=True, batch_size=bs)
         return {"loss": loss, "previews": previews}
 
+    def _watch_health(self, source: str, out) -> None:
+        every = self.hparams.health_every_n_steps
+        if not every or self.global_step % every or not out.embeddings:
+            return
+        for modality, (first, second) in out.embeddings.items():
+            health = embedding_health(first, second, self.model.temperature)
+            for name, value in health.items():
+                self.log(f"health/{source}/{modality}/{name}", value, batch_size=first.shape[0])
+            if health["std"] < COLLAPSE_STD:
+                rank_zero_warn(
+                    f"step {self.global_step}: the {modality} embedding of '{source}' has collapsed (normalised "
+                    f"std {health['std']:.3f} < {COLLAPSE_STD}, effective rank {health['rank']:.1f}, InfoNCE "
+                    f"{health['nce_ratio']:.2f} x ln B): lower model.lr or check the views and the data"
+                )
+
+    def effective_batch_size(self) -> int | None:
+        """Images per source in one optimiser step over all devices: the rule's ``B`` (None without a data module)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_device = datamodule.hparams.get("batch_size") if datamodule is not None else None
+        if per_device is None:
+            return None
+        return int(per_device) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
     def configure_optimizers(self):
         h = self.hparams
         skip = {f"model.encoder.{n}" for n in self.model.encoder.no_weight_decay()}
         groups = param_groups_weight_decay(self, h.weight_decay, no_weight_decay_list=skip)
-        optimizer = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas))
+        batch = self.effective_batch_size()
+        if batch is None and h.lr_scaling != "none":
+            rank_zero_warn(f"batch size unknown (no data module): lr {h.lr} used as given, not scaled")
+        lr = scaled_lr(h.lr, batch, h.lr_scaling) if batch is not None else h.lr
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(h.betas))
         total = int(self.trainer.estimated_stepping_batches)
         schedule = warmup_cosine(optimizer, total, h.warmup_fraction, h.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
