@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import math
 import os
 import shutil
 import time
@@ -244,7 +245,7 @@ class Demo:
         steps = self.pretrain_steps
         config = {
             "seed_everything": 0,
-            # the paper's base LR and the official clip: at 5e-4 without it the contrastive term collapses
+            # the official clip; model.lr is the rate at a batch of 256, scaled by sqrt(6 / 256) to 1.5e-4 here
             "trainer": _trainer(
                 self.out_dir / "pretrain",
                 max_steps=steps,
@@ -253,7 +254,7 @@ class Demo:
             ),
             "model": {
                 "variant": self.variant,
-                "lr": 2e-4,
+                "lr": 1e-3,
                 "warmup_fraction": 0.1,
                 "drop_path_rate": 0.0,
                 "decoder_width": 96,
@@ -399,9 +400,12 @@ def render_report(demo: Demo, total: float) -> str:
         terms = ", ".join(
             f"{k.removeprefix('train/')} {v:.3f}" for k, v in sorted(demo.losses.items()) if k.count("/") == 1
         )
+        con = demo.losses.get("train/con")
+        chance = f" (the view InfoNCE against chance, ln 6 = {math.log(6):.2f})" if con is not None else ""
         pretraining = (
-            f"{demo.pretrain_steps} steps of frequency-masked reconstruction on 96² crops of the scene; last logged "
-            f"losses: {terms}. Encoder: `{rel(demo.weights)}`.\n\n"
+            f"{demo.pretrain_steps} steps of masked frequency modelling on two augmented views of 96² crops of the "
+            "scene (the encoder sees each view's low band, the decoder predicts the hidden high band, the views are "
+            f"contrasted); last logged losses: {terms}{chance}. Encoder: `{rel(demo.weights)}`.\n\n"
             "What this pre-training did to the fine-tuned result compared with fine-tuning from random weights: too "
             f"short to tell. {demo.pretrain_steps} steps on crops of one scene are far below the budget at which the "
             "repository's transfer experiment measures that comparison on real labels "
