@@ -79,6 +79,15 @@ def files(tmp_path_factory):
     f["RANDOM"].write_bytes(np.random.default_rng(0).bytes(4096))
     f["TRUNCATED"].write_bytes(f["CK"].read_bytes()[:5000])
     f["TRUNCATED_TIF"].write_bytes(f["G"].read_bytes()[:60000])
+    f["ENCODER"] = root / "encoder.safetensors"
+    f["ENCODER"].write_bytes(b"weights the user keeps")
+    # a checkpoint whose hyper-parameters name a module to import (jsonargparse would import it)
+    f["CLASS_PATH"] = root / "class_path.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": "this.X"}, "state_dict": {}}, f["CLASS_PATH"])
+    planted = torch.load(f["CK"], weights_only=True)
+    planted["hyper_parameters"]["_class_path"] = "this.X"
+    f["CLASS_PATH_TASK"] = root / "class_path_task.ckpt"
+    torch.save(planted, f["CLASS_PATH_TASK"])
     return f
 
 
@@ -271,6 +280,10 @@ BATTERY = [
     (["export", "-o", "OUT/x.onnx", "--tolerance", "nan"], 2, "--tolerance: must be at least 0.0"),
     (["export-encoder", "EMPTY", "-o", "OUT/e.safetensors"], 2, "the file is empty"),
     (["export-encoder", "TRUNCATED", "-o", "OUT/e.safetensors"], 2, "cannot read checkpoint"),
+    (["export-encoder", "CK", "-o", "CK"], 2, "is the input"),
+    (["export-encoder", "CK", "-o", "CK", "--overwrite"], 2, "is the input"),
+    (["export-encoder", "CK", "-o", "ENCODER"], 2, "exists (pass --overwrite"),
+    (["export-encoder", "CK", "-o", "OUT/x.txt"], 2, "must be named .safetensors"),
     (["info", "--img-size", "-224"], 2, "--img-size: must be at least 32"),
     (["info", "--model", "nonexistent"], 2, "nonexistent"),
     (["demo", "--pretrain-steps", "-5", "--out", "OUT/demo"], 2, "--pretrain-steps: must be at least 1"),
@@ -282,6 +295,23 @@ BATTERY = [
         ["pretrain", "--config", "PRETRAIN_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "EMPTY"],
         2,
         "empty",
+    ),
+    # a checkpoint must not choose what a command imports
+    (
+        ["validate", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "CLASS_PATH"],
+        2,
+        "'this.X'",
+    ),
+    (
+        ["test", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "CLASS_PATH_TASK"],
+        2,
+        "'this.X'",
+    ),
+    (["fit", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "CLASS_PATH"], 2, "refused"),
+    (
+        ["pretrain", "--config", "PRETRAIN_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "CLASS_PATH"],
+        2,
+        "'this.X'",
     ),
 ]
 
@@ -309,7 +339,9 @@ def test_bad_input_battery(files, tmp_path, capsys, monkeypatch, argv, status, f
             return str(REPO / "configs" / configs[arg])
         return arg.replace("OUT", str(out)).replace("EXISTING_DIR", str(existing))
 
+    imported_before = "this" in sys.modules
     code, err = run_cli([resolve(a) for a in argv], capsys)
+    assert imported_before or "this" not in sys.modules  # no module named by a file was imported
     assert code == status, err
     assert fragment in err, err
     assert err.startswith("rsvheat ") or err.startswith("usage") or ": error: " in err

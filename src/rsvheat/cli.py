@@ -250,7 +250,7 @@ def _export(args: argparse.Namespace) -> None:
 def _export_encoder(args: argparse.Namespace) -> None:
     from rsvheat.trainers.pretrain import export_encoder
 
-    print(f"encoder weights written to {export_encoder(args.checkpoint, args.out)}")
+    print(f"encoder weights written to {export_encoder(args.checkpoint, args.out, args.overwrite)}")
 
 
 #: Other tools' Lightning command lines that ``rsvheat <tool> ...`` runs with rsvheat's models registered with timm:
@@ -446,6 +446,7 @@ def _add_export(sub) -> None:
     )
     encoder.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
     _add_out(encoder, "output .safetensors file", positional_alias=True)
+    encoder.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     encoder.set_defaults(handler=_export_encoder)
 
 

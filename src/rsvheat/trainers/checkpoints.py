@@ -89,6 +89,26 @@ def check_checkpoint(checkpoint: dict[str, Any], module: pl.LightningModule) -> 
         )
 
 
+def check_class_paths(checkpoint: dict[str, Any], where: str) -> None:
+    """Lightning hands a checkpoint's ``hyper_parameters`` to jsonargparse, which imports every ``class_path`` (and
+    ``_class_path``) it names: a file would choose the code a command imports. Any class path outside rsvheat's own
+    package is refused, before anything parses it."""
+
+    def named(value: Any):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in ("class_path", "_class_path") and isinstance(item, str):
+                    yield item
+                yield from named(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                yield from named(item)
+
+    for path in named(checkpoint.get("hyper_parameters")):
+        if not path.startswith("rsvheat."):
+            raise ValueError(f"{where} names the class path {path!r}, which is not one of rsvheat's: refused")
+
+
 def check_task(checkpoint: dict[str, Any], cls: type, where: str) -> None:
     """The task a checkpoint was written by (``checkpoint["rsvheat"]["task"]``) must be ``cls`` or a parent of it."""
     meta = checkpoint.get("rsvheat")

@@ -13,7 +13,13 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from rsvheat.trainers.checkpoints import IntervalCheckpoint, SameFolderCheckpointIO, check_task, read_checkpoint
+from rsvheat.trainers.checkpoints import (
+    IntervalCheckpoint,
+    SameFolderCheckpointIO,
+    check_class_paths,
+    check_task,
+    read_checkpoint,
+)
 
 #: ``--ckpt_path`` values Lightning resolves itself (not file names).
 _CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
@@ -154,7 +160,9 @@ class RSVHeatCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            check_task(read_checkpoint(ckpt_path), self._configured_model_class(), f"checkpoint {ckpt_path}")
+            checkpoint = read_checkpoint(ckpt_path)
+            check_class_paths(checkpoint, f"checkpoint {ckpt_path}")  # before the configured class is imported too
+            check_task(checkpoint, self._configured_model_class(), f"checkpoint {ckpt_path}")
         super()._parse_ckpt_path()
 
     def _configured_model_class(self) -> type:

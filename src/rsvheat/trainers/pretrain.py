@@ -15,7 +15,7 @@ from torchvision.utils import make_grid, save_image
 
 from rsvheat.data.pretrain import skipped_count
 from rsvheat.evaluation import TransferMonitor
-from rsvheat.files import write_atomic
+from rsvheat.files import check_output, refuse_inputs_as_outputs, write_atomic
 from rsvheat.models.checkpoint import save_weights
 from rsvheat.pretraining.model import COLLAPSE_STD, FrequencyPretrainer, embedding_health
 from rsvheat.trainers.checkpoints import check_checkpoint, read_checkpoint
@@ -250,9 +250,13 @@ class ReconstructionPreviews(pl.Callback):
                 save_png_atomic(grid, Path(_run_dir(trainer)) / "previews" / f"step_{step:07d}_{source}_{modality}.png")
 
 
-def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the encoder of a pre-training checkpoint (Lightning ``.ckpt``) as rsvheat safetensors weights, which
-    ``rsvheat.load_checkpoint`` loads into any model of that variant (at any resolution: FVE/SCE are resized)."""
+    ``rsvheat.load_checkpoint`` loads into any model of that variant (at any resolution: FVE/SCE are resized).
+    The output must be named ``.safetensors``, is never the checkpoint itself, and replaces an existing file only
+    with ``overwrite``."""
+    refuse_inputs_as_outputs([out], [checkpoint])  # -o last.ckpt would replace the run's resume point
+    check_output(out, overwrite, (".safetensors",), "the encoder weights")
     read_checkpoint(checkpoint)  # a refused pickle or a truncated file: a ValueError naming it (cheap: memory-mapped)
     task = PretrainTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     return save_weights(task.model.encoder, out, extra={"source": f"rsvheat pretrain {Path(checkpoint).name}"})
