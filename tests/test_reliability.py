@@ -285,6 +285,7 @@ BATTERY = [
     (["export-encoder", "CK", "-o", "ENCODER"], 2, "exists (pass --overwrite"),
     (["export-encoder", "CK", "-o", "OUT/x.txt"], 2, "must be named .safetensors"),
     (["info", "--img-size", "-224"], 2, "--img-size: must be at least 32"),
+    (["bench", "--device", "tpu", "--quick", "-o", "OUT/bench"], 2, "--device 'tpu'"),
     (["info", "--model", "nonexistent"], 2, "nonexistent"),
     (["demo", "--pretrain-steps", "-5", "--out", "OUT/demo"], 2, "--pretrain-steps: must be at least 1"),
     (["demo", "--epochs", "0", "--out", "OUT/demo"], 2, "--epochs: must be at least 1"),
@@ -295,6 +296,11 @@ BATTERY = [
         ["pretrain", "--config", "PRETRAIN_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "EMPTY"],
         2,
         "empty",
+    ),
+    (
+        ["fit", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--trainer.accelerator", "tpu"],
+        2,
+        "cannot be built with these --trainer options",
     ),
     # a checkpoint must not choose what a command imports
     (

@@ -124,6 +124,23 @@ def test_classification_class_list_mismatch_and_empty(tmp_path):
     (tmp_path / "empty" / "beach").mkdir(parents=True)
     with pytest.raises(ValueError, match="no class folders with images"):
         scan_class_folders(tmp_path / "empty")
+    # a class folder without images is named, never dropped (it would shift every later label)
+    (tmp_path / "aid" / "airport").mkdir()
+    with pytest.raises(ValueError, match=r"without images: airport \(.*the folder is empty"):
+        scan_class_folders(tmp_path / "aid")
+    (tmp_path / "aid" / "airport" / "a.gif").write_bytes(b"GIF89a")
+    with pytest.raises(ValueError, match=r"without images: airport .*found \.gif"):
+        scan_class_folders(tmp_path / "aid")
+    # BMP is an image format like the others (GDAL reads it through rasterio)
+    from PIL import Image
+
+    from rsvheat.data.io import read_image
+
+    (tmp_path / "aid" / "airport" / "a.gif").unlink()
+    Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(tmp_path / "aid" / "airport" / "a.bmp")
+    classes, samples = scan_class_folders(tmp_path / "aid")
+    assert classes[0] == "airport" and ("airport/a.bmp", 0) in samples
+    assert read_image(tmp_path / "aid" / "airport" / "a.bmp").shape == (3, 16, 16)
 
 
 def test_classification_wrong_band_count_names_file(tmp_path):

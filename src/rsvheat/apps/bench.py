@@ -699,6 +699,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: the benchmark runs on cpu or cuda")
+    if args.device == "cuda":
+        from rsvheat.inference.tasks import resolve_device
+
+        resolve_device("cuda")  # a machine without a GPU: one line now, not a result file full of errors
     if args.case:
         spec = json.loads(args.case)
         print(json.dumps(run_case(**spec)))

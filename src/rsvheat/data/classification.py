@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from rsvheat.data.io import list_images, read_image
+from rsvheat.data.io import IMAGE_SUFFIXES, list_images, read_image
 from rsvheat.data.transforms import crop_and_flip, normalise
 from rsvheat.files import write_atomic
 
@@ -37,6 +37,16 @@ def scan_class_folders(root: str | Path, classes: Sequence[str] | None = None) -
     found = [f.name for f in folders if list_images(f)]
     if not found:
         raise ValueError(f"{root}: no class folders with images (expected root/<class>/<image>)")
+    empty = [f for f in folders if f.name not in found]
+    if empty:
+        # a class dropped without a word would shift every later label and shrink the head
+        kinds = sorted({p.suffix.lower() or p.name for f in empty for p in f.rglob("*") if p.is_file()})
+        raise ValueError(
+            f"{root}: class folder(s) without images: {', '.join(f.name for f in empty)} (images are "
+            f"{', '.join(IMAGE_SUFFIXES)}"
+            + (f"; found {', '.join(kinds[:5])}" if kinds else "; the folder is empty")
+            + "): add images or move the folder out of the dataset"
+        )
     if classes is not None and list(classes) != found:
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise ValueError(

@@ -18,7 +18,7 @@ from rsvheat.files import write_atomic
 if TYPE_CHECKING:
     from rasterio.io import DatasetReader
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")  # what GDAL reads through rasterio
 
 
 class ImageReadError(ValueError):

@@ -10,6 +10,7 @@ from typing import Any
 
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -150,7 +151,10 @@ class RSVHeatCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:
             # --trainer.enable_checkpointing false: Lightning refuses a checkpoint callback beside it; ours is dropped
             callbacks = [c for c in callbacks if not isinstance(c, IntervalCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except (MisconfigurationException, ImportError) as err:  # e.g. --trainer.accelerator tpu without a TPU
+            raise ValueError(f"the trainer cannot be built with these --trainer options: {err}") from None
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the hyper-parameters of an explicit ``--ckpt_path`` file here, into the model's config, and
