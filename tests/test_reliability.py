@@ -274,6 +274,8 @@ BATTERY = [
     (["explain", "TRUNCATED_TIF", "--out", "OUT/heat"], 2, "truncated.tif"),
     (["explain", "G", "--checkpoint", "EMPTY", "--out", "OUT/heat"], 2, "the file is empty"),
     (["explain", "G", "--tile", "8", "--out", "OUT/heat"], 2, "--tile: must be at least 32"),
+    (["explain", "G", "--model", "rsvheat_tiny", "--bands", "9", "--out", "OUT/heat"], 2, "the file has 3"),
+    (["explain", "G", "--model", "rsvheat_tiny", "--bands", "3,2,7", "--out", "OUT/heat"], 2, "the file has 3"),
     (["export", "-o", "OUT/x.onnx", "--size", "-64"], 2, "--size: must be at least 32"),
     (["export", "-o", "OUT/x.txt"], 2, "must be named .onnx or .pt2"),
     (["export", "-o", "OUT/x.onnx", "--checkpoint", "RANDOM"], 2, "cannot read checkpoint"),
@@ -354,3 +356,26 @@ def test_bad_input_battery(files, tmp_path, capsys, monkeypatch, argv, status, f
     assert not out.exists()  # nothing written, no folder left
     assert (existing / "sub/user.txt").read_text() == "mine"
     assert before == {k: (v.stat().st_size if v.exists() else None) for k, v in files.items()}
+
+
+def test_huge_tiles_are_clamped_or_refused_before_anything_is_allocated(files, tmp_path, capsys, monkeypatch):
+    """A tile larger than the scene is the scene (a correct map); a tile whose buffers and activations exceed the
+    memory available is refused in one line before any work, by predict-scene and explain alike."""
+    monkeypatch.delenv("RSVHEAT_DEBUG", raising=False)
+    out = tmp_path / "m.tif"
+    assert run_cli(["predict-scene", files["CK"], files["G"], "-o", out, "--tile", "65536", "--no-cog"], capsys)[0] == 0
+    with rasterio.open(out) as src:
+        assert src.read(1).shape == (256, 256)
+    import psutil
+
+    class Small:
+        available = 16 * 2**20
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Small)
+    for argv in (
+        ["predict-scene", files["CK"], files["G"], "-o", tmp_path / "n.tif", "--tile", "256"],
+        ["explain", files["G"], "--model", "rsvheat_tiny", "--tile", "65536", "--out", tmp_path / "heat"],
+    ):
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and "GiB available: use a smaller --tile" in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]

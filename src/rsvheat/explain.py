@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rsvheat.data.io import open_raster
+from rsvheat.data.io import check_band_selection, image_header, open_raster
 from rsvheat.files import write_atomic
-from rsvheat.inference.scene import Input, Scene, check_tile
+from rsvheat.inference.scene import Input, Scene, check_memory, check_tile
 from rsvheat.models.precision import autocast, check_precision, low_precision_weights
 from rsvheat.models.sliding import window_grid
 from rsvheat.progress import bar as progress_bar
@@ -171,6 +171,7 @@ def explain_scene(
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty (pass --overwrite to replace its heat maps)")
     # no mkdir here: the first heat map written creates the folder, so a run that fails leaves none behind
+    check_band_selection(image, bands, image_header(image)[0])  # before the statistics read them
     if not bands:
         bands = colour_bands(image)
     stats = dict(stats) if stats is not None else image_stats(image, bands)
@@ -200,6 +201,7 @@ def _stitched_fields(
     scale = min(1.0, max_side / max(scene.height, scene.width))
     shape = (max(1, round(scene.height * scale)), max(1, round(scene.width * scale)))
     th, tw, _, tops, lefts = window_grid(scene.height, scene.width, tile, 0)
+    check_memory(scene.name, (th, tw), tw, scene.sources[modality].count, 1, device)  # one tile read at a time
     canvases: dict = {}
     spectra: dict = {}
     windows = [(top, left) for top in tops for left in lefts]

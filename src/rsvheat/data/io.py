@@ -201,6 +201,13 @@ def read_image(
     return data
 
 
+def check_band_selection(path: str | Path, bands: Sequence[int] | None, count: int) -> None:
+    """1-based ``bands`` picked from a file of ``count`` bands: an :class:`ImageReadError` naming the file when one
+    is not there."""
+    if bands and max(bands) > count:
+        raise ImageReadError(f"{path}: bands {list(bands)} requested, the file has {count}")
+
+
 def image_header(path: str | Path) -> tuple[int, int, int]:
     """``(bands, H, W)`` from the file header, with :class:`ImageReadError` for missing or unreadable files."""
     with open_raster(path) as src:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
-from rsvheat.data.io import ImageReadError, open_raster, quiet_georeferencing
+from rsvheat.data.io import ImageReadError, check_band_selection, open_raster, quiet_georeferencing
 from rsvheat.files import refuse_existing, staged_outputs, write_atomic
 from rsvheat.models.sliding import blend_weights, window_grid
 from rsvheat.progress import bar as progress_bar
@@ -88,8 +89,7 @@ class Scene:
             src = self._stack.enter_context(open_raster(item.path, f"{role} raster"))
             self.sources[role] = src
             count = len(item.bands) if item.bands else src.count
-            if item.bands and max(item.bands) > src.count:
-                raise ImageReadError(f"{item.path}: bands {list(item.bands)} requested, the file has {src.count}")
+            check_band_selection(item.path, item.bands, src.count)
             if count != channels[item.modality]:
                 raise ImageReadError(
                     f"{item.path}: {count} band(s), the model's {item.modality} stem takes {channels[item.modality]}"
@@ -217,9 +217,35 @@ def check_tile(tile: int, name: str | Path) -> None:
         raise ValueError(f"{name}: tile ({tile}) is smaller than the model's output stride ({MIN_TILE} pixels)")
 
 
-def _windows(scene: Scene, tile: int, overlap: int) -> tuple[int, int, int, list[int], list[int]]:
+#: Host bytes per pixel of a tile in a CPU forward pass: a generous bound on the live activations (the widest stage's
+#: maps and its spectral buffers); on a GPU the activations are in device memory and only the strips count here.
+FORWARD_BYTES_PER_PIXEL = 512
+
+
+def check_memory(
+    name: str | Path, tile: tuple[int, int], width: int, channels: int, batch_size: int, device: torch.device | str
+) -> None:
+    """Refuse, before anything is allocated, a tile whose strip buffers (``tile rows x scene width``, inputs and
+    outputs in float32) and, on the CPU, forward activations would not fit in the memory available now."""
+    th, tw = tile
+    need = 4 * th * width * (channels + 2)
+    if torch.device(device).type == "cpu":
+        need += batch_size * th * tw * FORWARD_BYTES_PER_PIXEL
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise ValueError(
+            f"{name}: a {th}×{tw} tile (batch {batch_size}) over this {width} px wide scene needs about "
+            f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: use a smaller --tile "
+            "(or --batch-size)"
+        )
+
+
+def _windows(scene: Scene, tile: int, overlap: int, outputs: int, batch_size: int, device) -> tuple:
     check_tile(tile, scene.name)
-    return window_grid(scene.height, scene.width, tile, overlap)
+    th, tw, overlap, ys, xs = window_grid(scene.height, scene.width, tile, overlap)
+    channels = sum(scene.sources[role].count for role in scene.inputs) + outputs
+    check_memory(scene.name, (th, tw), scene.width, channels, batch_size, device)
+    return th, tw, overlap, ys, xs
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -245,7 +271,7 @@ def dense_strips(
     where ``values`` blends ``predict({role: (B, C, t, t)}) -> (B, outputs, t, t)`` over overlapping tiles. Tiles
     without a single valid pixel are not predicted."""
     device = torch.device(device)
-    th, tw, overlap, ys, xs = _windows(scene, tile, overlap)
+    th, tw, overlap, ys, xs = _windows(scene, tile, overlap, outputs, batch_size, device)
     width = scene.width
     acc = np.zeros((outputs, th, width), np.float32)
     norm = np.zeros((th, width), np.float32)
@@ -411,7 +437,7 @@ def detect_scene(
     from torchvision.ops import batched_nms
 
     device = torch.device(device)
-    th, tw, overlap, ys, xs = _windows(scene, tile, overlap)
+    th, tw, overlap, ys, xs = _windows(scene, tile, overlap, 0, batch_size, device)
     (role,) = scene.inputs
     found = {"boxes": [], "labels": [], "scores": [], "cut": []}
     bar = progress_bar(total=len(ys) * len(xs), desc="tiles", unit="tile", progress=progress)
