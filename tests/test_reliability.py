@@ -379,3 +379,17 @@ def test_huge_tiles_are_clamped_or_refused_before_anything_is_allocated(files, t
         code, err = run_cli(argv, capsys)
         assert code == 2 and "GiB available: use a smaller --tile" in err, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif"]
+
+
+def test_info_counts_on_the_meta_device_with_bounded_memory():
+    """``rsvheat info`` at 2048² counts shapes, not activations: a few hundred MB of peak memory, not 9 GB."""
+    script = (
+        "import resource, sys; from rsvheat.cli import main; "
+        "main(['info', '--model', 'rsvheat_base', '--img-size', '2048', '--num-classes', '0']); "
+        "print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_gib = int(done.stdout.split("peak_kib")[-1]) / 2**20
+    assert peak_gib < 1.5, done.stdout
+    assert "params  train   216.21 M" in done.stdout  # the same count as a real model's (tests/test_counting.py)

@@ -23,10 +23,13 @@ DEBUG_ENV = "RSVHEAT_DEBUG"
 
 
 def _info(args: argparse.Namespace) -> None:
+    import torch
+
     import rsvheat
     from rsvheat.models.counting import count
 
-    model = rsvheat.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
+    with torch.device("meta"):  # shapes only: counting at 2048² allocates nothing
+        model = rsvheat.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
     c = count(model, args.img_size, args.model)
     print(f"{args.model} at {args.img_size}x{args.img_size}:")
     print(

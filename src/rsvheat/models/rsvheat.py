@@ -398,7 +398,7 @@ class RSVHeat(nn.Module):
         self.output_fmt = "NCHW"
 
         self.stems = nn.ModuleDict({name: Stem(chans, dims[0]) for name, chans in self.modalities.items()})
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under a meta device
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i, (depth, dim) in enumerate(zip(depths, dims, strict=True)):
