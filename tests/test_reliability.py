@@ -291,6 +291,7 @@ BATTERY = [
     (["info", "--model", "nonexistent"], 2, "nonexistent"),
     (["demo", "--pretrain-steps", "-5", "--out", "OUT/demo"], 2, "--pretrain-steps: must be at least 1"),
     (["demo", "--epochs", "0", "--out", "OUT/demo"], 2, "--epochs: must be at least 1"),
+    (["demo", "--train-root", "OUT/nonexistent", "--num-classes", "3", "--out", "OUT/demo"], 2, "--train-root"),
     (["make-samples", "-o", "EXISTING_DIR"], 2, "not empty"),
     (["test", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "last"], 2, "last.ckpt"),
     (["test", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "EVIL"], 2, "not load"),

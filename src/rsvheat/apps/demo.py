@@ -506,6 +506,13 @@ def run_demo(
         )
     if train_root is not None and num_classes is None:
         raise ValueError("--train-root needs --num-classes")
+    if train_root is not None:  # checked now, not after minutes of pre-training
+        missing = [f"{Path(train_root) / split / part}" for split in ("train", "val") for part in ("images", "masks")]
+        missing = [m for m in missing if not Path(m).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"--train-root {train_root}: no {', '.join(missing)} (expected train/ and val/ with images/ and masks/)"
+            )
     scene = Path(image_path or sample_scene_path()).resolve()
     bands, height, width = image_header(scene)  # a missing or unreadable scene fails before anything is written
     demo = Demo(Path(out_dir), scene, variant, weights, bench_size, train_root, num_classes, pretrain_steps, epochs)
