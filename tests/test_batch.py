@@ -115,6 +115,16 @@ def test_three_scenes_a_corrupt_one_and_reruns(tmp_path, capsys):
     )
     assert summary["counts"]["ok"] == 4 and (out / "scene0.probabilities.tif").is_file()
 
+    # a truncated output whose header is intact (a COG keeps it in front of the data) is not complete: reported
+    cog_out = tmp_path / "cog"
+    predict_scenes(ckpt, [good[0]], cog_out, tile=64, device="cpu", cog=True)
+    cls = cog_out / f"{good[0].stem}.tif"
+    cls.write_bytes(cls.read_bytes()[: cls.stat().st_size * 2 // 3])
+    with rasterio.open(cls) as src:
+        assert src.count == 1  # the header still opens: what a header check sees
+    record = predict_scenes(ckpt, [good[0]], cog_out, tile=64, device="cpu", cog=True)["scenes"][0]
+    assert record["status"] == "failed" and f"{cls.name} cannot be read" in record["error"], record
+
 
 def test_scene_lists_and_refused_requests(tmp_path):
     ckpt = segmentation_checkpoint(tmp_path)

@@ -170,11 +170,23 @@ def staged_outputs(targets: Sequence[str | os.PathLike], overwrite: bool = True)
         for tmp in temporaries:  # some writers (safetensors) create 0600 files: give the mode a plain open() gives
             if tmp.is_file() and not tmp.is_symlink():
                 os.chmod(tmp, mode)
+                _fsync(tmp)  # the data on disk before the name: a crash never leaves a complete-looking short file
         with _folder_locks(list(staging)):
             if not overwrite:
                 for target in targets:
                     refuse_existing(target, overwrite=False)
             _replace_together(list(zip(temporaries, targets, strict=True)), staging)
+        for folder in staging:
+            _fsync(folder)  # the renames themselves
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) * path.is_dir() | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace_together(moves: list[tuple[Path, Path]], staging: dict[Path, Path]) -> None:

@@ -253,9 +253,11 @@ def _outputs_state(outputs: list[Path], job: SceneJob) -> str | None:
                 with open_raster(path, "output") as src:
                     if height is not None and (src.height, src.width) != (height, width):
                         return f"{path.name} is {src.height}×{src.width}, the scene {height}×{width}"
+                    # the header survives a truncation, the last block (written last) does not
+                    src.read(window=((src.height - 1, src.height), (src.width - 1, src.width)))
             else:
                 json.loads(path.read_text())
-        except (ValueError, OSError) as err:
+        except (ValueError, OSError) as err:  # rasterio's read errors are OSErrors
             return f"{path.name} cannot be read: {err}"
     return None
 
