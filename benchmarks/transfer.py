@@ -147,6 +147,7 @@ ABLATIONS = {
     "recon_only": {"loss_weights": {"spa": 1.0, "fre": 1.0, "con": 0.0}},  # masked frequency modelling alone
     "con_only": {"loss_weights": {"spa": 0.0, "fre": 0.0, "con": 1.0}},  # the view contrast alone
     "optical_only": {"sources": ["optical"]},  # no BigEarthNet S1/S2 pairs: no SAR stem, no cross-modal term
+    "jitter": {"jitter": 0.4},  # the views also differ in radiometry: colour statistics no longer tell images apart
 }
 
 
@@ -740,7 +741,8 @@ def ablation_lines(args: argparse.Namespace, main_units: list[dict]) -> list[str
         "encoder sees I_low and I_high of one image, both streams fused and decoded, L_con between them, temperature "
         "0.1): the method before the views were changed; `paper_low`: the same with the decoder reading the I_low "
         "stream only; `recon_only`: masked frequency modelling alone (no L_con); `con_only`: the view contrast "
-        "alone (no reconstruction); `optical_only`: no BigEarthNet S1/S2 pairs (no SAR stem, no cross-modal term). "
+        "alone (no reconstruction); `optical_only`: no BigEarthNet S1/S2 pairs (no SAR stem, no cross-modal term); "
+        "`jitter`: the default with a radiometric jitter of the views (per-band gain/shift ± 0.4, sometimes grey). "
         "† = differs from `default` by more than the sum of the two stds. Each variant is one pre-training run: the "
         "10 % columns vary the label subset over the seeds, the 100 % columns do not vary at all (std 0), so they "
         "get no verdict, and the spread between pre-training runs of one variant is not measured.",

@@ -180,6 +180,16 @@ def test_view_augment_is_a_shared_random_geometry():
         assert any(torch.allclose(view, image, atol=1e-4) for image in images)
     with pytest.raises(ValueError, match="scale"):
         ViewAugment(scale=(0.0, 1.0))
+    # the radiometric jitter: per band gain about the mean and a shift, bounded by the strength; geometry untouched
+    images = torch.randn(64, 4, 8, 8) * 2 + 5
+    jittered = ViewAugment(jitter=0.4).radiometric(images)
+    mean, std = images.mean((2, 3)), images.std((2, 3))
+    shift = (jittered.mean((2, 3)) - mean) / std
+    coloured = jittered.std((2, 3)).std(1) > 0  # images not turned grey
+    assert coloured.float().mean() > 0.6 and shift[coloured].abs().max() <= 0.4 + 1e-4
+    ratio = jittered.std((2, 3))[coloured] / std[coloured]
+    assert ratio.min() >= 0.6 - 1e-4 and ratio.max() <= 1.4 + 1e-4 and ratio.std() > 0.05
+    assert torch.equal(ViewAugment().radiometric(images), images)
 
 
 def _landsat_crops(count: int, size: int, generator: torch.Generator) -> torch.Tensor:

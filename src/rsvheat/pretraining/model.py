@@ -109,19 +109,39 @@ def embedding_health(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2)
 class ViewAugment(nn.Module):
     """Random views of images: a random resized crop (area share in ``scale``, aspect ratio in ``ratio``), horizontal
     and vertical flips and a random multiple of 90 degrees (remote-sensing scenes have no upright), resampled
-    bilinearly to the input size in one ``grid_sample``.
+    bilinearly to the input size in one ``grid_sample``; with ``jitter`` > 0 also a radiometric jitter for any band
+    count (SimCLR's colour distortion, generalised): per band a gain in ``1 ± jitter`` about the image's band mean and
+    a shift of ``± jitter`` band std, and with probability ``jitter / 2`` every band replaced by the band mean.
 
     ``forward({modality: (B, C_m, H, W)})`` draws one geometry per image and applies it to every modality, so a
-    co-registered optical+SAR pair stays co-registered; returns the same dict of views.
+    co-registered optical+SAR pair stays co-registered (the jitter is drawn per modality); returns the same dict of
+    views.
     """
 
-    def __init__(self, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+    def __init__(
+        self, scale: tuple[float, float] = (0.25, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3), jitter: float = 0.0
+    ) -> None:
         super().__init__()
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
-        self.scale, self.ratio = scale, ratio
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        self.scale, self.ratio, self.jitter = scale, ratio, jitter
+
+    def radiometric(self, x: torch.Tensor) -> torch.Tensor:
+        """The jitter of ``(B, C, H, W)`` images (identity when ``jitter`` is 0)."""
+        if not self.jitter:
+            return x
+        b, c = x.shape[:2]
+        mean = x.mean((2, 3), keepdim=True)
+        std = x.std((2, 3), keepdim=True)
+        gain = 1 + self.jitter * (2 * torch.rand(b, c, 1, 1, device=x.device, dtype=x.dtype) - 1)
+        shift = self.jitter * (2 * torch.rand(b, c, 1, 1, device=x.device, dtype=x.dtype) - 1) * std
+        x = (x - mean) * gain + mean + shift
+        grey = torch.rand(b, 1, 1, 1, device=x.device) < self.jitter / 2
+        return torch.where(grey, x.mean(1, keepdim=True).expand_as(x), x)
 
     def geometry(self, batch: int, device: torch.device) -> torch.Tensor:
         """``(B, 2, 3)`` affine matrices in ``affine_grid``'s normalised coordinates."""
@@ -143,7 +163,8 @@ class ViewAugment(nn.Module):
         views = {}
         for modality, x in images.items():
             grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-            views[modality] = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            view = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            views[modality] = self.radiometric(view)
         return views
 
 
@@ -200,6 +221,7 @@ class FrequencyPretrainer(nn.Module):
             ``I_high`` streams are decoded, so nothing is hidden from the decoder) or ``"low"`` (the ``I_low`` stream
             alone). ``views="crops"`` always decodes from ``I_low``.
         crop_scale: area share range of :class:`ViewAugment`'s crops (``views="crops"``).
+        jitter: strength of :class:`ViewAugment`'s radiometric jitter (``views="crops"``; 0: none).
         decoder_width, proj_dim, temperature: decoder and contrastive head sizes, InfoNCE temperature.
         encoder_kwargs: more :class:`RSVHeat` arguments (e.g. ``drop_path_rate``).
     """
@@ -216,6 +238,7 @@ class FrequencyPretrainer(nn.Module):
         views: str = "crops",
         reconstruct_from: str = "low",
         crop_scale: tuple[float, float] = (0.25, 1.0),
+        jitter: float = 0.0,
         decoder_width: int = 256,
         proj_dim: int = 128,
         temperature: float = 0.2,
@@ -250,7 +273,7 @@ class FrequencyPretrainer(nn.Module):
         self.encoder.head.requires_grad_(False)
         dims = self.encoder.dims
         self.masking = FrequencyMasking(ratio_range, sector_degrees, ratio_part)
-        self.augment = ViewAugment(crop_scale) if views == "crops" else None
+        self.augment = ViewAugment(crop_scale, jitter=jitter) if views == "crops" else None
         # Only the paper reading with both streams decoded fuses: a module outside the loss would leave DDP unused
         # parameters.
         self.fuse_frequency = (

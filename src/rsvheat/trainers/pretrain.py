@@ -38,7 +38,7 @@ class PretrainTask(pl.LightningModule):
     """Frequency-masking pre-training of an RS-vHeat encoder (see :mod:`rsvheat.pretraining.model`).
 
     Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``ratio_part``,
-        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``decoder_width``, ``proj_dim``,
+        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``jitter``, ``decoder_width``, ``proj_dim``,
         ``temperature``, ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
     Args (optimisation): AdamW with ``weight_decay`` (none on norms, biases, FVE and SCE) and ``betas``. ``lr`` is the
         rate at a batch of 256 images; the rate used follows the batch (:func:`scaled_lr`): ``lr_scaling="sqrt"``
@@ -65,6 +65,7 @@ class PretrainTask(pl.LightningModule):
         views: str = "crops",
         reconstruct_from: str = "low",
         crop_scale: tuple[float, float] = (0.25, 1.0),
+        jitter: float = 0.0,
         decoder_width: int = 256,
         proj_dim: int = 128,
         temperature: float = 0.2,
@@ -94,6 +95,7 @@ class PretrainTask(pl.LightningModule):
             views=views,
             reconstruct_from=reconstruct_from,
             crop_scale=crop_scale,
+            jitter=jitter,
             decoder_width=decoder_width,
             proj_dim=proj_dim,
             temperature=temperature,
