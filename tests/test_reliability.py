@@ -305,6 +305,12 @@ BATTERY = [
         2,
         "cannot be built with these --trainer options",
     ),
+    # a run that fails before logging leaves no empty logs/version_N (nor the folders it made for it)
+    (
+        ["fit", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--data.train_root", "OUT/no"],
+        2,
+        "not found",
+    ),
     # a checkpoint must not choose what a command imports
     (
         ["validate", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "CLASS_PATH"],

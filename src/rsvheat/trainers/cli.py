@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -91,9 +92,33 @@ class RSVHeatCLI(LightningCLI):
     error (Lightning would warn and go on with an untrained model). Checkpoints are loaded with
     ``weights_only=True`` (tensors and plain data, never pickled code) unless ``--weights_only false`` is given."""
 
+    #: what a run that failed before logging a metric leaves in its new log folder (removed with the folder)
+    _RUN_METADATA = ("events.out.tfevents.", "hparams.yaml", "config.yaml")
+
     def __init__(self, *args, **kwargs) -> None:
         _quiet_lightning()
-        super().__init__(*args, **kwargs)
+        self._new_log_dir: Path | None = None
+        self._new_folders: list[Path] = []
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._remove_failed_log_dir()
+            raise
+
+    def _remove_failed_log_dir(self) -> None:
+        """A run that fails before it logs anything leaves no ``logs/version_N`` behind: the folder is removed when
+        this run created it and it holds nothing but the run's metadata (a run that logged metrics keeps them)."""
+        folder = self._new_log_dir
+        if folder is None or folder.is_symlink() or not folder.is_dir():
+            return
+        files = list(folder.iterdir())
+        if all(f.is_file() and not f.is_symlink() and f.name.startswith(self._RUN_METADATA) for f in files):
+            for f in files:
+                f.unlink()
+            folder.rmdir()
+            for created in self._new_folders:  # deepest first; only when this run made them and left them empty
+                if created.is_dir() and not created.is_symlink() and not any(created.iterdir()):
+                    created.rmdir()
 
     def parse_arguments(self, parser, args) -> None:
         # rsvheat's entry point hands over the command line it was given: "args and sys.argv both set" is expected
@@ -126,6 +151,8 @@ class RSVHeatCLI(LightningCLI):
             # One version for both: each logger would otherwise number its own folder (CSV in version_0, TensorBoard
             # in version_1, as the CSV folder already exists by then).
             version = next_log_version(root / "logs")
+            self._new_log_dir = root / "logs" / f"version_{version}"
+            self._new_folders = [p for p in (root / "logs", root) if not os.path.lexists(p)]
             config.trainer.logger = [
                 Namespace(
                     class_path=f"lightning.pytorch.loggers.{name}",
