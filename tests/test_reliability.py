@@ -311,6 +311,12 @@ BATTERY = [
         2,
         "not found",
     ),
+    # the problem, not jsonargparse's report of every Union subtype it tried
+    (
+        ["fit", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--model.init_args.backbone", "nope"],
+        2,
+        "rsvheat fit: error: unknown model 'nope'; available:",
+    ),
     # a checkpoint must not choose what a command imports
     (
         ["validate", "--config", "SEG_CONFIG", "--trainer.default_root_dir", "OUT", "--ckpt_path", "CLASS_PATH"],

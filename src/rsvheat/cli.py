@@ -121,6 +121,16 @@ _COUNT = _at_least(1)
 _NAMES = "vheat_tiny, vheat_small, vheat_base (official vHeat ImageNet-1k, downloaded once)"
 
 
+def _the_problem(message: str) -> str:
+    """jsonargparse wraps an error raised while building a class in a "Union subtypes" report (each subtype tried,
+    the given Namespace dumped): the problem is the first listed error that is not the ``None`` alternative."""
+    if "Union subtypes" not in message or "Errors:" not in message:
+        return message
+    errors = [line.strip()[2:] for line in message.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")]
+    errors = [e for e in errors if "NoneType" not in e]
+    return errors[0] if errors else message
+
+
 def _guarded(command: str, run, *args) -> None:
     """Run ``run(*args)``; a user-fixable error (``ValueError``, ``OSError``) ends the process with one line and exit
     status 2, or with its traceback when ``RSVHEAT_DEBUG`` is set."""
@@ -129,7 +139,7 @@ def _guarded(command: str, run, *args) -> None:
     except (ValueError, OSError) as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = " ".join(_the_problem(str(err)).split()) or type(err).__name__
         print(f"rsvheat {command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
