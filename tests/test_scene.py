@@ -562,3 +562,10 @@ def test_scene_far_outside_the_training_statistics_is_reported_once(tmp_path):
     with scene, pytest.warns(UserWarning, match=r"mixed\.tif: band 3 has mean") as caught:
         scene.check_statistics()
     assert "other band" not in str(caught[0].message)
+    # uint8 data read as int8: mean and spread near the training's, but the bright half wraps to negative values
+    wrapped = like.astype(np.int16)
+    wrapped = np.where(wrapped > 127, wrapped - 256, wrapped).astype(np.int8)
+    assert np.all(np.abs(wrapped.mean((1, 2)) - np.array([100, 110, 90])) < 3 * 40)  # the mean test alone: silent
+    with scene_of(write(tmp_path / "int8.tif", wrapped), stats=uint8_stats) as scene:
+        with pytest.warns(UserWarning, match=r"int8\.tif: band \d has mean .* 1-99 % range -1\d\d"):
+            scene.check_statistics()

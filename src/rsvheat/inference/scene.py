@@ -155,10 +155,10 @@ class Scene:
             data[:, ~valid] = 0.0  # a pixel missing in one raster is missing in all
         return arrays, valid
 
-    def band_statistics(self, max_side: int = 1024) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{role: (mean (C,), std (C,))}`` of the raw bands (before normalisation) over the valid pixels of a
-        decimated read (nearest neighbour, at most ``max_side`` px a side: a few MB whatever the scene's size).
-        A role without a valid pixel is left out."""
+    def band_statistics(self, max_side: int = 1024) -> dict[str, tuple[np.ndarray, ...]]:
+        """``{role: (mean (C,), std (C,), 1st percentile (C,), 99th percentile (C,))}`` of the raw bands (before
+        normalisation) over the valid pixels of a decimated read (nearest neighbour, at most ``max_side`` px a side:
+        a few MB whatever the scene's size). A role without a valid pixel is left out."""
         from rasterio.enums import Resampling
         from rasterio.errors import RasterioError
 
@@ -176,33 +176,41 @@ class Scene:
             valid = (mask > 0) & np.isfinite(data).all(0)
             if valid.any():
                 pixels = data[:, valid]
-                found[role] = (pixels.mean(1), pixels.std(1))
+                low, high = np.percentile(pixels, (1, 99), axis=1)
+                found[role] = (pixels.mean(1), pixels.std(1), low, high)
         return found
 
-    def check_statistics(self, max_z: float = 3.0, max_ratio: float = 10.0) -> str | None:
+    def check_statistics(self, max_z: float = 3.0, max_ratio: float = 10.0, max_tail_z: float = 4.0) -> str | None:
         """Warn (once, naming the raster and the band furthest off) when the input's statistics are far outside the
         training statistics it is normalised with: a band mean more than ``max_z`` training standard deviations from
-        the training mean, or a standard deviation more than ``max_ratio`` times larger or smaller than the training
-        one (a uint16 scene under a model trained on uint8 images; reflectance scaled by 10 000 or not). The model
-        would then see inputs it never saw and write a degenerate map. Returns the warning's text, or ``None``."""
+        the training mean, a standard deviation more than ``max_ratio`` times larger or smaller than the training
+        one (a uint16 scene under a model trained on uint8 images; reflectance scaled by 10 000 or not), or a 1st or
+        99th percentile more than ``max_tail_z`` training standard deviations out (a percent of the pixels where the
+        training data had almost none: uint8 data read as int8, whose bright half wraps to negative values). The
+        model would then see inputs it never saw and write a degenerate map. Returns the warning's text, or
+        ``None``."""
         worst, offending = None, 0
-        for role, (mean, std) in self.band_statistics().items():
+        for role, (mean, std, low, high) in self.band_statistics().items():
             train_mean, train_std = (v.reshape(-1).astype(np.float64) for v in self.stats[role])
-            z = np.abs(mean - train_mean) / np.maximum(train_std, 1e-12)
-            ratio = np.maximum(std, 1e-12) / np.maximum(train_std, 1e-12)
-            # one score per band: how many "tolerances" it is off, on the mean and on the spread
-            score = np.maximum(z / max_z, np.abs(np.log(ratio)) / np.log(max_ratio))
+            spread = np.maximum(train_std, 1e-12)
+            z = np.abs(mean - train_mean) / spread
+            ratio = np.maximum(std, 1e-12) / spread
+            tail = np.maximum(train_mean - low, high - train_mean) / spread
+            # one score per band: how many "tolerances" it is off, on the mean, the spread and the tails
+            score = np.maximum.reduce([z / max_z, np.abs(np.log(ratio)) / np.log(max_ratio), tail / max_tail_z])
             offending += int((score > 1).sum())
             band = int(score.argmax())
             if score[band] > 1 and (worst is None or score[band] > worst[0]):
                 worst = (score[band], role, band, mean[band], std[band], train_mean[band], train_std[band])
+                worst += (low[band], high[band])
         if worst is None:
             return None
-        _, role, band, mean, std, train_mean, train_std = worst
+        _, role, band, mean, std, train_mean, train_std, low, high = worst
         number = self.inputs[role].bands[band] if self.inputs[role].bands else band + 1
         others = f" ({offending - 1} other band(s) too)" if offending > 1 else ""
         message = (
-            f"{self.sources[role].name}: band {number} has mean {mean:.4g}, std {std:.4g} (decimated read), far from "
+            f"{self.sources[role].name}: band {number} has mean {mean:.4g}, std {std:.4g}, 1-99 % range {low:.4g} to "
+            f"{high:.4g} (decimated read), far from "
             f"the training statistics the model normalises it with (mean {train_mean:.4g}, std {train_std:.4g})"
             f"{others}: the map may be degenerate. Is the scene in the units and scaling of the training data "
             "(e.g. uint16 reflectance vs uint8 images)?"
