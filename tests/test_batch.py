@@ -236,3 +236,27 @@ def test_change_pairs_from_a_list_file(tmp_path):
     for name in ("scene0.tif", "scene1.tif"):
         with rasterio.open(tmp_path / "out" / name) as change:
             assert change.shape == (64, 72) and set(np.unique(change.read(1))) <= {0, 1}
+
+
+def test_a_scene_mapped_by_another_run_meanwhile_is_skipped_not_failed(tmp_path):
+    """Two predict-scenes into one folder: when this run finds at the rename that the other one has written the
+    scene's complete outputs, the scene is skipped (with a note), not failed; an incomplete one still fails."""
+    from rsvheat.inference.batch import SceneJob, _map_one
+
+    (scene,) = scenes_in(tmp_path / "in", [(64, 64)])
+    out = tmp_path / "out" / "scene0.tif"
+
+    def other_run_first(images, outputs):
+        write(out, np.zeros((1, 64, 64), np.uint8))  # the other process's complete map
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+
+    record = _map_one(SceneJob((scene,)), [out], other_run_first, overwrite=False)
+    assert record["status"] == "skipped" and "mapped by another run meanwhile" in record["warnings"]
+
+    def other_run_half(images, outputs):
+        out.write_bytes(b"II*\x00")  # not a readable map
+        raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
+
+    out.unlink()
+    record = _map_one(SceneJob((scene,)), [out], other_run_half, overwrite=False)
+    assert record["status"] == "failed" and "exists" in record["error"]

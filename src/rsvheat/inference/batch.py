@@ -282,7 +282,14 @@ def _map_one(job: SceneJob, outputs: list[Path], run, overwrite: bool) -> dict:
             # the warnings (no CRS, statistics far from the training data) belong to this scene's record
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                run(job.images, outputs)
+                try:
+                    run(job.images, outputs)
+                except FileExistsError:
+                    # another run writing into the same folder mapped the scene meanwhile: complete is complete
+                    if overwrite or _outputs_state(outputs, job) is not None:
+                        raise
+                    record["status"] = "skipped"
+                    caught.append(warnings.WarningMessage("mapped by another run meanwhile", UserWarning, "", 0))
             record["warnings"] = list(dict.fromkeys(_one_line(w.message) for w in caught))
     except Exception as err:  # any scene's failure, corrupt file or model error, must not stop the others
         record.update(status="failed", error=f"{type(err).__name__}: {_one_line(err)}")
