@@ -406,3 +406,32 @@ def test_info_counts_on_the_meta_device_with_bounded_memory():
     peak_gib = int(done.stdout.split("peak_kib")[-1]) / 2**20
     assert peak_gib < 1.5, done.stdout
     assert "params  train   216.21 M" in done.stdout  # the same count as a real model's (tests/test_counting.py)
+
+
+def test_full_disk_writes_end_in_one_line_naming_the_file(tmp_path):
+    """A full disk (a file size limit stands for it: EFBIG, Python ignores SIGXFSZ) while writing encoder weights or
+    a .pt2 program: an OSError naming the file, no abort, nothing left behind."""
+    script = (
+        "import resource, sys, torch\n"
+        "from rsvheat.models.checkpoint import save_weights\n"
+        "from rsvheat.export import export_checkpoint\n"
+        "from tests.conftest import micro_model\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))\n"
+        "for write in (lambda: save_weights(micro_model(), sys.argv[1] + '/e.safetensors'),\n"
+        "              lambda: export_checkpoint(sys.argv[1] + '/x.pt2', [64], progress=False)):\n"
+        "    try:\n"
+        "        write()\n"
+        "    except OSError as err:\n"
+        "        print('OSError', err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr[-3000:]
+    assert (
+        lines[0].startswith(f"OSError [Errno 27] could not write ")
+        and "e.safetensors (the disk may be full)" in lines[0]
+    )
+    assert "x.pt2 (the disk may be full)" in lines[1], lines
+    assert list(tmp_path.iterdir()) == []

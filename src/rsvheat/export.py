@@ -20,6 +20,7 @@ and ``classes``. ``.pt2`` programs hold the same metadata as the extra file ``rs
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rsvheat.files import check_output, refuse_inputs_as_outputs, write_atomic
+from rsvheat.files import check_output, refuse_inputs_as_outputs, write_atomic, write_bytes_to
 from rsvheat.inference.scene import MIN_TILE
 from rsvheat.models.rsvheat import RSVHeat
 from rsvheat.models.tasks import ChangeDetectionModel
@@ -209,7 +210,9 @@ def export_model(
             steps.next("trace (torch.export)")
             program = torch.export.export(adapter, inputs)
             steps.next("save")
-            torch.export.save(program, str(tmp), extra_files={"rsvheat.json": json.dumps(props)})
+            buffer = io.BytesIO()  # serialised in memory: torch's file writer aborts the process on a full disk
+            torch.export.save(program, buffer, extra_files={"rsvheat.json": json.dumps(props)})
+            write_bytes_to(tmp, buffer.getbuffer())
             steps.next("reload and check")
             with torch.no_grad():
                 check(torch.export.load(str(tmp)).module()(*inputs))

@@ -216,6 +216,16 @@ def _replace_together(moves: list[tuple[Path, Path]], staging: dict[Path, Path])
         raise
 
 
+def write_bytes_to(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` with Python's file I/O, whose failures (a full disk) are ``OSError`` s naming the file: C++
+    writers (torch's zip writer, safetensors) abort the process or raise their own types there instead."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as err:
+        raise OSError(err.errno, f"could not write {path} (the disk may be full): {err.strerror}") from err
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], overwrite: bool = True) -> Path:
     """Call ``write(temporary_path)`` (a private path with ``path``'s name), then rename it onto ``path`` (see
     :func:`staged_outputs`). A write that fails (full disk, kill) leaves ``path`` as it was."""

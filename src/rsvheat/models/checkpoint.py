@@ -31,7 +31,7 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from rsvheat.files import write_atomic
+from rsvheat.files import write_atomic, write_bytes_to
 from rsvheat.operators.heat import frequency_sq, resize_embedding
 
 if TYPE_CHECKING:  # the model module imports this one (timm's pretrained filter): annotations only
@@ -393,10 +393,11 @@ def weights_config(path: str | os.PathLike) -> dict:
 def save_weights(model: RSVHeat, path: str | os.PathLike, extra: Mapping[str, str] | None = None) -> Path:
     """Write ``model``'s weights as safetensors, atomically (temp file + rename), with its architecture
     (``model.arch_config``) as metadata: :func:`rsvheat.create_model_from_weights` rebuilds the model from the file."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": "rsvheat", "config": json.dumps(model.arch_config), **(extra or {})}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    # serialised in memory, written by Python: a full disk is an OSError naming the file, not a SafetensorError
+    write_atomic(path, lambda tmp: write_bytes_to(tmp, save(tensors, metadata=metadata)))
     return path
