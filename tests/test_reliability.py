@@ -430,7 +430,7 @@ def test_full_disk_writes_end_in_one_line_naming_the_file(tmp_path):
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and len(lines) == 2, done.stdout + done.stderr[-3000:]
     assert (
-        lines[0].startswith(f"OSError [Errno 27] could not write ")
+        lines[0].startswith("OSError [Errno 27] could not write ")
         and "e.safetensors (the disk may be full)" in lines[0]
     )
     assert "x.pt2 (the disk may be full)" in lines[1], lines
