@@ -1,5 +1,6 @@
-"""The package keeps its layering: ``lint-imports`` checks the contracts of pyproject.toml ``[tool.importlinter]``
-(lower layers never import higher ones, lazy imports included; no import cycles inside a package)."""
+"""The house rules CI checks: the package keeps its layering (``lint-imports`` checks the contracts of pyproject.toml
+``[tool.importlinter]``: lower layers never import higher ones, lazy imports included; no import cycles inside a
+package), and the code passes ``ruff check`` and ``ruff format --check`` with the configuration of pyproject.toml."""
 
 import subprocess
 import sys
@@ -14,3 +15,11 @@ def test_import_contracts_are_kept():
     result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+def test_ruff_lint_and_format():
+    ruff = Path(sys.executable).with_name("ruff")
+    paths = ["src", "tests", "benchmarks", "scripts"]
+    for args in (["check", "--no-cache", *paths], ["format", "--check", "--no-cache", *paths]):
+        result = subprocess.run([str(ruff), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
