@@ -219,8 +219,9 @@ def pretrain(
         "seed_everything": 0,
         "trainer": {
             "default_root_dir": str(root),
-            "accelerator": "cpu",
+            "accelerator": args.accelerator,
             "devices": 1,
+            "precision": args.precision,
             "max_steps": plan["steps"],
             "max_time": f"00:{int(minutes // 60):02d}:{int(minutes % 60):02d}:00",
             "gradient_clip_val": 5.0,
@@ -388,8 +389,9 @@ def finetune_unit(
         encoder_kwargs=MICRO if args.smoke else None,
     )
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
+        precision=args.precision,
         max_steps=args.ft_steps,
         max_epochs=-1,
         limit_val_batches=0,  # no model selection: the final model is scored, the same rule for every run
@@ -402,7 +404,7 @@ def finetune_unit(
     )
     trainer.fit(task, datamodule=dm)
     metrics = trainer.test(task, datamodule=dm, verbose=False)[0]
-    scorer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    scorer = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False, enable_progress_bar=False)
     val = scorer.validate(task, datamodule=dm, verbose=False)[0]["val/OA"]
     n_train = len(json.loads(split.read_text())["train"])
     seconds = time.perf_counter() - start
@@ -468,8 +470,9 @@ def dense_unit(args, init: str, weights: Path | None, seed: int, results: Path) 
         encoder_kwargs=MICRO if args.smoke else None,
     )
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
+        precision=args.precision,
         max_steps=args.dense_steps,
         max_epochs=-1,
         limit_val_batches=0,
@@ -642,10 +645,11 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     expected = len(args.seeds) * 2 * len(PROTOCOLS) * len(args.fractions)
     units = [u for u in units if u["protocol"] in PROTOCOLS]  # the main table's (diagnosis rows apart)
+    device = "cuda" if args.accelerator in ("gpu", "cuda") else "cpu"
     lines = [
         "# Does the pre-training transfer? (AID scene classification)",
         "",
-        f"Date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine_description('cpu')}.",
+        f"Date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine_description(device, [args.precision])}.",
         f"Status: {len(units)} of {expected} units measured" + (" (**partial**)." if len(units) < expected else "."),
         "",
         f"Pre-training: {args.variant}, {plan.get('steps', '?')} steps of {args.crop}² crops, batch "
@@ -816,6 +820,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation-steps", type=int, default=100, help="pre-training steps of each ablation")
     parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every training (cpu, gpu)")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")
     parser.add_argument(
         "--stage",
         choices=("data", "pretrain", "evaluate", "ablation", "diagnose", "dense", "report", "all"),
