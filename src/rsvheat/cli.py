@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from pathlib import Path
 
-TASK_COMMANDS = ("fit", "validate", "test", "predict")
+from rsvheat import arguments
 
-#: Environment variable that turns the one-line error messages back into tracebacks.
-DEBUG_ENV = "RSVHEAT_DEBUG"
+TASK_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -87,61 +85,11 @@ def _explain(args: argparse.Namespace) -> None:
     print(f"heat maps written to {args.out} ({len(written)} figures; overview: {written['summary']})")
 
 
-def _bands(text: str) -> list[int]:
-    try:
-        bands = [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bands are 1-based integers separated by commas, got {text!r}") from None
-    if min(bands) < 1:
-        raise argparse.ArgumentTypeError(f"bands are 1-based (the first band is 1), got {text!r}")
-    return bands
-
-
-def _at_least(low: int | float, kind: type = int):
-    """An argparse ``type``: a number of ``kind`` that is at least ``low`` (checked before anything runs)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-            ) from None
-        if not value >= low:  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-
-    return parse
-
-
 #: Image sizes: the backbone downsamples by 32.
-_SIZE = _at_least(32)
-_COUNT = _at_least(1)
+_SIZE = arguments.at_least(32)
+_COUNT = arguments.at_least(1)
 #: Weight names besides paths (rsvheat.models.weights.NAMED_WEIGHTS, spelled here so that --help imports no torch).
 _NAMES = "vheat_tiny, vheat_small, vheat_base (official vHeat ImageNet-1k, downloaded once)"
-
-
-def _the_problem(message: str) -> str:
-    """jsonargparse wraps an error raised while building a class in a "Union subtypes" report (each subtype tried,
-    the given Namespace dumped): the problem is the first listed error that is not the ``None`` alternative."""
-    if "Union subtypes" not in message or "Errors:" not in message:
-        return message
-    errors = [line.strip()[2:] for line in message.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")]
-    errors = [e for e in errors if "NoneType" not in e]
-    return errors[0] if errors else message
-
-
-def _guarded(command: str, run, *args) -> None:
-    """Run ``run(*args)``; a user-fixable error (``ValueError``, ``OSError``) ends the process with one line and exit
-    status 2, or with its traceback when ``RSVHEAT_DEBUG`` is set."""
-    try:
-        run(*args)
-    except (ValueError, OSError) as err:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        message = " ".join(_the_problem(str(err)).split()) or type(err).__name__
-        print(f"rsvheat {command}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 #: Old spellings that still work but are not shown in --help (predict-scene's -o/--output became -o/--out).
@@ -319,7 +267,7 @@ def _add_demo(sub) -> None:
     _add_out(demo, "output folder", Path("outputs/demo"))
     demo.add_argument("--image", type=Path, default=None, help="a GeoTIFF of your own instead of the embedded scene")
     demo.add_argument("--train-root", type=Path, default=None, help="your segmentation data (train/, val/ folders)")
-    demo.add_argument("--num-classes", type=_at_least(2), default=None, help="classes of --train-root")
+    demo.add_argument("--num-classes", type=arguments.at_least(2), default=None, help="classes of --train-root")
     demo.add_argument("--model", default="rsvheat_tiny", help="backbone variant (default rsvheat_tiny)")
     demo.add_argument("--weights", type=Path, default=None, help="an encoder to fine-tune instead of pre-training")
     demo.add_argument("--pretrain-steps", type=_COUNT, default=120, help="pre-training steps (default 120)")
@@ -344,7 +292,10 @@ def _add_info_and_samples(sub) -> None:
     info.add_argument("--model", default="rsvheat_base", help="backbone variant (default rsvheat_base)")
     info.add_argument("--img-size", type=_SIZE, default=224, help="input side in pixels (default 224)")
     info.add_argument(
-        "--num-classes", type=_at_least(0), default=0, help="classifier outputs counted (default 0: backbone only)"
+        "--num-classes",
+        type=arguments.at_least(0),
+        default=0,
+        help="classifier outputs counted (default 0: backbone only)",
     )
     info.set_defaults(handler=_info)
     samples = _command(
@@ -384,9 +335,13 @@ def _add_predict_scene(sub) -> None:
         "-o", "--out", "--output", type=Path, required=True, help="class/change map .tif, or boxes .geojson"
     )
     scene.add_argument("--probabilities", type=Path, default=None, help="also write per-class probabilities (.tif)")
-    scene.add_argument("--bands", type=_bands, nargs="+", default=None, help="1-based bands per image, e.g. 3,2,1")
+    scene.add_argument(
+        "--bands", type=arguments.bands, nargs="+", default=None, help="1-based bands per image, e.g. 3,2,1"
+    )
     scene.add_argument("--tile", type=_SIZE, default=512, help="tile size in pixels (default 512)")
-    scene.add_argument("--overlap", type=_at_least(0), default=None, help="overlap between tiles (default tile / 4)")
+    scene.add_argument(
+        "--overlap", type=arguments.at_least(0), default=None, help="overlap between tiles (default tile / 4)"
+    )
     scene.add_argument("--batch-size", type=_COUNT, default=4, help="tiles per forward pass (default 4)")
     scene.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     _add_precision(scene)
@@ -421,7 +376,10 @@ def _add_explain(sub) -> None:
     explain.add_argument("--model", default="rsvheat_tiny", help="variant for --weights or random init")
     explain.add_argument("--channels", type=_COUNT, default=None, help="bands of the stem (default: the image's)")
     explain.add_argument(
-        "--bands", type=_bands, default=None, help="1-based bands to read, e.g. 4,3,2 (default: all but an alpha band)"
+        "--bands",
+        type=arguments.bands,
+        default=None,
+        help="1-based bands to read, e.g. 4,3,2 (default: all but an alpha band)",
     )
     explain.add_argument("--tile", type=_SIZE, default=1024, help="scenes larger than this are explained per tile")
     explain.add_argument("--overwrite", action="store_true", help="replace the heat maps in a non-empty --out")
@@ -446,7 +404,7 @@ def _add_export(sub) -> None:
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     onnx.add_argument(
         "--tolerance",
-        type=_at_least(0.0, float),
+        type=arguments.at_least(0.0, float),
         default=1e-3,
         help="largest accepted max |exported - PyTorch| / max |PyTorch| (default 1e-3); above it nothing is written",
     )
@@ -511,10 +469,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TASK_COMMANDS:
         from rsvheat.trainers.cli import task_cli
 
-        _guarded(argv[0], task_cli, argv)
+        arguments.guarded(argv[0], task_cli, argv)
         return
     if argv and argv[0] in EXTERNAL_CLIS:
-        _guarded(argv[0], run_external_cli, argv[0], argv[1:])
+        arguments.guarded(argv[0], run_external_cli, argv[0], argv[1:])
         return
     if argv and argv[0] in ("bench", "pretrain", "predict-scenes"):
         if argv[0] == "bench":
@@ -523,11 +481,11 @@ def main(argv: list[str] | None = None) -> None:
             from rsvheat.inference.batch import run as passthrough
         else:
             from rsvheat.trainers.pretrain import pretrain_cli as passthrough
-        _guarded(argv[0], passthrough, argv[1:])
+        arguments.guarded(argv[0], passthrough, argv[1:])
         return
     args = build_parser().parse_args(argv)
     _resolve_out(args)
-    _guarded(args.command, args.handler, args)
+    arguments.guarded(args.command, args.handler, args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rsvheat import arguments
 from rsvheat.data.io import image_header
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import check_tile
@@ -262,10 +263,6 @@ def _outputs_state(outputs: list[Path], job: SceneJob) -> str | None:
     return None
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _map_one(job: SceneJob, outputs: list[Path], run, overwrite: bool) -> dict:
     """Map one scene with ``run(images, outputs)`` unless its outputs are complete; never raises for the scene's own
     problems (those are the record's ``error``)."""
@@ -290,9 +287,9 @@ def _map_one(job: SceneJob, outputs: list[Path], run, overwrite: bool) -> dict:
                         raise
                     record["status"] = "skipped"
                     caught.append(warnings.WarningMessage("mapped by another run meanwhile", UserWarning, "", 0))
-            record["warnings"] = list(dict.fromkeys(_one_line(w.message) for w in caught))
+            record["warnings"] = list(dict.fromkeys(arguments.one_line(w.message) for w in caught))
     except Exception as err:  # any scene's failure, corrupt file or model error, must not stop the others
-        record.update(status="failed", error=f"{type(err).__name__}: {_one_line(err)}")
+        record.update(status="failed", error=f"{type(err).__name__}: {arguments.one_line(err)}")
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
 
@@ -351,7 +348,7 @@ def predict_scenes(
         try:
             task, meta, problem = *load_task(checkpoint, torch_device), None
         except (ValueError, OSError) as err:
-            task, meta, problem = None, None, _one_line(err)
+            task, meta, problem = None, None, arguments.one_line(err)
         problems = [p for p in world.gather(problem) if p]
         if problems:
             raise ValueError(problems[0])
@@ -445,29 +442,6 @@ EXAMPLES = (
 )
 
 
-def _positive(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-
-    return parse
-
-
-def _bands(text: str) -> list[int]:
-    try:
-        bands = [int(b) for b in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bands are 1-based integers separated by commas, got {text!r}") from None
-    if min(bands) < 1:
-        raise argparse.ArgumentTypeError(f"bands are 1-based (the first band is 1), got {text!r}")
-    return bands
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``rsvheat predict-scenes`` on ``parser``; its handler is :func:`main`."""
     parser.add_argument(
@@ -494,11 +468,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="detection: <stem>.geojson (lon/lat; needs a CRS) or <stem>.boxes.json (pixels, any scene)",
     )
     parser.add_argument(
-        "--bands", type=_bands, nargs="+", default=None, help="1-based bands per raster of a scene, e.g. 3,2,1"
+        "--bands", type=arguments.bands, nargs="+", default=None, help="1-based bands per raster of a scene, e.g. 3,2,1"
     )
-    parser.add_argument("--tile", type=_positive(32), default=512, help="tile size in pixels (default 512)")
-    parser.add_argument("--overlap", type=_positive(0), default=None, help="overlap between tiles (default tile / 4)")
-    parser.add_argument("--batch-size", type=_positive(1), default=4, help="tiles per forward pass (default 4)")
+    parser.add_argument("--tile", type=arguments.at_least(32), default=512, help="tile size in pixels (default 512)")
+    parser.add_argument(
+        "--overlap", type=arguments.at_least(0), default=None, help="overlap between tiles (default tile / 4)"
+    )
+    parser.add_argument(
+        "--batch-size", type=arguments.at_least(1), default=4, help="tiles per forward pass (default 4)"
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -561,13 +539,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     """Parse ``argv`` and run; a bad request ends with one line ``rsvheat predict-scenes: error: ...`` and status 2
     (``RSVHEAT_DEBUG=1``: the traceback), as the other commands do."""
     args = build_parser().parse_args(argv)
-    try:
-        main(args)
-    except (ValueError, OSError) as err:
-        if os.environ.get("RSVHEAT_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"rsvheat predict-scenes: error: {_one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    arguments.guarded("predict-scenes", main, args)
 
 
 if __name__ == "__main__":
