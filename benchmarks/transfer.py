@@ -415,12 +415,14 @@ def finetune_unit(
 
 def evaluate(args: argparse.Namespace, state: dict, encoder: Path) -> Path:
     results = args.out / "results.jsonl"
-    for seed in args.seeds:
+    for seed in args.seeds if "knn" in args.protocols or "linear" in args.protocols else []:
         for init in ("pretrained", "random"):
             weights = encoder if init == "pretrained" else None
             done = done_units(results)
             todo = [f for f in args.fractions if any((init, seed, p, f) not in done for p in ("knn", "linear"))]
             frozen_units(args, state, init, weights, seed, todo, results)
+    if "finetune" not in args.protocols:
+        return results
     # fine-tuning after every frozen unit: the cheap protocols finish first in a session cut short
     for fraction in sorted(args.fractions, reverse=True):  # the most telling units first in a session cut short
         for seed in args.seeds:
@@ -813,6 +815,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument(
+        "--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS), help="what --stage evaluate runs"
+    )
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--ft-steps", type=int, default=150)
     parser.add_argument("--ft-batch", type=int, default=32)
