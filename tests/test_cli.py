@@ -171,7 +171,7 @@ def test_old_output_spellings_still_work(monkeypatch):
     from rsvheat import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "_guarded", lambda command, run, args: seen.update({command: args.out}))
+    monkeypatch.setattr(cli.arguments, "guarded", lambda command, run, args: seen.update({command: args.out}))
     cli.main(["predict-scene", "m.ckpt", "s.tif", "--output", "a.tif"])
     cli.main(["export", "b.onnx", "--size", "64"])  # the output as the first argument, as before
     cli.main(["export-encoder", "last.ckpt", "e.safetensors"])
