@@ -351,6 +351,26 @@ def unit(init, seed, protocol, fraction, acc, n_train, seconds, extra=None) -> d
     }
 
 
+def fine_tuning_trainer(args: argparse.Namespace, steps: int, root: Path):
+    """The trainer of every fine-tuning unit: ``steps`` optimiser steps, no validation, no logs, no checkpoints."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=steps,
+        max_epochs=-1,
+        limit_val_batches=0,  # no model selection: the final model is scored, the same rule for every run
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,  # the final model is scored in this process: no 350 MB file per epoch
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def finetune_unit(
     args,
     state,
@@ -388,20 +408,7 @@ def finetune_unit(
         warmup_fraction=0.1,
         encoder_kwargs=MICRO if args.smoke else None,
     )
-    trainer = pl.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        max_steps=args.ft_steps,
-        max_epochs=-1,
-        limit_val_batches=0,  # no model selection: the final model is scored, the same rule for every run
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,  # the final model is scored in this process: no 350 MB file per epoch
-        default_root_dir=str(work),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = fine_tuning_trainer(args, args.ft_steps, work)
     trainer.fit(task, datamodule=dm)
     metrics = trainer.test(task, datamodule=dm, verbose=False)[0]
     scorer = pl.Trainer(accelerator=args.accelerator, devices=1, logger=False, enable_progress_bar=False)
@@ -471,20 +478,7 @@ def dense_unit(args, init: str, weights: Path | None, seed: int, results: Path) 
         warmup_fraction=0.1,
         encoder_kwargs=MICRO if args.smoke else None,
     )
-    trainer = pl.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        max_steps=args.dense_steps,
-        max_epochs=-1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=str(args.out / "dense" / f"{init}_s{seed}"),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = fine_tuning_trainer(args, args.dense_steps, args.out / "dense" / f"{init}_s{seed}")
     trainer.fit(task, datamodule=dm)
     metrics = trainer.test(task, datamodule=dm, verbose=False)[0]
     extra = {"OA": round(float(metrics["test/OA"]), 4), "steps": args.dense_steps, "crop": args.dense_crop}

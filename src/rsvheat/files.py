@@ -181,8 +181,8 @@ def staged_outputs(targets: Sequence[str | os.PathLike], overwrite: bool = True)
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) * path.is_dir() | getattr(os, "O_NOFOLLOW", 0))
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = _open_dir(path) if path.is_dir() else os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
         os.fsync(fd)
     finally:
