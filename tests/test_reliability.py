@@ -1,4 +1,4 @@
-"""The reliability promises (README, "Reliability"): untrusted files never run code, outputs are staged privately
+"""The reliability promises (docs/reliability.md): untrusted files never run code, outputs are staged privately
 and renamed atomically without following planted links, concurrent writers never mix, nothing of the user's is
 deleted, files honour the umask, and bad input ends in one clear line with exit status 2.
 

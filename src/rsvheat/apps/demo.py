@@ -39,7 +39,7 @@ from rsvheat.models.counting import count_gmacs, count_params
 from rsvheat.progress import step_header
 from rsvheat.testing.official_structure import OfficialStructureHeat
 
-PUBLISHED = {  # (variant, size): (M params, G MACs), inference-folded; see README "Counting"
+PUBLISHED = {  # (variant, size): (M params, G MACs), inference-folded; see docs/counting.md
     ("vheat_tiny", 224): (29.56, 4.59),
     ("vheat_base", 224): (87.50, 14.93),
     ("rsvheat_base", 1024): (148.4, 336.8),
@@ -492,7 +492,7 @@ def run_demo(
     """Run the pipeline above into ``out_dir`` and return the report's path.
 
     ``image_path``: the scene (pre-training crops, whole-scene inference, heat maps); ``train_root``: your own
-    segmentation data (``train``/``val`` folders with ``images``/``masks``, see README) with ``num_classes``;
+    segmentation data (``train``/``val`` folders with ``images``/``masks``, see docs/fine-tuning.md) with ``num_classes``;
     ``weights``: an encoder to fine-tune instead of pre-training one; ``overwrite``: use a non-empty ``out_dir``
     that an earlier demo did not write; ``progress``: a header line (step i/N, elapsed time) before each step, on
     stderr when it is a terminal. Every setting is checked before anything is written.

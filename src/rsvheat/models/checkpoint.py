@@ -165,7 +165,7 @@ def adapt_stem_weight(
 ) -> torch.Tensor:
     """Adapt a pretrained first-conv weight ``(C_out, C_src, k, k)`` to ``in_chans`` input bands.
 
-    Rule (documented in the README):
+    Rule (documented in docs/checkpoints.md):
     * ``band_map`` given: band ``i`` takes source channel ``band_map[i]``; bands mapped to ``None`` start at zero, so
       the model initially responds exactly as the pretrained one does to the mapped bands;
     * ``in_chans == 1``: the sum over source channels (a grey image gives the same response as its RGB copy);

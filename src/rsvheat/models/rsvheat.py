@@ -585,7 +585,7 @@ class RSVHeat(nn.Module):
         ``blocks``: how many blocks to recompute, counted from the input (``None``: all of them). The first blocks
         run at the highest resolution, where a block keeps the most activation memory for the least compute, so a
         partial setting saves most of the memory for little time: on RS-vHeat-B at 512² the first 8 of 24 blocks
-        hold about 40 % of the activations (see the README's Efficiency section for the measured trade-off).
+        hold about 40 % of the activations (see docs/efficiency.md for the measured trade-off).
 
         (Selective activation checkpointing inside a block, keeping GEMM/convolution outputs and recomputing the
         element-wise operators, was measured and removed: on rsvheat_tiny at 512², batch 2, it saved 15 % of the
