@@ -492,7 +492,8 @@ def run_demo(
     """Run the pipeline above into ``out_dir`` and return the report's path.
 
     ``image_path``: the scene (pre-training crops, whole-scene inference, heat maps); ``train_root``: your own
-    segmentation data (``train``/``val`` folders with ``images``/``masks``, see docs/fine-tuning.md) with ``num_classes``;
+    segmentation data (``train``/``val`` folders with ``images``/``masks``; docs/fine-tuning.md) with
+    ``num_classes``;
     ``weights``: an encoder to fine-tune instead of pre-training one; ``overwrite``: use a non-empty ``out_dir``
     that an earlier demo did not write; ``progress``: a header line (step i/N, elapsed time) before each step, on
     stderr when it is a terminal. Every setting is checked before anything is written.
