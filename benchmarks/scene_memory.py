@@ -2,7 +2,7 @@
 
 Builds N × N 3-band GeoTIFFs from the embedded CC0 Landsat scene (mirrored tiles, written strip by strip), saves an
 RS-vHeat-T UPerNet segmentation checkpoint (random weights: memory and speed do not depend on them), then runs
-``rsvheat predict-scene`` on each scene in a fresh process and records its peak RSS (``getrusage``) and wall time.
+``rsvheat predict-scene`` on each scene in a fresh process and records its peak RSS (``VmHWM``) and wall time.
 
     python benchmarks/scene_memory.py [--sizes 10000 20000] [--tile 512] [--overlap 64]
 
@@ -24,13 +24,14 @@ import numpy as np
 from rsvheat.apps.bench import machine_description
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
+from rsvheat.apps.bench import peak_rss_mb
 from rsvheat.inference.tasks import predict_scene
 start = time.perf_counter()
 predict_scene(sys.argv[1], [sys.argv[2]], sys.argv[3], tile=int(sys.argv[4]), overlap=int(sys.argv[5]),
               batch_size=int(sys.argv[6]), device="cpu", overwrite=True, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": peak_rss_mb()}))
 """
 
 

@@ -1,4 +1,6 @@
 import argparse
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,3 +131,13 @@ def test_report_has_bf16_rows_ratios_and_issue_f_targets(tmp_path):
     assert "train activation memory at 1024², rsvheat_base_gc8 / swin_base: 0.45 (target ≤ 0.5) — MET" in text
     assert "train step at 1024², time of rsvheat_base_gc8 / rsvheat_base: 1.10 (target ≤ 1.15) — MET" in text
     assert "GPU figures are not measured" in text
+
+
+def test_peak_memory_of_a_child_is_its_own():
+    """A case runs in a child of the benchmark; its peak must not include the parent's (Linux's maxrss would)."""
+    ballast = bytearray(2 << 30)
+    ballast[:: 1 << 12] = b"\1" * len(ballast[:: 1 << 12])  # touch every page: 2 GiB resident in this process
+    script = "from rsvheat.apps.bench import peak_rss_mb; print(peak_rss_mb())"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    del ballast
+    assert 1 < float(done.stdout) < 1536  # importing torch is ~0.7 GiB; the inherited figure would be > 2 GiB

@@ -156,6 +156,20 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    Linux's ``getrusage`` maxrss survives fork and exec, so a child started by a big parent reports the parent's
+    peak; ``VmHWM`` belongs to the child's own address space. Elsewhere maxrss is all there is (bytes on macOS).
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def run_case(
     name: str,
     size: int,
@@ -207,7 +221,7 @@ def run_case(
                 times.append(elapsed)
                 break
     median = sorted(times)[len(times) // 2]
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss = peak_rss_mb()
     row = dict(
         model=name,
         size=size,

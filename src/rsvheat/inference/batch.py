@@ -286,8 +286,9 @@ def _map_one(job: SceneJob, outputs: list[Path], run, overwrite: bool) -> dict:
                     if overwrite or _outputs_state(outputs, job) is not None:
                         raise
                     record["status"] = "skipped"
-                    caught.append(warnings.WarningMessage("mapped by another run meanwhile", UserWarning, "", 0))
             record["warnings"] = list(dict.fromkeys(arguments.one_line(w.message) for w in caught))
+            if record["status"] == "skipped":
+                record["warnings"].append("mapped by another run meanwhile")
     except Exception as err:  # any scene's failure, corrupt file or model error, must not stop the others
         record.update(status="failed", error=f"{type(err).__name__}: {arguments.one_line(err)}")
     record["seconds"] = round(time.perf_counter() - start, 3)
