@@ -171,7 +171,7 @@ def pretrain(
 
     ben = REPO / "data/bigearthnet-example"
     has_ben = (ben / "BigEarthNet-S1-Example").is_dir() and not args.smoke
-    sources = overrides.pop("sources", ["optical", "bigearthnet"] if has_ben else ["optical"])
+    sources = overrides.pop("sources", [s for s in args.sources if s == "optical" or has_ben])
     modalities = {"optical": 3, "sar": 1} if "bigearthnet" in sources else {"optical": 3}
     model = {
         "variant": args.variant,
@@ -806,6 +806,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-batch", type=int, default=12)
     parser.add_argument(
         "--pretrain-lr", type=float, default=1e-3, help="model.lr: the rate at batch 256 (square-root rule)"
+    )
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        choices=("optical", "bigearthnet"),
+        default=["optical", "bigearthnet"],
+        help="pre-training sources: AID's pool, BigEarthNet's S1/S2 example pairs (when downloaded)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])

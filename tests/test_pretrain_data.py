@@ -16,7 +16,7 @@ from rsvheat.data.pretrain import (
     random_crop,
     skipped_count,
 )
-from rsvheat.datamodules.pretrain import PretrainDataModule
+from rsvheat.datamodules.pretrain import PretrainDataModule, warn_if_memorised
 from tests.rasters import ramp, write
 
 IDENTITY = {"optical": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "sar": {"mean": [0], "std": [1]}}
@@ -136,6 +136,15 @@ def test_datamodule_combines_sources(tmp_path):
     assert batch["optical"]["optical"].shape == (2, 3, 16, 16)
     assert batch["sar"]["sar"].shape == (2, 1, 16, 16)
     assert set(batch["bigearthnet"]) == {"optical", "sar"}
+
+
+def test_a_source_far_smaller_than_another_is_flagged():
+    sizes = {"optical": torch.zeros(400), "bigearthnet": torch.zeros(6), "sar": torch.zeros(40)}
+    with pytest.warns(UserWarning, match=r"source 'bigearthnet' has 6 images against 400 in 'optical'.* ~66 times"):
+        warn_if_memorised(sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_memorised({"optical": torch.zeros(400), "sar": torch.zeros(40)})  # 10x: cycled, not memorised
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
