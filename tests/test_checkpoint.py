@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import rsvheat
-from rsvheat.models.checkpoint import CheckpointError, adapt_stem_weight, kt_from_folded, read_checkpoint
+from rsvheat.models.checkpoint import CheckpointError, adapt_stem_weight, kt_from_folded, read_weights_file
 from rsvheat.operators.heat import heat_filter
 from rsvheat.testing.official_structure import OfficialStructureHeat
 from tests.conftest import micro_model
@@ -172,7 +172,7 @@ def test_unsafe_corrupt_and_missing_files_are_refused(tmp_path):
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"model": Evil()}, f)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        read_checkpoint(tmp_path / "evil.pth")  # weights_only=True
+        read_weights_file(tmp_path / "evil.pth")  # weights_only=True
     rsvheat.save_weights(micro_model(), tmp_path / "ok.safetensors")
     data = (tmp_path / "ok.safetensors").read_bytes()
     (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])

@@ -39,6 +39,12 @@ def at_least(low: int | float, kind: type = int) -> Callable[[str], int | float]
     return parse
 
 
+def first_line(err: BaseException, empty: str | None = None) -> str:
+    """The first line of an error's message (``empty``, by default its type's name, when it has none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else empty or type(err).__name__
+
+
 def one_line(err: BaseException) -> str:
     """An error's message on one line (its type's name when it has none)."""
     return " ".join(the_problem(str(err)).split()) or type(err).__name__

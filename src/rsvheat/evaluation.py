@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from rsvheat.data.classification import SceneClassification, resolve_root, scan_class_folders, write_json_atomic
+from rsvheat.data.classification import SceneClassification, resolve_root, scan_class_folders
+from rsvheat.files import write_json_atomic
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (features (N, C), labels (N,))
 

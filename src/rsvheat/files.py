@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -233,6 +234,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object], overw
     with staged_outputs([path], overwrite=overwrite) as (tmp,):
         write(tmp)
     return path
+
+
+def write_json_atomic(data: object, path: str | os.PathLike) -> Path:
+    """``data`` as indented JSON at ``path``, all or nothing."""
+    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ JSON split file that later runs read back, so every run of an experiment sees th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from torch.utils.data import Dataset
 
 from rsvheat.data.io import IMAGE_SUFFIXES, list_images, read_image
 from rsvheat.data.transforms import crop_and_flip, normalise
-from rsvheat.files import write_atomic
 
 Samples = list[tuple[str, int]]  # (path relative to the root, label)
 
@@ -89,10 +87,6 @@ def stratified_split(
         split["train"] += idx[n_val:n_share].tolist()
         split["test"] += idx[n_share:].tolist()
     return {k: sorted(v) for k, v in split.items()}
-
-
-def write_json_atomic(data: object, path: str | Path) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 class SceneClassification(Dataset):

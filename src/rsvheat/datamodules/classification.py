@@ -12,10 +12,10 @@ from rsvheat.data.classification import (
     resolve_root,
     scan_class_folders,
     stratified_split,
-    write_json_atomic,
 )
 from rsvheat.data.stats import Stats
 from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages, one_stem
+from rsvheat.files import write_json_atomic
 
 
 class ClassificationDataModule(TaskDataModule):

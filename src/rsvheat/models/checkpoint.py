@@ -25,17 +25,14 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
+from rsvheat.arguments import first_line
 from rsvheat.files import write_atomic, write_bytes_to
 from rsvheat.operators.heat import frequency_sq, resize_embedding
-
-if TYPE_CHECKING:  # the model module imports this one (timm's pretrained filter): annotations only
-    from rsvheat.models.rsvheat import RSVHeat
 
 _PREFIXES = ("module.", "encoder.", "backbone.", "model.", "_orig_mod.")
 
@@ -190,7 +187,9 @@ def adapt_stem_weight(
 
 
 def adapt_to_model(
-    state_dict: Mapping[str, torch.Tensor], model: RSVHeat, band_maps: Mapping[str, Sequence[int | None]] | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    band_maps: Mapping[str, Sequence[int | None]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fit an rsvheat-keyed state dict to ``model``: check the architecture, resize FVE/SCE to the model's stored size,
     build stems the checkpoint lacks (from the SAR stem for 1-2 band inputs, else from the optical one), fill per-stage
@@ -267,7 +266,7 @@ def adapt_to_model(
     return {k: v for k, v in sd.items() if not (k.startswith("stages.") and int(k.split(".")[1]) >= n_stages)}
 
 
-def checkpoint_filter_fn(state_dict: Mapping, model: RSVHeat) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict[str, torch.Tensor]:
     """timm ``pretrained_filter_fn``: any supported checkpoint -> ``model``'s state dict keys."""
     sd = unwrap_checkpoint(state_dict)
     if is_official(sd):
@@ -313,11 +312,10 @@ def unreadable_checkpoint(path: str | os.PathLike, err: BaseException) -> Checkp
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else f"{type(err).__name__} (truncated or not a checkpoint?)"
+    return first_line(err, f"{type(err).__name__} (truncated or not a checkpoint?)")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the tensors of a ``.safetensors`` or torch (``.pth``/``.pt``/``.ckpt``/``.bin``) file, safely."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -336,13 +334,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(
-    model: RSVHeat,
+    model: nn.Module,
     path: str | os.PathLike,
     strict: bool = True,
     band_maps: Mapping[str, Sequence[int | None]] | None = None,
 ) -> nn.modules.module._IncompatibleKeys:
     """Load any supported checkpoint (see module docstring) into ``model``; returns the missing/unexpected keys."""
-    sd = unwrap_checkpoint(read_checkpoint(path))
+    sd = unwrap_checkpoint(read_weights_file(path))
     if is_official(sd):
         sd = convert_official(sd)
     sd = adapt_to_model(sd, model, band_maps)
@@ -390,7 +388,7 @@ def weights_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def save_weights(model: RSVHeat, path: str | os.PathLike, extra: Mapping[str, str] | None = None) -> Path:
+def save_weights(model: nn.Module, path: str | os.PathLike, extra: Mapping[str, str] | None = None) -> Path:
     """Write ``model``'s weights as safetensors, atomically (temp file + rename), with its architecture
     (``model.arch_config``) as metadata: :func:`rsvheat.create_model_from_weights` rebuilds the model from the file."""
     from safetensors.torch import save

@@ -13,6 +13,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from rsvheat.arguments import first_line
 from rsvheat.files import write_atomic
 from rsvheat.models.checkpoint import read_torch_file, unreadable_checkpoint
 
@@ -38,7 +39,7 @@ class SameFolderCheckpointIO(TorchCheckpointIO):
         except (OSError, RuntimeError) as err:
             # torch's C++ writer reports a full disk as "basic_ios::clear: iostream error" or "unexpected pos ...",
             # naming neither the file nor the cause
-            raise OSError(f"could not write checkpoint {path}{_likely_cause(err)}: {_first_line(err)}") from err
+            raise OSError(f"could not write checkpoint {path}{_likely_cause(err)}: {first_line(err)}") from err
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         try:
@@ -126,10 +127,6 @@ def _likely_cause(err: BaseException) -> str:
         full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         return " (the disk is full or a file size limit is reached)" if full else ""
     return " (the disk may be full)"  # torch's writer drops the errno
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _save_synced(checkpoint: dict[str, Any], path: Path) -> None:
