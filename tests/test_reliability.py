@@ -6,6 +6,7 @@ Each test reproduces a defect a hostile-user battery found on an earlier main; `
 join (command, exit status, message fragment)."""
 
 import builtins
+import json
 import os
 import signal
 import subprocess
@@ -101,6 +102,22 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
         code = exit_info.code
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1] if err else ""
+
+
+def test_score_threshold_sets_which_boxes_a_detector_keeps(files, tmp_path):
+    """A young detector's boxes score low: 0 keeps every box the detector proposes, 1 none; ``label`` indexes the
+    class list."""
+    from rsvheat.inference.tasks import predict_scene
+
+    def boxes(threshold):
+        out = tmp_path / f"b{threshold}.geojson"
+        predict_scene(files["DET"], [files["G"]], out, tile=128, overlap=32, progress=False, score_threshold=threshold)
+        return json.loads(out.read_text())["features"]
+
+    everything, nothing = boxes(0.0), boxes(1.0)
+    assert nothing == [] and len(everything) > 0
+    assert {f["properties"]["label"] for f in everything} <= {0, 1}
+    assert all(f["properties"]["class"] == f"c{f['properties']['label']}" for f in everything)
 
 
 def test_a_malicious_checkpoint_is_refused_and_never_runs(files, tmp_path, capsys, monkeypatch):
@@ -254,6 +271,9 @@ BATTERY = [
     (["predict-scene", "CK", "G", "-o", "OUT/map.png"], 2, "must be named .tif or .tiff"),
     (["predict-scene", "DET", "G", "-o", "OUT/boxes.tif"], 2, "must be named .geojson or .json"),
     (["predict-scene", "DET", "PNG", "-o", "OUT/boxes.geojson"], 2, "has no CRS"),
+    (["predict-scene", "DET", "G", "-o", "OUT/b.geojson", "--score-threshold", "1.5"], 2, "must be at most 1"),
+    (["predict-scene", "CK", "G", "-o", "OUT/m.tif", "--score-threshold", "0.1"], 2, "applies to detection models"),
+    (["predict-scenes", "CK", "G", "-o", "OUT", "--score-threshold", "0.1"], 2, "applies to detection models"),
     (["predict-scene", "CK", "G", "-o", "OUT/m.tif", "--probabilities", "OUT/p.png"], 2, ".tif or .tiff"),
     (["predict-scene", "CK", "G", "-o", "G", "--overwrite"], 2, "is the input"),
     (["predict-scene", "CK", "G", "-o", "EXISTING_DIR", "--overwrite"], 2, "is a folder"),

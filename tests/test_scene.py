@@ -369,7 +369,7 @@ def test_geojson_boxes_in_lon_lat_and_in_the_scene_crs(tmp_path):
     first, second = collection["features"]
     assert first["properties"] == {
         "class": "ship",
-        "label": 2,
+        "label": 1,  # the index in the class list
         "score": 0.9,
         "bbox_xyxy": [10.0, 20.0, 30.0, 50.0],
         "bbox_map": [400100.0, 5299500.0, 400300.0, 5299800.0],

@@ -39,6 +39,14 @@ def at_least(low: int | float, kind: type = int) -> Callable[[str], int | float]
     return parse
 
 
+def probability(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1]."""
+    value = at_least(0.0, float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be at most 1, got {text}")
+    return value
+
+
 def first_line(err: BaseException, empty: str | None = None) -> str:
     """The first line of an error's message (``empty``, by default its type's name, when it has none)."""
     lines = str(err).strip().splitlines()

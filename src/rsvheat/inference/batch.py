@@ -312,6 +312,7 @@ def predict_scenes(
     precision: str = "fp32",
     progress: bool = True,
     timeout_hours: float = DEFAULT_TIMEOUT_HOURS,
+    score_threshold: float | None = None,
 ) -> dict:
     """Map every scene of ``scenes`` (paths, ``before|after`` pairs, globs) and ``list_file`` into ``out_dir`` with
     ``checkpoint``, spread over the processes of ``torchrun`` (or in this one), and return the summary written to
@@ -358,6 +359,8 @@ def predict_scenes(
         detection = isinstance(task, DetectionTask)
         if detection and probabilities:
             raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
+        if score_threshold is not None and not detection:
+            raise ValueError(f"{checkpoint} is a {type(task).__name__}: --score-threshold applies to detection models")
 
         def run(images, outputs):
             map_scene(
@@ -376,6 +379,7 @@ def predict_scenes(
                 progress=progress and world.size == 1,  # bars of several processes would overwrite each other
                 precision=precision,
                 checkpoint=checkpoint,
+                score_threshold=score_threshold,
             )
 
         mine = groups[world.rank]
@@ -489,6 +493,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default="fp32",
         help="fp32 (default) or bf16: bfloat16 autocast, spectral transforms kept in float32",
     )
+    parser.add_argument(
+        "--score-threshold",
+        type=arguments.probability,
+        default=None,
+        help="detection: keep boxes scoring at least this (default: the model's own, 0.05 unless trained otherwise)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="map every scene again, replacing its outputs")
     parser.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
     parser.add_argument(
@@ -520,6 +530,7 @@ def main(args: argparse.Namespace) -> None:
         precision=args.precision,
         progress=not args.quiet,
         timeout_hours=args.timeout,
+        score_threshold=args.score_threshold,
     )
     if summary["counts"]["failed"]:
         raise SystemExit(1)

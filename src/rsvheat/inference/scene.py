@@ -516,8 +516,9 @@ def check_geojson(scene: Scene) -> None:
 
 
 def _box_records(scene: Scene, detections: Mapping[str, torch.Tensor], class_names: list[str]) -> list[dict]:
-    """One dict per box: ``class``, ``label``, ``score``, the pixel box ``bbox_xyxy``, the box in the scene's grid
-    ``bbox_map`` ``[xmin, ymin, xmax, ymax]`` and its ``corners_map`` (4 points)."""
+    """One dict per box: ``class``, ``label`` (its index in ``class_names``, 0-based like every other task's labels;
+    the detector's own labels count from 1, 0 being torchvision's background), ``score``, the pixel box ``bbox_xyxy``,
+    the box in the scene's grid ``bbox_map`` ``[xmin, ymin, xmax, ymax]`` and its ``corners_map`` (4 points)."""
     records = []
     for box, label, score in zip(
         detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist(), strict=True
@@ -528,7 +529,7 @@ def _box_records(scene: Scene, detections: Mapping[str, torch.Tensor], class_nam
         records.append(
             {
                 "class": class_names[label - 1],
-                "label": label,
+                "label": label - 1,
                 "score": round(score, 4),
                 "bbox_xyxy": [round(v, 2) for v in box],
                 "bbox_map": [min(xs), min(ys), max(xs), max(ys)],

@@ -115,6 +115,7 @@ def predict_scene(
     cog: bool = True,
     progress: bool = True,
     precision: str = "fp32",
+    score_threshold: float | None = None,
 ) -> list[Path]:
     """Run a fine-tuned task over whole rasters and write georeferenced results.
 
@@ -122,7 +123,9 @@ def predict_scene(
       a class map (uint8, nodata 255); ``probabilities`` (optional) per-class probabilities (float32, nodata -1).
     * change detection: ``images`` = before, after (same grid); ``output`` 0 = unchanged, 1 = changed, 255 = nodata;
       ``probabilities`` the change probability.
-    * detection: ``images`` = one raster; ``output`` a GeoJSON of boxes (per-class NMS across tiles).
+    * detection: ``images`` = one raster; ``output`` a GeoJSON of boxes (per-class NMS across tiles);
+      ``score_threshold`` keeps the boxes scoring at least this much (default: the model's ``box_score_thresh``, lower
+      it for a young model that finds nothing).
 
     A scene whose band statistics are far from the training statistics (other units or scaling) is reported in a
     warning before the run (:meth:`Scene.check_statistics`).
@@ -152,6 +155,7 @@ def predict_scene(
         progress=progress,
         precision=precision,
         checkpoint=checkpoint,
+        score_threshold=score_threshold,
     )
 
 
@@ -171,6 +175,7 @@ def map_scene(
     progress: bool = True,
     precision: str = "fp32",
     checkpoint: str | Path | None = None,
+    score_threshold: float | None = None,
 ) -> list[Path]:
     """:func:`predict_scene` with the task already loaded (``task, meta = load_task(...)`` on ``device``), so that
     one process maps many scenes with one read of the checkpoint (:mod:`rsvheat.inference.batch`). The request is
@@ -196,6 +201,12 @@ def map_scene(
     check_output(output, overwrite, suffixes, kind)
     if detection and probabilities is not None:
         raise ValueError(f"{source} is a detection model: it writes boxes only, drop --probabilities")
+    if score_threshold is not None:
+        if not detection:
+            raise ValueError(f"{source} is a {type(task).__name__}: --score-threshold applies to detection models")
+        if not 0 <= score_threshold <= 1:
+            raise ValueError(f"--score-threshold must be in [0, 1], got {score_threshold}")
+        task.model.roi_heads.score_thresh = score_threshold  # torchvision drops boxes below it inside the detector
     inputs = _scene_inputs(task, images, bands)
     with (
         rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),
