@@ -222,3 +222,9 @@ def test_reset_classifier_and_head():
     assert model(x).shape == (2, 128)
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 128)
     assert "stages.0.freq_embed" in model.no_weight_decay()
+    model.reset_classifier(5, global_pool="")  # per-position logits, NCHW like forward_features
+    features = model.forward_features(x)
+    assert model(x).shape == (2, 5, *features.shape[-2:])
+    assert torch.allclose(
+        model(x).mean((2, 3)), model.head.fc(model.forward_head(features, pre_logits=True).mean((2, 3)))
+    )

@@ -304,7 +304,9 @@ class HeatStage(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """``LN -> global average pool -> Linear`` on ``(B, H, W, C)``."""
+    """``LN -> global average pool -> Linear`` on ``(B, H, W, C)``; without pooling (``global_pool=""``) the
+    per-position outputs come back NCHW, ``(B, num_classes or C, H, W)``, like ``forward_features`` and timm's
+    convolutional models."""
 
     def __init__(self, dim: int, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.0) -> None:
         super().__init__()
@@ -320,7 +322,8 @@ class ClassifierHead(nn.Module):
         if self.global_pool == "avg":
             x = x.mean(dim=(1, 2))
         x = self.drop(x)
-        return x if pre_logits else self.fc(x)
+        x = x if pre_logits else self.fc(x)
+        return x if self.global_pool == "avg" else x.permute(0, 3, 1, 2)
 
 
 class RSVHeat(nn.Module):
