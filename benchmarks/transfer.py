@@ -146,6 +146,8 @@ ABLATIONS = {
     "paper_low": {"views": "low_high", "reconstruct_from": "low", "temperature": 0.1},  # its decoder sees I_low only
     "recon_only": {"loss_weights": {"spa": 1.0, "fre": 1.0, "con": 0.0}},  # masked frequency modelling alone
     "con_only": {"loss_weights": {"spa": 0.0, "fre": 0.0, "con": 1.0}},  # the view contrast alone
+    # reconstruction alone, with four 3x3 decoder blocks instead of one: does the decoder take the pixel work?
+    "recon_only_deep": {"loss_weights": {"spa": 1.0, "fre": 1.0, "con": 0.0}, "decoder_depth": 4},
     "optical_only": {"sources": ["optical"]},  # no BigEarthNet S1/S2 pairs: no SAR stem, no cross-modal term
     "jitter": {"jitter": 0.4},  # the views also differ in radiometry: colour statistics no longer tell images apart
 }
@@ -567,7 +569,7 @@ def ablate(args: argparse.Namespace, state: dict) -> Path:
     results = args.out / "ablation/results.jsonl"
     for name in args.ablations:
         root = args.out / "ablation" / name
-        encoder = pretrain(args, state, root, args.ablation_steps, ABLATIONS[name], monitor_points=2)
+        encoder = pretrain(args, state, root, args.ablation_steps, ABLATIONS[name], args.ablation_monitor_points)
         for seed in args.seeds:
             done = done_units(results)
             todo = [f for f in ABLATION_FRACTIONS if any((name, seed, p, f) not in done for p in ("knn", "linear"))]
@@ -825,6 +827,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft-lr", type=float, default=5e-4)
     parser.add_argument("--ablation-steps", type=int, default=100, help="pre-training steps of each ablation")
     parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
+    parser.add_argument(
+        "--ablation-monitor-points", type=int, default=2, help="k-NN/linear monitor runs during each ablation"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every training (cpu, gpu)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed on a GPU")

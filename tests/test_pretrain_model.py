@@ -267,3 +267,16 @@ def test_tiny_model_overfits_two_images():
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_decoder_depth_adds_blocks_and_keeps_old_checkpoints_loadable():
+    shallow, deep = micro_pretrainer(), micro_pretrainer(decoder_depth=3)
+    assert not any(".deeper." in k for k in shallow.state_dict())  # depth 1 keeps the keys checkpoints hold
+    assert sum(".deeper." in k and k.endswith("0.weight") for k in deep.state_dict()) == 2
+    x = torch.randn(2, 3, 64, 64)
+    out = deep({"optical": x})
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert deep.decoder.deeper[1][0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="decoder_depth must be at least 1"):
+        micro_pretrainer(decoder_depth=0)

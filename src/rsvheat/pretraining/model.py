@@ -191,17 +191,22 @@ class ConvNormAct(nn.Sequential):
 class ReconstructionDecoder(nn.Module):
     """Stage-3 and stage-4 features -> image. ``(B, C3, H/16, W/16), (B, C4, H/32, W/32) -> (B, C_m, H, W)``."""
 
-    def __init__(self, dims: tuple[int, int], width: int, out_channels: Mapping[str, int]) -> None:
+    def __init__(self, dims: tuple[int, int], width: int, out_channels: Mapping[str, int], depth: int = 1) -> None:
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"decoder_depth must be at least 1, got {depth}")
         self.lateral3 = ConvNormAct(dims[0], width)
         self.lateral4 = ConvNormAct(dims[1], width)
         self.refine = ConvNormAct(width, width, kernel=3)
+        # MAE (He et al., CVPR 2022, Table 1a): a deeper decoder takes the pixel-level work off the encoder's last
+        # stages, which then keep more of what a linear probe reads
+        self.deeper = nn.Sequential(*(ConvNormAct(width, width, kernel=3) for _ in range(depth - 1)))
         # One pixel head per modality (band counts differ); each predicts the 16x16 pixels of a stride-16 cell.
         self.pixels = nn.ModuleDict({m: nn.Conv2d(width, c * DECODER_STRIDE**2, 1) for m, c in out_channels.items()})
 
     def forward(self, f3: torch.Tensor, f4: torch.Tensor, modality: str, size: tuple[int, int]) -> torch.Tensor:
         x = self.lateral3(f3) + F.interpolate(self.lateral4(f4), size=f3.shape[-2:], mode="bilinear")
-        x = F.pixel_shuffle(self.pixels[modality](self.refine(x)), DECODER_STRIDE)
+        x = F.pixel_shuffle(self.pixels[modality](self.deeper(self.refine(x))), DECODER_STRIDE)
         return x[..., : size[0], : size[1]]
 
 
@@ -222,7 +227,8 @@ class FrequencyPretrainer(nn.Module):
             alone). ``views="crops"`` always decodes from ``I_low``.
         crop_scale: area share range of :class:`ViewAugment`'s crops (``views="crops"``).
         jitter: strength of :class:`ViewAugment`'s radiometric jitter (``views="crops"``; 0: none).
-        decoder_width, proj_dim, temperature: decoder and contrastive head sizes, InfoNCE temperature.
+        decoder_width, decoder_depth, proj_dim, temperature: decoder width and number of 3x3 blocks, contrastive
+            head size, InfoNCE temperature.
         encoder_kwargs: more :class:`RSVHeat` arguments (e.g. ``drop_path_rate``).
     """
 
@@ -240,6 +246,7 @@ class FrequencyPretrainer(nn.Module):
         crop_scale: tuple[float, float] = (0.25, 1.0),
         jitter: float = 0.0,
         decoder_width: int = 256,
+        decoder_depth: int = 1,
         proj_dim: int = 128,
         temperature: float = 0.2,
         encoder_kwargs: Mapping | None = None,
@@ -280,7 +287,11 @@ class FrequencyPretrainer(nn.Module):
             nn.ModuleList(nn.Conv2d(2 * d, d, 1) for d in dims[-2:]) if reconstruct_from == "both" else None
         )
         reconstructs = weights["spa"] > 0 or weights["fre"] > 0
-        self.decoder = ReconstructionDecoder((dims[-2], dims[-1]), decoder_width, modalities) if reconstructs else None
+        self.decoder = (
+            ReconstructionDecoder((dims[-2], dims[-1]), decoder_width, modalities, decoder_depth)
+            if reconstructs
+            else None
+        )
         self.projector = (
             nn.Sequential(nn.Linear(dims[-1], dims[-1]), nn.GELU(), nn.Linear(dims[-1], proj_dim))
             if weights["con"]

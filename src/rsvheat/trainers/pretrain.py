@@ -38,8 +38,8 @@ class PretrainTask(pl.LightningModule):
     """Frequency-masking pre-training of an RS-vHeat encoder (see :mod:`rsvheat.pretraining.model`).
 
     Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``ratio_part``,
-        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``jitter``, ``decoder_width``, ``proj_dim``,
-        ``temperature``, ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
+        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``jitter``, ``decoder_width``,
+        ``decoder_depth``, ``proj_dim``, ``temperature``, ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
     Args (optimisation): AdamW with ``weight_decay`` (none on norms, biases, FVE and SCE) and ``betas``. ``lr`` is the
         rate at a batch of 256 images; the rate used follows the batch (:func:`scaled_lr`): ``lr_scaling="sqrt"``
         (default) multiplies it by ``sqrt(B / 256)``, ``"linear"`` by ``B / 256``, ``"none"`` uses ``lr`` as given,
@@ -67,6 +67,7 @@ class PretrainTask(pl.LightningModule):
         crop_scale: tuple[float, float] = (0.25, 1.0),
         jitter: float = 0.0,
         decoder_width: int = 256,
+        decoder_depth: int = 1,
         proj_dim: int = 128,
         temperature: float = 0.2,
         drop_path_rate: float = 0.1,
@@ -97,6 +98,7 @@ class PretrainTask(pl.LightningModule):
             crop_scale=crop_scale,
             jitter=jitter,
             decoder_width=decoder_width,
+            decoder_depth=decoder_depth,
             proj_dim=proj_dim,
             temperature=temperature,
             encoder_kwargs={"drop_path_rate": drop_path_rate, **(encoder_kwargs or {})},
