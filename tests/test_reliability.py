@@ -107,7 +107,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
 def test_score_threshold_sets_which_boxes_a_detector_keeps(files, tmp_path):
     """A young detector's boxes score low: 0 keeps every box the detector proposes, 1 none; ``label`` indexes the
     class list."""
-    from rsvheat.inference.tasks import predict_scene
+    from rsvheat.inference.tasks import load_task, predict_scene, set_score_threshold
 
     def boxes(threshold):
         out = tmp_path / f"b{threshold}.geojson"
@@ -118,6 +118,11 @@ def test_score_threshold_sets_which_boxes_a_detector_keeps(files, tmp_path):
     assert nothing == [] and len(everything) > 0
     assert {f["properties"]["label"] for f in everything} <= {0, 1}
     assert all(f["properties"]["class"] == f"c{f['properties']['label']}" for f in everything)
+    # a task loaded once (predict-scenes) goes back to its trained threshold when the next call gives none
+    task, _ = load_task(files["DET"], "cpu")
+    set_score_threshold(task, 1.0)
+    set_score_threshold(task, None)
+    assert task.model.roi_heads.score_thresh == task.hparams.box_score_thresh == 0.05
 
 
 def test_a_malicious_checkpoint_is_refused_and_never_runs(files, tmp_path, capsys, monkeypatch):

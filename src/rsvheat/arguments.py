@@ -47,6 +47,16 @@ def probability(text: str) -> float:
     return value
 
 
+def add_score_threshold(parser: argparse.ArgumentParser) -> None:
+    """``--score-threshold`` of the commands that map scenes with a detector."""
+    parser.add_argument(
+        "--score-threshold",
+        type=probability,
+        default=None,
+        help="detection: keep boxes scoring at least this (default: the model's own, 0.05 unless trained otherwise)",
+    )
+
+
 def first_line(err: BaseException, empty: str | None = None) -> str:
     """The first line of an error's message (``empty``, by default its type's name, when it has none)."""
     lines = str(err).strip().splitlines()

@@ -346,12 +346,7 @@ def _add_predict_scene(sub) -> None:
     scene.add_argument("--batch-size", type=_COUNT, default=4, help="tiles per forward pass (default 4)")
     scene.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     _add_precision(scene)
-    scene.add_argument(
-        "--score-threshold",
-        type=arguments.probability,
-        default=None,
-        help="detection: keep boxes scoring at least this (default: the model's own, 0.05 unless trained otherwise)",
-    )
+    arguments.add_score_threshold(scene)
     scene.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     scene.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
     scene.set_defaults(handler=_predict_scene)

@@ -36,7 +36,7 @@ from rsvheat import arguments
 from rsvheat.data.io import image_header
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import check_tile
-from rsvheat.inference.tasks import load_task, map_scene, resolve_device
+from rsvheat.inference.tasks import load_task, map_scene, resolve_device, set_score_threshold
 from rsvheat.models.precision import check_precision
 
 #: The summary's name in the output folder.
@@ -359,8 +359,7 @@ def predict_scenes(
         detection = isinstance(task, DetectionTask)
         if detection and probabilities:
             raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
-        if score_threshold is not None and not detection:
-            raise ValueError(f"{checkpoint} is a {type(task).__name__}: --score-threshold applies to detection models")
+        set_score_threshold(task, score_threshold, checkpoint)  # a request error: before any scene is mapped
 
         def run(images, outputs):
             map_scene(
@@ -493,12 +492,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default="fp32",
         help="fp32 (default) or bf16: bfloat16 autocast, spectral transforms kept in float32",
     )
-    parser.add_argument(
-        "--score-threshold",
-        type=arguments.probability,
-        default=None,
-        help="detection: keep boxes scoring at least this (default: the model's own, 0.05 unless trained otherwise)",
-    )
+    arguments.add_score_threshold(parser)
     parser.add_argument("--overwrite", action="store_true", help="map every scene again, replacing its outputs")
     parser.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
     parser.add_argument(

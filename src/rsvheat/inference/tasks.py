@@ -201,12 +201,7 @@ def map_scene(
     check_output(output, overwrite, suffixes, kind)
     if detection and probabilities is not None:
         raise ValueError(f"{source} is a detection model: it writes boxes only, drop --probabilities")
-    if score_threshold is not None:
-        if not detection:
-            raise ValueError(f"{source} is a {type(task).__name__}: --score-threshold applies to detection models")
-        if not 0 <= score_threshold <= 1:
-            raise ValueError(f"--score-threshold must be in [0, 1], got {score_threshold}")
-        task.model.roi_heads.score_thresh = score_threshold  # torchvision drops boxes below it inside the detector
+    set_score_threshold(task, score_threshold, source)
     inputs = _scene_inputs(task, images, bands)
     with (
         rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),
@@ -236,6 +231,22 @@ def map_scene(
         predict = _at_precision(predict, precision, device)
         strips = dense_strips(scene, predict, outputs, tile, overlap, batch_size, device, progress)
         return write_dense(scene, strips, targets, overwrite=overwrite, cog=cog, progress=progress)
+
+
+def set_score_threshold(task, score_threshold: float | None, source: str | Path = "the model") -> None:
+    """Make a detection ``task`` keep the boxes scoring at least ``score_threshold`` (``None``: its trained
+    ``box_score_thresh``; set on every call, so an earlier call's value never lingers). Other tasks take ``None``
+    only."""
+    from rsvheat.trainers import DetectionTask
+
+    if not isinstance(task, DetectionTask):
+        if score_threshold is not None:
+            raise ValueError(f"{source} is a {type(task).__name__}: --score-threshold applies to detection models")
+        return
+    if score_threshold is not None and not 0 <= score_threshold <= 1:
+        raise ValueError(f"--score-threshold must be in [0, 1], got {score_threshold}")
+    # torchvision drops the boxes below it inside the detector
+    task.model.roi_heads.score_thresh = task.hparams.box_score_thresh if score_threshold is None else score_threshold
 
 
 def _at_precision(predict, precision: str, device: torch.device):
