@@ -45,9 +45,16 @@ def test_config_carries_each_stems_bands_statistics_and_size_and_timm_rebuilds_t
             torch.testing.assert_close(loaded(x, name), model(x, name), rtol=0, atol=0)
     data = timm.data.resolve_data_config(model=loaded)
     assert tuple(data["mean"]) == tuple(S2["mean"]) and tuple(data["input_size"]) == (4, 64, 64)
+    # remote-sensing tiles: resized bilinearly, never centre-cropped (timm's ImageNet defaults are bicubic, 0.875)
+    assert (data["interpolation"], data["crop_pct"]) == ("bilinear", 1.0)
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\ntags:\n- image-feature-extraction") and "license: other" in card
+    assert "# Model card for rsvheat_tiny" in card and "2411.17984" in card
+    assert f"{S2['mean']}" in card and "s2: 4 bands" in card  # every stem's bands and statistics
 
-    # saved again without arguments: the model carries its stems' description
-    again = rsvheat.save_pretrained(loaded, tmp_path / "again")
+    # saved again without arguments: the model carries its stems' description; a card entry given is used
+    again = rsvheat.save_pretrained(loaded, tmp_path / "again", model_card={"license": "cc-by-4.0"})
+    assert "license: cc-by-4.0" in (again / "README.md").read_text()
     assert json.loads((again / "config.json").read_text())["model_args"]["modality_cfg"] == stems
     # and as a dense backbone
     features = timm.create_model(f"local-dir:{folder}", pretrained=True, features_only=True)

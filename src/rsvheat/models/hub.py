@@ -20,13 +20,26 @@ from pathlib import Path
 from typing import Any
 
 from timm.models import resolve_pretrained_cfg, save_for_hf
+from timm.models._hub import generate_readme
 from torch import nn
 
+from rsvheat.files import write_atomic
 from rsvheat.models.rsvheat import VARIANTS, RSVHeat
 
 __all__ = ["modality_config", "save_pretrained"]
 
 _MODALITY_KEYS = ("bands", "mean", "std", "img_size")
+
+#: How rsvheat's remote-sensing models are fed: whole tiles resized bilinearly, never centre-cropped. (timm's defaults,
+#: kept for the official ImageNet vHeat weights, are a bicubic resize and a 0.875 centre crop.)
+REMOTE_SENSING_DATA = {"crop_pct": 1.0, "interpolation": "bilinear"}
+
+CITATIONS = (
+    "@misc{hu2025rsvheat,\n  title={RS-vHeat: Heat Conduction Guided Efficient Remote Sensing Foundation Model},\n"
+    "  author={Hu and others},\n  note={ICCV 2025},\n  eprint={2411.17984},\n  archivePrefix={arXiv}\n}",
+    "@misc{wang2025vheat,\n  title={vHeat: Building Vision Models upon Heat Conduction},\n"
+    "  author={Wang and others},\n  note={CVPR 2025},\n  eprint={2405.16555},\n  archivePrefix={arXiv}\n}",
+)
 
 
 def _backbone(model: nn.Module) -> RSVHeat:
@@ -101,6 +114,7 @@ def save_pretrained(
     folder: str | os.PathLike,
     modality_cfg: Mapping[str, Mapping[str, Any]] | None = None,
     safe_serialization: bool | str = True,
+    model_card: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` into ``folder`` with timm's ``save_for_hf``: ``config.json`` plus ``model.safetensors``
     (``safe_serialization="both"`` adds ``pytorch_model.bin``), so that ``timm.create_model("local-dir:<folder>",
@@ -108,7 +122,14 @@ def save_pretrained(
 
     ``modality_cfg``: per stem, any of ``bands`` (names, e.g. ``["B2", "B3", "B4", "B8"]``; default 1..N), ``mean``,
     ``std`` (one value per band, in the units the model is fed) and ``img_size`` (default: the model's); see
-    :func:`modality_config` for the defaults and what is refused. Returns the folder.
+    :func:`modality_config` for the defaults and what is refused.
+
+    ``README.md`` is the model card (Hugging Face's format, written by timm's ``generate_readme``): the architecture,
+    size, every stem's bands and statistics, usage and the papers. ``model_card`` adds to it or replaces its entries
+    (timm's keys: ``description``, ``details``, ``license``, ``tags``, ``citation``, ...); give ``license`` for weights
+    you publish (the card says ``other`` until you do). RS-vHeat variants are written with remote-sensing data
+    defaults (:data:`REMOTE_SENSING_DATA`: bilinear, no centre crop); vHeat variants keep their ImageNet ones.
+    Returns the folder.
     """
     backbone = _backbone(model)
     modalities = modality_config(model, modality_cfg)
@@ -128,6 +149,8 @@ def save_pretrained(
         pool_size=None,
         first_conv=None,
     )
+    if backbone.use_sce:  # an RS-vHeat model: remote-sensing tiles, not ImageNet photographs
+        pretrained_cfg.update(REMOTE_SENSING_DATA)
     model_args = {k: v for k, v in backbone.arch_config.items() if k not in ("drop_rate", "drop_path_rate")}
     model_args["modality_cfg"] = modalities
     missing = object()
@@ -140,4 +163,42 @@ def save_pretrained(
             del backbone.pretrained_cfg
         else:
             backbone.pretrained_cfg = previous
+    card = _model_card(backbone, architecture, modalities, model_card)
+    write_atomic(Path(folder) / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
     return Path(folder)
+
+
+def _model_card(
+    backbone: RSVHeat, architecture: str, modalities: dict[str, dict[str, Any]], given: Mapping[str, Any] | None
+) -> str:
+    """The README of a saved folder: what :func:`save_pretrained` knows of the model, then ``given`` on top."""
+    params = sum(p.numel() for p in backbone.parameters()) / 1e6
+    stems = {
+        name: f"{len(cfg['bands'])} bands {cfg['bands']}, mean {cfg['mean']}, std {cfg['std']}, {cfg['img_size']} px"
+        for name, cfg in modalities.items()
+    }
+    card: dict[str, Any] = {
+        "tags": ["image-feature-extraction", "timm", "rsvheat", "remote-sensing"],
+        "library_name": "timm",
+        "license": "other",
+        "description": f"{architecture}: an RS-vHeat/vHeat heat-conduction backbone written by rsvheat.",
+        "details": {
+            "Model Type": "Image feature backbone (remote sensing)",
+            "Architecture": f"{architecture}, depths {list(backbone.depths)}, dims {list(backbone.dims)}",
+            "Params (M)": f"{params:.2f}",
+            "Stems": stems,
+            "Papers": [
+                "RS-vHeat, Hu et al., ICCV 2025: https://arxiv.org/abs/2411.17984",
+                "vHeat, Wang et al., CVPR 2025: https://arxiv.org/abs/2405.16555",
+            ],
+        },
+        "usage": (
+            "```python\nimport rsvheat, timm\n\n"
+            'model = timm.create_model("local-dir:<this folder>", pretrained=True)  # or "hf-hub:<user>/<repo>"\n'
+            "```\nNormalise each stem's input with its mean/std above; `model.modality_cfg` carries them.\n"
+        ),
+        "citation": list(CITATIONS),
+    }
+    for key, value in (given or {}).items():
+        card[key] = {**card["details"], **value} if key == "details" and isinstance(value, Mapping) else value
+    return generate_readme(card, architecture, task_name="image-feature-extraction")
