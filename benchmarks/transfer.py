@@ -150,6 +150,11 @@ ABLATIONS = {
     "recon_only_deep": {"loss_weights": {"spa": 1.0, "fre": 1.0, "con": 0.0}, "decoder_depth": 4},
     "optical_only": {"sources": ["optical"]},  # no BigEarthNet S1/S2 pairs: no SAR stem, no cross-modal term
     "jitter": {"jitter": 0.4},  # the views also differ in radiometry: colour statistics no longer tell images apart
+    # SimCLR's views (small crops, colour distortion) with the view contrast alone
+    "con_strong": {"loss_weights": {"spa": 0.0, "fre": 0.0, "con": 1.0}, "jitter": 0.4, "crop_scale": [0.08, 1.0]},
+    # the former default rate, 1e-3 at 256: does the early peak of the monitor follow the rate?
+    "lr_1e-3": {"lr": 1e-3},
+    "con_only_lr_1e-3": {"loss_weights": {"spa": 0.0, "fre": 0.0, "con": 1.0}, "lr": 1e-3},
 }
 
 
@@ -164,7 +169,9 @@ def pretrain(
     """The pre-trained encoder (``root/encoder.safetensors``, default ``out/pretrain``), trained or resumed if not
     there yet. ``steps`` and ``overrides`` (model options, or ``sources``) are the ablations' variations; the monitor
     runs ``monitor_points`` times."""
-    root = root or args.out / "pretrain"
+    method = None
+    if root is None:  # the main run: the chosen --method
+        root, overrides, method = args.out / "pretrain", ABLATIONS[args.method], args.method
     overrides = dict(overrides or {})
     encoder = root / "encoder.safetensors"
     if encoder.is_file():
@@ -198,7 +205,7 @@ def pretrain(
             # 15 % for data loading, logging, checkpoints and the monitor
             steps = max(10, int(args.pretrain_minutes * 60 / (seconds * 1.15)))
             seconds = round(seconds, 3)
-        plan = {"steps": steps, "step_seconds": seconds, "sources": sources, "modalities": modalities}
+        plan = {"steps": steps, "step_seconds": seconds, "sources": sources, "modalities": modalities, "method": method}
         plan_file.write_text(json.dumps(plan, indent=1))
     log(f"pre-training {root.name}: {plan['steps']} steps (measured s/step: {plan['step_seconds']}), {plan['sources']}")
     data = {
@@ -276,7 +283,7 @@ def record(path: Path, row: dict) -> None:
 
 
 def build_encoder(args: argparse.Namespace, weights: Path | None, seed: int):
-    from rsvheat.trainers.base import build_backbone
+    from rsvheat.models.contract import build_backbone
 
     torch.manual_seed(seed)  # random init: the seed draws the weights
     return build_backbone(
@@ -641,6 +648,8 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
                     w.writerow([c["protocol"], c["fraction"], init, n, f"{m:.4f}", f"{s:.4f}"])
     plan_file = args.out / "pretrain/plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+    method = plan.get("method") or args.method
+    recipe = json.dumps(ABLATIONS[method]) if ABLATIONS[method] else "the trainer's defaults"
     expected = len(args.seeds) * 2 * len(PROTOCOLS) * len(args.fractions)
     units = [u for u in units if u["protocol"] in PROTOCOLS]  # the main table's (diagnosis rows apart)
     device = "cuda" if args.accelerator in ("gpu", "cuda") else "cpu"
@@ -650,7 +659,8 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
         f"Date {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {machine_description(device, [args.precision])}.",
         f"Status: {len(units)} of {expected} units measured" + (" (**partial**)." if len(units) < expected else "."),
         "",
-        f"Pre-training: {args.variant}, {plan.get('steps', '?')} steps of {args.crop}² crops, batch "
+        f"Pre-training: {args.variant}, method `{method}` ({recipe}), "
+        f"{plan.get('steps', '?')} steps of {args.crop}² crops, batch "
         f"{args.pretrain_batch} per source ({', '.join(plan.get('sources', []))}), lr {args.pretrain_lr}, budget "
         f"{args.pretrain_minutes} min (its last session took {plan.get('minutes_last_session', '?')} min, monitor "
         "included; a run resumed over sessions took longer in all). "
@@ -807,7 +817,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="instead of the time budget")
     parser.add_argument("--pretrain-batch", type=int, default=12)
     parser.add_argument(
-        "--pretrain-lr", type=float, default=1e-3, help="model.lr: the rate at batch 256 (square-root rule)"
+        "--pretrain-lr", type=float, default=2.5e-4, help="model.lr: the rate at batch 256 (square-root rule)"
     )
     parser.add_argument(
         "--sources",
@@ -825,6 +835,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft-steps", type=int, default=150)
     parser.add_argument("--ft-batch", type=int, default=32)
     parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--method", choices=list(ABLATIONS), default="default", help="the pre-training of the main run (an ablation's)"
+    )
     parser.add_argument("--ablation-steps", type=int, default=100, help="pre-training steps of each ablation")
     parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS))
     parser.add_argument(

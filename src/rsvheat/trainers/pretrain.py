@@ -71,7 +71,7 @@ class PretrainTask(pl.LightningModule):
         proj_dim: int = 128,
         temperature: float = 0.2,
         drop_path_rate: float = 0.1,
-        lr: float = 1e-3,
+        lr: float = 2.5e-4,
         lr_scaling: str = "sqrt",
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
