@@ -1,9 +1,11 @@
 """The house rules CI checks: the package keeps its layering (``lint-imports`` checks the contracts of pyproject.toml
 ``[tool.importlinter]``: lower layers never import higher ones, lazy imports included; no import cycles inside a
-package), and the code passes ``ruff check`` and ``ruff format --check`` with the configuration of pyproject.toml."""
+package), the code passes ``ruff check`` and ``ruff format --check``, and ``mypy`` finds no type error in the modules
+pyproject.toml's ``[tool.mypy]`` checks."""
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,3 +25,13 @@ def test_ruff_lint_and_format():
     for args in (["check", "--no-cache", *paths], ["format", "--check", "--no-cache", *paths]):
         result = subprocess.run([str(ruff), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_type_check():
+    mypy = Path(sys.executable).with_name("mypy")
+    # the cache goes to a temporary folder: nothing written into the shared work tree
+    with tempfile.TemporaryDirectory() as cache:
+        result = subprocess.run(
+            [str(mypy), "--cache-dir", cache], cwd=ROOT, capture_output=True, text=True, timeout=900
+        )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -9,8 +9,8 @@ import torch
 import rsvheat
 from rsvheat.cli import main
 from rsvheat.models.checkpoint import CheckpointError
+from rsvheat.models.contract import build_backbone
 from rsvheat.trainers import ClassificationTask
-from rsvheat.trainers.base import build_backbone
 from tests.rasters import ramp, write
 from tests.test_checkpoint import _official_file
 

@@ -92,7 +92,7 @@ def test_cog_conversion_shows_a_bar_weighted_by_pixels(monkeypatch, tmp_path):
             None,
             class_legend(["a", "b"]),
         ),
-        (tmp_path / "probs.tif", lambda v: v, 3, "float32", -1.0, ["r", "g", "b"]),
+        (tmp_path / "probs.tif", lambda v: v, 3, "float32", -1.0, ["r", "g", "b"], None),
     ]
     with scene_of(path) as scene:
         write_dense(scene, dense_strips(scene, identity, 3, 64, 16, progress=False), targets)

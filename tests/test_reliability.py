@@ -122,7 +122,7 @@ def test_score_threshold_sets_which_boxes_a_detector_keeps(files, tmp_path):
     task, _ = load_task(files["DET"], "cpu")
     set_score_threshold(task, 1.0)
     set_score_threshold(task, None)
-    assert task.model.roi_heads.score_thresh == task.hparams.box_score_thresh == 0.05
+    assert task.model.roi_heads.score_thresh == task.hparams["box_score_thresh"] == 0.05
 
 
 def test_a_malicious_checkpoint_is_refused_and_never_runs(files, tmp_path, capsys, monkeypatch):

@@ -162,7 +162,7 @@ def test_map_keeps_georeference_nodata_and_is_a_cog(tmp_path):
         strips = dense_strips(scene, lambda b: identity(b) / 300, 3, 128, 32, 2, progress=False)
         targets = [
             (out, lambda v: (v[:1] > 0.5).astype(np.uint8), 1, "uint8", 255, None, class_legend(["sea", "land"])),
-            (probs, lambda v: v, 3, "float32", -1.0, ["r", "g", "b"]),
+            (probs, lambda v: v, 3, "float32", -1.0, ["r", "g", "b"], None),
         ]
         write_dense(scene, strips, targets)
     with rasterio.open(path) as src, rasterio.open(out) as pred, rasterio.open(probs) as p:
@@ -189,7 +189,7 @@ def test_refuses_existing_output_and_leaves_nothing_after_a_full_disk(tmp_path, 
     path = write(tmp_path / "s.tif", ramp(3, 100, 100, np.uint8))
     out = tmp_path / "map.tif"
     out.write_bytes(b"keep me")
-    target = [(out, lambda v: v[:1], 1, "uint8", 255, None)]
+    target = [(out, lambda v: v[:1], 1, "uint8", 255, None, None)]
     with scene_of(path) as scene, pytest.raises(FileExistsError, match=r"map\.tif exists \(pass --overwrite"):
         write_dense(scene, dense_strips(scene, identity, 3, 64, 16, progress=False), target)
     assert out.read_bytes() == b"keep me"
@@ -220,8 +220,8 @@ def test_outputs_appear_together_and_replace_old_ones_together(tmp_path, monkeyp
 
     def run(**kwargs):
         targets = [
-            (classes, lambda v: (v[:1] > 100).astype(np.uint8), 1, "uint8", 255, None),
-            (probs, lambda v: v / 255, 3, "float32", -1.0, None),
+            (classes, lambda v: (v[:1] > 100).astype(np.uint8), 1, "uint8", 255, None, None),
+            (probs, lambda v: v / 255, 3, "float32", -1.0, None, None),
         ]
         with scene_of(path) as scene:
             return write_dense(scene, dense_strips(scene, identity, 3, 64, 16, progress=False), targets, **kwargs)
@@ -322,7 +322,7 @@ def test_not_georeferenced_scene_warns_and_writes_without_crs(tmp_path):
     with scene, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         strips = dense_strips(scene, identity, 3, 64, 16, progress=False)
-        (out,) = write_dense(scene, strips, [(tmp_path / "m.tif", lambda v: v[:1], 1, "uint8", 255, None)])
+        (out,) = write_dense(scene, strips, [(tmp_path / "m.tif", lambda v: v[:1], 1, "uint8", 255, None, None)])
         with rasterio.open(out) as pred:
             assert pred.crs is None and pred.shape == (80, 70) and pred.transform.is_identity
 
@@ -336,7 +336,7 @@ def test_scene_without_crs_keeps_its_transform(tmp_path):
     with scene, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         strips = dense_strips(scene, identity, 3, 64, 16, progress=False)
-        (out,) = write_dense(scene, strips, [(tmp_path / "m.tif", lambda v: v[:1], 1, "uint8", 255, None)])
+        (out,) = write_dense(scene, strips, [(tmp_path / "m.tif", lambda v: v[:1], 1, "uint8", 255, None, None)])
         # GeoJSON holds longitude/latitude, which a grid without CRS cannot give: refused, plain JSON instead
         with pytest.raises(ValueError, match=r"local\.tif has no CRS.*name the output \.json"):
             write_geojson(scene, boxes, ["thing"], tmp_path / "b.geojson")

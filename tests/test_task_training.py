@@ -26,9 +26,9 @@ from rsvheat.datamodules import (
     DetectionDataModule,
     SegmentationDataModule,
 )
+from rsvheat.models.contract import build_backbone
 from rsvheat.models.tasks import faster_rcnn
 from rsvheat.trainers import ChangeDetectionTask, ClassificationTask, DetectionTask, SegmentationTask
-from rsvheat.trainers.base import build_backbone
 from rsvheat.trainers.cli import task_cli
 
 MICRO = {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}

@@ -14,6 +14,10 @@ import sys
 
 __version__ = "0.1.0"
 
+#: The backbone's total downsampling (four stages at strides 4, 8, 16, 32): its output stride and the smallest image
+#: side it takes. Here, where the command line reads it without loading torch.
+STRIDE = 32
+
 #: Public name -> the module that defines it (imported on first access).
 _EXPORTS = {
     "VARIANTS": "rsvheat.models",

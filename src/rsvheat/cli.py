@@ -15,7 +15,7 @@ import copy
 import sys
 from pathlib import Path
 
-from rsvheat import arguments
+from rsvheat import STRIDE, arguments
 
 TASK_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -85,8 +85,8 @@ def _explain(args: argparse.Namespace) -> None:
     print(f"heat maps written to {args.out} ({len(written)} figures; overview: {written['summary']})")
 
 
-#: Image sizes: the backbone downsamples by 32.
-_SIZE = arguments.at_least(32)
+#: Image sizes: at least the backbone's stride.
+_SIZE = arguments.at_least(STRIDE)
 _COUNT = arguments.at_least(1)
 #: Weight names besides paths (rsvheat.models.weights.NAMED_WEIGHTS, spelled here so that --help imports no torch).
 _NAMES = "vheat_tiny, vheat_small, vheat_base (official vHeat ImageNet-1k, downloaded once)"

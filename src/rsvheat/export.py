@@ -252,22 +252,19 @@ def export_checkpoint(
         raise ValueError(f"--size takes H or H W, each at least {MIN_TILE} px, got {list(size)}")
     height, width = (size[0], size[0]) if len(size) == 1 else size[:2]
     if checkpoint is not None:
-        from rsvheat.inference.tasks import load_task
-        from rsvheat.trainers import ChangeDetectionTask, DetectionTask
+        from rsvheat.models.contract import load_task
 
         task, meta = load_task(checkpoint)
         if len(task.modalities) != 1:
             raise ValueError(f"export takes single-stem models; this one fuses {list(task.modalities)}")
         channels = next(iter(task.modalities.values()))
-        if isinstance(task, DetectionTask):
-            raise ValueError(
-                f"export does not handle {type(task).__name__} (Faster R-CNN: use torchvision's detection export)"
-            )
+        if task.spec.export is None:
+            raise ValueError(f"export does not handle {task.name} (Faster R-CNN: use torchvision's detection export)")
         model = task.model  # every task's network: the classifier, the segmenter, the siamese change model
-        kind, count = ("change", 2) if isinstance(task, ChangeDetectionTask) else ("single", 1)
+        kind = task.spec.export
         modality, stats = next(iter(task.modalities)), meta.get("stats") or {}
         metadata = {
-            "model": f"{type(task).__name__}({task.hparams.get('backbone')})",
+            "model": f"{task.name}({task.hparams.get('backbone')})",
             "checkpoint": Path(checkpoint).name,
             "bands": channels,
             "modality": modality,
@@ -284,7 +281,7 @@ def export_checkpoint(
             from rsvheat.models.weights import load_weights
 
             load_weights(model, weights)
-        model, kind, count = _Features(model), "single", 1
+        model, kind = _Features(model), "single"
         # a bare backbone's file holds no training statistics: say so rather than leave a reader guessing
         metadata = {
             "model": variant,
@@ -296,7 +293,7 @@ def export_checkpoint(
         }
         output_name = "features"
     metadata.update(input_size=[height, width], inputs=input_names(kind), output=output_name)
-    inputs = [torch.randn(1, channels, height, width) for _ in range(count)]
+    inputs = [torch.randn(1, channels, height, width) for _ in input_names(kind)]
     return export_model(
         model,
         out,

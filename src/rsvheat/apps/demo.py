@@ -501,9 +501,10 @@ def run_demo(
     from rsvheat.data.io import image_header
 
     started = time.perf_counter()
-    if min(pretrain_steps, epochs) < 1 or bench_size < 32:
+    if min(pretrain_steps, epochs) < 1 or bench_size < rsvheat.STRIDE:
         raise ValueError(
-            f"pretrain_steps and epochs must be >= 1 and bench_size >= 32, got {pretrain_steps}, {epochs}, {bench_size}"
+            f"pretrain_steps and epochs must be >= 1 and bench_size >= {rsvheat.STRIDE}, "
+            f"got {pretrain_steps}, {epochs}, {bench_size}"
         )
     if train_root is not None and num_classes is None:
         raise ValueError("--train-root needs --num-classes")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rsvheat import arguments
+from rsvheat import STRIDE, arguments
 from rsvheat.data.io import image_header
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import check_tile
@@ -354,9 +354,7 @@ def predict_scenes(
         problems = [p for p in world.gather(problem) if p]
         if problems:
             raise ValueError(problems[0])
-        from rsvheat.trainers import DetectionTask
-
-        detection = isinstance(task, DetectionTask)
+        detection = task.spec.output == "boxes"
         if detection and probabilities:
             raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
         set_score_threshold(task, score_threshold, checkpoint)  # a request error: before any scene is mapped
@@ -474,7 +472,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--bands", type=arguments.bands, nargs="+", default=None, help="1-based bands per raster of a scene, e.g. 3,2,1"
     )
-    parser.add_argument("--tile", type=arguments.at_least(32), default=512, help="tile size in pixels (default 512)")
+    parser.add_argument(
+        "--tile", type=arguments.at_least(STRIDE), default=512, help="tile size in pixels (default 512)"
+    )
     parser.add_argument(
         "--overlap", type=arguments.at_least(0), default=None, help="overlap between tiles (default tile / 4)"
     )

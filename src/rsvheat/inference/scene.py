@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 import torch
 
+from rsvheat import STRIDE
 from rsvheat.data.io import ImageReadError, check_band_selection, open_raster, quiet_georeferencing
 from rsvheat.files import refuse_existing, staged_outputs, write_atomic
 from rsvheat.models.sliding import blend_weights, window_grid
@@ -32,8 +33,8 @@ from rsvheat.progress import bar as progress_bar
 #: partly written output blocks pile up; the strips are written in order, so a small cache costs nothing.
 GDAL_CACHE_MB = 128
 
-#: Smallest tile the backbone accepts: its four stages downsample by 32 in total.
-MIN_TILE = 32
+#: Smallest tile the backbone accepts: its four stages downsample by ``STRIDE`` in total.
+MIN_TILE = STRIDE
 
 
 @dataclass(frozen=True)
@@ -317,12 +318,12 @@ def _has_driver(name: str) -> bool:
         return name in env.drivers()
 
 
-#: One map written from the blended values: ``(path, encode(values) -> (bands, rows, W), bands, dtype, nodata,
-#: band descriptions or None[, legend])``; the optional ``legend`` (:data:`Legend`) marks a class map.
-MapTarget = tuple[Path, Callable[[np.ndarray], np.ndarray], int, str, float, "list[str] | None"]
-
 #: A class map's legend: ``(class name, (r, g, b))`` of class ids 0, 1, ... in order.
 Legend = list[tuple[str, tuple[int, int, int]]]
+
+#: One map written from the blended values: ``(path, encode(values) -> (bands, rows, W), bands, dtype, nodata,
+#: band descriptions or None, legend or None)``; a ``legend`` (:data:`Legend`) marks a class map.
+MapTarget = tuple[Path, Callable[[np.ndarray], np.ndarray], int, str, float, list[str] | None, Legend | None]
 
 #: Colours of class ids 0..19 (matplotlib's qualitative "tab20", in an order that keeps neighbours distinct); later
 #: ids repeat them.
@@ -410,7 +411,7 @@ def write_dense(
             for dst, target in zip(outs, targets, strict=True):
                 for i, name in enumerate(target[5] or [], start=1):
                     dst.set_band_description(i, name)
-                if len(target) > 6 and target[6]:
+                if target[6]:
                     write_legend(dst, target[6], target[4])
         if convert:
             from rasterio.shutil import copy as raster_copy

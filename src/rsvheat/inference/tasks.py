@@ -1,7 +1,8 @@
 """Fine-tuned task checkpoints applied to whole scenes: ``rsvheat predict-scene``.
 
 A checkpoint written by ``rsvheat fit`` carries what inference needs besides the weights (``checkpoint["rsvheat"]``):
-the task class, the per-band normalisation statistics of its training data, and the class names.
+the task and its spec, the per-band normalisation statistics of its training data, and the class names. The task's
+spec (:mod:`rsvheat.models.contract`) says which rasters it reads and what it writes; no Lightning is imported.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rsvheat.files import check_output, refuse_existing, refuse_inputs_as_output
 from rsvheat.inference.scene import (
     GDAL_CACHE_MB,
     Input,
+    MapTarget,
     Scene,
     check_geojson,
     check_tile,
@@ -27,53 +29,8 @@ from rsvheat.inference.scene import (
     write_dense,
     write_geojson,
 )
-from rsvheat.models.checkpoint import CheckpointError, read_torch_file
+from rsvheat.models.contract import ServedTask, load_task
 from rsvheat.models.precision import autocast, check_precision, low_precision_weights
-
-
-def _task_classes() -> dict:
-    from rsvheat.trainers import (
-        ChangeDetectionTask,
-        ClassificationTask,
-        DetectionTask,
-        MultiLabelClassificationTask,
-        SegmentationTask,
-    )
-
-    tasks = (ClassificationTask, MultiLabelClassificationTask, SegmentationTask, ChangeDetectionTask, DetectionTask)
-    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in tasks}
-
-
-def load_task(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """The task module of ``checkpoint`` in eval mode on ``device``, and its ``rsvheat`` metadata (task, stats,
-    classes). The backbone is rebuilt from the stored hyper-parameters, without reading the original ``weights``.
-
-    The file is untrusted: it is read with ``weights_only=True`` (tensors and plain data, never code), its task must
-    be one of rsvheat's task classes (no module named by the file is imported), and anything that does not fit raises
-    :class:`CheckpointError` naming the file."""
-    path = Path(checkpoint)
-    ckpt = read_torch_file(path)
-    meta = ckpt.get("rsvheat") if isinstance(ckpt, dict) else None
-    if not isinstance(meta, dict) or not meta.get("stats"):
-        raise CheckpointError(
-            f"{path} is not a task checkpoint of `rsvheat fit` with normalisation statistics (no 'rsvheat' entry)"
-        )
-    classes = _task_classes()
-    cls = classes.get(meta.get("task"))
-    if cls is None:
-        raise CheckpointError(f"{path}: unknown task {meta.get('task')!r} (rsvheat's tasks: {', '.join(classes)})")
-    hparams = ckpt.get("hyper_parameters")
-    if not isinstance(hparams, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"{path}: no hyper_parameters / state_dict in the checkpoint")
-    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    hparams["weights"] = None  # the state dict below holds the fine-tuned weights
-    try:
-        task = cls(**hparams)
-        task.load_state_dict(ckpt["state_dict"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path} does not rebuild a {cls.__name__}: {str(err).splitlines()[0]}") from err
-    return task.eval().to(device), meta
-
 
 #: Output names by format: the model decides the format, the name must agree.
 TIFF, GEOJSON = (".tif", ".tiff"), (".geojson", ".json")
@@ -133,23 +90,23 @@ def predict_scene(
     ``precision``: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the model's forward passes on ``device``, spectral
     transforms in float32; :mod:`rsvheat.models.precision`). Probabilities are written as float32 either way.
     """
-    images = [Path(p) for p in images]
-    bands = list(bands) if bands is not None else [None] * len(images)
+    paths = [Path(p) for p in images]
+    band_lists = list(bands) if bands is not None else [None] * len(paths)
     check_precision(precision)
-    _check_request(checkpoint, images, bands, output, probabilities, tile, overlap, batch_size, overwrite)
-    device = resolve_device(device)
-    task, meta = load_task(checkpoint, device)
+    _check_request(checkpoint, paths, band_lists, output, probabilities, tile, overlap, batch_size, overwrite)
+    target = resolve_device(device)
+    task, meta = load_task(checkpoint, target)
     return map_scene(
         task,
         meta,
-        images,
+        paths,
         output,
         probabilities,
-        bands,
+        band_lists,
         tile,
         overlap,
         batch_size,
-        device,
+        target,
         overwrite=overwrite,
         cog=cog,
         progress=progress,
@@ -160,7 +117,7 @@ def predict_scene(
 
 
 def map_scene(
-    task,
+    task: ServedTask,
     meta: dict,
     images: Sequence[str | Path],
     output: str | Path,
@@ -183,26 +140,24 @@ def map_scene(
     accepted as an output."""
     import rasterio
 
-    from rsvheat.trainers import DetectionTask
-
-    images = [Path(p) for p in images]
-    bands = list(bands) if bands is not None else [None] * len(images)
+    paths = [Path(p) for p in images]
+    band_lists = list(bands) if bands is not None else [None] * len(paths)
     check_precision(precision)
     # cheap (headers only), and the rasters of a batch are not checked before its first scene starts
-    _check_request(checkpoint, images, bands, output, probabilities, tile, overlap, batch_size, overwrite)
+    _check_request(checkpoint, paths, band_lists, output, probabilities, tile, overlap, batch_size, overwrite)
     device = torch.device(device)
     source = checkpoint if checkpoint is not None else "the model"
-    detection = isinstance(task, DetectionTask)
+    detection = task.spec.output == "boxes"
+    if not detection and task.spec.dense is None:
+        raise ValueError(f"{source} is a {task.name}: predict-scene maps segmentation, change and detection models")
     suffixes, kind = (
-        (GEOJSON, "boxes (GeoJSON, or JSON in pixels)")
-        if detection
-        else (TIFF, f"the {type(task).__name__} map (a GeoTIFF)")
+        (GEOJSON, "boxes (GeoJSON, or JSON in pixels)") if detection else (TIFF, f"the {task.name} map (a GeoTIFF)")
     )
     check_output(output, overwrite, suffixes, kind)
     if detection and probabilities is not None:
         raise ValueError(f"{source} is a detection model: it writes boxes only, drop --probabilities")
     set_score_threshold(task, score_threshold, source)
-    inputs = _scene_inputs(task, images, bands)
+    inputs = _scene_inputs(task, paths, band_lists)
     with (
         rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),
         Scene(inputs, task.modalities, meta["stats"]) as scene,
@@ -225,28 +180,27 @@ def map_scene(
             write = write_geojson if geojson else write_box_json
             return [write(scene, found, list(meta["classes"]), output, overwrite)]
         predict, outputs, names, encode, legend = _dense_head(task, meta)
-        targets = [(Path(output), encode, 1, "uint8", 255, None, legend)]
+        targets: list[MapTarget] = [(Path(output), encode, 1, "uint8", 255, None, legend)]
         if probabilities is not None:
-            targets.append((Path(probabilities), lambda v: v, outputs, "float32", -1.0, names))
+            targets.append((Path(probabilities), lambda v: v, outputs, "float32", -1.0, names, None))
         predict = _at_precision(predict, precision, device)
         strips = dense_strips(scene, predict, outputs, tile, overlap, batch_size, device, progress)
         return write_dense(scene, strips, targets, overwrite=overwrite, cog=cog, progress=progress)
 
 
-def set_score_threshold(task, score_threshold: float | None, source: str | Path = "the model") -> None:
+def set_score_threshold(task: ServedTask, score_threshold: float | None, source: str | Path = "the model") -> None:
     """Make a detection ``task`` keep the boxes scoring at least ``score_threshold`` (``None``: its trained
     ``box_score_thresh``; set on every call, so an earlier call's value never lingers). Other tasks take ``None``
     only."""
-    from rsvheat.trainers import DetectionTask
-
-    if not isinstance(task, DetectionTask):
+    if task.spec.output != "boxes":
         if score_threshold is not None:
-            raise ValueError(f"{source} is a {type(task).__name__}: --score-threshold applies to detection models")
+            raise ValueError(f"{source} is a {task.name}: --score-threshold applies to detection models")
         return
     if score_threshold is not None and not 0 <= score_threshold <= 1:
         raise ValueError(f"--score-threshold must be in [0, 1], got {score_threshold}")
     # torchvision drops the boxes below it inside the detector
-    task.model.roi_heads.score_thresh = task.hparams.box_score_thresh if score_threshold is None else score_threshold
+    trained = task.hparams["box_score_thresh"]
+    task.model.roi_heads.score_thresh = trained if score_threshold is None else score_threshold  # type: ignore[union-attr]
 
 
 def _at_precision(predict, precision: str, device: torch.device):
@@ -281,52 +235,39 @@ def _check_request(checkpoint, images, bands, output, probabilities, tile, overl
         image_header(image)
 
 
-def _scene_inputs(task, images: list[Path], bands: list) -> dict[str, Input]:
-    """``{role: Input}`` of the rasters a task reads: one per stem (segmentation), ``before``/``after`` (change
-    detection), one (detection)."""
-    from rsvheat.trainers import ChangeDetectionTask, SegmentationTask
-
-    only = next(iter(task.modalities))
-    if isinstance(task, SegmentationTask):
-        roles = {name: name for name in task.modalities}
-    elif isinstance(task, ChangeDetectionTask):
-        roles = {"before": only, "after": only}
-    else:
-        roles = {only: only}
+def _scene_inputs(task: ServedTask, images: list[Path], bands: list) -> dict[str, Input]:
+    """``{role: Input}`` of the rasters a task reads, in its spec's order (one per stem for segmentation,
+    ``before``/``after`` for change detection, one image for detection)."""
+    roles = task.spec.roles(task.modalities)
     if len(images) != len(roles):
         wanted = f"{len(roles)} image(s) ({', '.join(roles)})"
-        raise ValueError(f"{type(task).__name__} takes {wanted}, got {len(images)}")
+        raise ValueError(f"{task.name} takes {wanted}, got {len(images)}")
     return {
         role: Input(path, modality, tuple(b) if b else None)
         for (role, modality), path, b in zip(roles.items(), images, bands, strict=True)
     }
 
 
-def _dense_head(task, meta: dict):
+def _dense_head(task: ServedTask, meta: dict):
     """``(predict, outputs, names, encode, legend)`` of a dense task: ``predict({role: (B, C, t, t)}) -> (B, outputs,
     t, t)`` probabilities, the band names of the probability map, ``encode`` from blended probabilities
     ``(outputs, rows, W)`` to the class/change map ``(1, rows, W)``, and the class map's colours and class names."""
-    from rsvheat.trainers import ChangeDetectionTask, SegmentationTask
+    dense = task.spec.dense
 
-    if isinstance(task, SegmentationTask):
-        only = next(iter(task.modalities))
+    def predict(batch):
+        return dense(task.model, batch)
 
-        def predict(batch):
-            return task.model(batch[only] if len(batch) == 1 else batch).softmax(1)
+    if task.spec.output == "change_map":
+        threshold = task.hparams["threshold"]
 
-        def encode(values: np.ndarray) -> np.ndarray:
-            return values.argmax(0)[None].astype(np.uint8)
-
-        names = meta.get("classes") or [str(i) for i in range(task.hparams.num_classes)]
-        return predict, task.hparams.num_classes, meta.get("classes"), encode, class_legend(list(names))
-    if isinstance(task, ChangeDetectionTask):
-        threshold = task.hparams.threshold
-
-        def predict(batch):
-            return task.model(batch["before"], batch["after"]).sigmoid()
-
-        def encode(values: np.ndarray) -> np.ndarray:
+        def encode_change(values: np.ndarray) -> np.ndarray:
             return (values > threshold).astype(np.uint8)
 
-        return predict, 1, ["change"], encode, [("unchanged", (0, 0, 0)), ("changed", (255, 255, 255))]
-    raise ValueError(f"predict-scene does not handle {type(task).__name__}")
+        return predict, 1, ["change"], encode_change, [("unchanged", (0, 0, 0)), ("changed", (255, 255, 255))]
+
+    def encode(values: np.ndarray) -> np.ndarray:
+        return values.argmax(0)[None].astype(np.uint8)
+
+    num_classes = task.hparams["num_classes"]
+    names = meta.get("classes") or [str(i) for i in range(num_classes)]
+    return predict, num_classes, meta.get("classes"), encode, class_legend(list(names))

@@ -25,6 +25,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.models import adapt_input_conv
@@ -274,7 +275,7 @@ def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict[str, tor
     return adapt_to_model(sd, model)
 
 
-def read_torch_file(path: str | os.PathLike, mmap: bool = False) -> object:
+def read_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
     """The content of a torch file (``.pth``/``.pt``/``.ckpt``/``.bin``) read with ``weights_only=True``: tensors and
     plain Python data only, so a file that would run code when unpickled is refused, never executed. Every failure
     is a :class:`CheckpointError` (``FileNotFoundError`` for a missing file) that names the file and the reason.

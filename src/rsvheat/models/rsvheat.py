@@ -29,6 +29,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rsvheat import STRIDE
 from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
 from rsvheat.operators.dct import DctImpl
 from rsvheat.operators.heat import HeatConduction, resize_embedding, tensor_version
@@ -361,12 +362,12 @@ class RSVHeat(nn.Module):
         feature_norms: bool = False,
         check_inputs: bool = False,
         dct_impl: DctImpl = "auto",
-        output_stride: int = 32,
+        output_stride: int = STRIDE,
     ) -> None:
         super().__init__()
-        if output_stride != 32:
+        if output_stride != STRIDE:
             # SMP's DeepLab asks for dilation; silently ignoring it gives wrong output sizes.
-            raise ValueError(f"RS-vHeat has a fixed output stride of 32, got output_stride={output_stride}")
+            raise ValueError(f"RS-vHeat has a fixed output stride of {STRIDE}, got output_stride={output_stride}")
         if len(depths) != len(dims):
             raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must have the same length")
         if modalities is None:
@@ -464,8 +465,8 @@ class RSVHeat(nn.Module):
                 f"the {modality!r} stem expects {expected} input channels, got {x.shape[1]} (input shape "
                 f"{tuple(x.shape)}); stems: {self.modalities}"
             )
-        if min(x.shape[-2:]) < 32:
-            raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than the model's stride 32 on one side")
+        if min(x.shape[-2:]) < STRIDE:
+            raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than the model's stride {STRIDE} on one side")
         if self.check_inputs and not torch.isfinite(x).all():
             raise ValueError("input contains NaN or Inf values")
 

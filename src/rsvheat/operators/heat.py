@@ -142,6 +142,7 @@ class HeatConduction(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         # The folded decay filter (see `fold`): a buffer, so that exporters store it as a constant; not persistent,
         # since it is derived from the weights.
+        self.folded_filter: torch.Tensor | None
         self.register_buffer("folded_filter", None, persistent=False)
         self._folded_for: tuple | None = None  # (FVE, weights signature) the folded filter was computed from
 
@@ -188,8 +189,8 @@ class HeatConduction(nn.Module):
         # The FVE is matched by identity (the fold holds it, so its id cannot be recycled): one resized under
         # inference_mode has no version counter, and a fresh one may reuse a freed one's address.
         source, signature = self._folded_for or (None, None)
-        if source is not freq_embed or signature != self._signature(freq_embed):
-            self.fold(freq_embed)
+        if self.folded_filter is None or source is not freq_embed or signature != self._signature(freq_embed):
+            return self.fold(freq_embed)
         return self.folded_filter
 
     def forward(
@@ -201,11 +202,11 @@ class HeatConduction(nn.Module):
         if self.sce_norm is not None and sce is None:
             raise ValueError("this HCO was built with a spatial correction embedding (SCE) but none was given")
         corrected = None
-        if self.sce_norm is not None and torch.is_grad_enabled() and not return_states:
+        if sce is not None and self.sce_norm is not None and torch.is_grad_enabled() and not return_states:
             # x + SCE, ReLU and LN recomputed in the backward: autograd keeps x only, not the ReLU and LN outputs.
             x = corrected_depthwise_conv(x, sce, self.sce_norm, self.dwconv)
         else:
-            if self.sce_norm is not None:
+            if sce is not None and self.sce_norm is not None:
                 x = self.sce_norm(F.relu(x + sce))
             corrected = x
             x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -76,7 +76,7 @@ class _GeluLinear(torch.autograd.Function):
             grad_act, grad_w, grad_b = _linear_backward(
                 grad, act, weight, (needs[0], needs[1], needs[2] and ctx.has_bias)
             )
-            grad_h = torch.ops.aten.gelu_backward(grad_act.to(h.dtype), h) if needs[0] else None
+            grad_h = torch.ops.aten.gelu_backward(grad_act.to(h.dtype), h) if grad_act is not None else None
         return grad_h, grad_w, grad_b
 
 
@@ -117,7 +117,7 @@ class _LayerNormLinear(torch.autograd.Function):
             grad_normed, grad_w, grad_b = _linear_backward(
                 grad, normed, weight, (want_input, needs[4], needs[5] and ctx.has_bias)
             )
-            if want_input:
+            if grad_normed is not None:  # want_input
                 grad_x, grad_nw, grad_nb = _layer_norm_backward(
                     grad_normed.to(normed.dtype), x, mean, rstd, norm_w, norm_b, [needs[0], needs[1], needs[2]]
                 )

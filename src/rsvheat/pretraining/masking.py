@@ -132,6 +132,7 @@ class FrequencyMasking(torch.nn.Module):
         n = torch.arange(h, device=radius.device, dtype=torch.float64)[:, None] / h
         m = torch.arange(w, device=radius.device, dtype=torch.float64)[None, :] / w
         angle = torch.atan2(m, n).expand(h, w).flatten()
+        assert self.sector_degrees is not None  # a start angle is drawn only for a sector
         width = math.radians(self.sector_degrees)
         for b, (k, theta) in enumerate(zip(counts.tolist(), start.tolist(), strict=True)):
             inside = order[((angle[order] >= theta) & (angle[order] <= theta + width))]

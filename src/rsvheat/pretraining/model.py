@@ -342,7 +342,7 @@ class FrequencyPretrainer(nn.Module):
                 first, second = parts.low, parts.high
             feats, pooled_first, pooled_second = self.encode(first, second, modality)
             recon = None
-            decoded = self._decoder_input(feats) if self.decoder is not None or self.views == "low_high" else None
+            decoded = self._decoder_input(feats)
             if self.decoder is not None:
                 f3, f4 = decoded
                 recon = self.decoder(f3, f4, modality, x.shape[-2:])
@@ -372,5 +372,5 @@ class FrequencyPretrainer(nn.Module):
             parts_log["con_freq"] = torch.stack(con[:views]).mean().detach()
             if len(con) > views:
                 parts_log["con_modal"] = con[views].detach()
-        loss = sum(w[name] * value for name, value in terms.items())
+        loss = torch.stack([w[name] * value for name, value in terms.items()]).sum()
         return PretrainOutput(loss=loss, terms=terms, previews=previews, parts=parts_log, embeddings=embeddings)

@@ -13,39 +13,9 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
-import rsvheat
-from rsvheat.models.rsvheat import RSVHeat
-from rsvheat.models.weights import load_weights
+from rsvheat.models.contract import TaskSpec, modalities_of
 from rsvheat.trainers.checkpoints import IntervalCheckpoint, check_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
-
-
-def build_backbone(
-    variant: str,
-    modalities: dict[str, int],
-    img_size: int,
-    weights: str | None = None,
-    drop_path_rate: float = 0.1,
-    num_classes: int = 0,
-    encoder_kwargs: dict | None = None,
-) -> RSVHeat:
-    """An RS-vHeat backbone for a task: stems for ``modalities``, FVE/SCE stored at ``img_size`` (the task resolution;
-    weights made at another resolution are resized bilinearly), loaded from ``weights``: a file (rsvheat
-    ``.safetensors``, an ``rsvheat pretrain`` encoder, or an official vHeat/RS-vHeat ``.pth``; see
-    :func:`~rsvheat.models.checkpoint.load_checkpoint`) or the name of the official vHeat ImageNet-1k weights
-    (``vheat_tiny``, ``vheat_small``, ``vheat_base``: downloaded once through timm; see
-    :mod:`rsvheat.models.weights`)."""
-    model = rsvheat.create_model(
-        variant,
-        modalities=dict(modalities),
-        img_size=img_size,
-        num_classes=num_classes,
-        drop_path_rate=drop_path_rate,
-        **dict(encoder_kwargs or {}),
-    )
-    if weights:
-        load_weights(model, weights)
-    return model
 
 
 def check_window(eval_tile: int, eval_overlap: int) -> None:
@@ -56,8 +26,9 @@ def check_window(eval_tile: int, eval_overlap: int) -> None:
 
 class TaskModule(pl.LightningModule):
     """Base of the downstream tasks, shaped like TorchGeo's ``BaseTask``: ``__init__`` saves the hyper-parameters and
-    calls the template methods :meth:`configure_models` (``self.backbone`` via :meth:`init_backbone`, and
-    ``self.model``, what ``forward`` and inference run), :meth:`configure_losses` and :meth:`configure_metrics` (one
+    calls the template methods :meth:`configure_models` (``self.backbone`` and ``self.model``, what ``forward`` and
+    inference run, built by the task's ``spec``, a :class:`~rsvheat.models.contract.TaskSpec`), :meth:`configure_losses`
+    and :meth:`configure_metrics` (one
     collection, cloned into ``val_metrics`` and ``test_metrics`` with the prefixes ``val/`` and ``test/``). Subclasses
     set ``monitor`` (metric name, ``"max"``/``"min"``) for the best checkpoint.
 
@@ -83,6 +54,8 @@ class TaskModule(pl.LightningModule):
     """
 
     monitor: tuple[str, str] = ("val/loss", "min")
+    #: the task's contract: its network, inputs, outputs and export (set by every task)
+    spec: TaskSpec
 
     def __init__(
         self,
@@ -115,8 +88,12 @@ class TaskModule(pl.LightningModule):
 
     # template methods ------------------------------------------------------------------------------------------------
     def configure_models(self) -> None:
-        """Build ``self.backbone`` (:meth:`init_backbone`) and ``self.model``."""
-        raise NotImplementedError
+        """``self.backbone`` and ``self.model`` built by the task's :attr:`spec` from its hyper-parameters (the one
+        recipe that inference uses too), the backbone started from ``weights`` and frozen as configured."""
+        self.backbone, network = self.spec.build(self.hparams, self.hparams.weights)
+        if network is not self.backbone:  # classification's model is its backbone (a property: weights `backbone.*`)
+            self.model = network
+        self.configure_backbone()
 
     def configure_losses(self) -> None:
         """Build the loss (``self.criterion``); none for models that compute their own (detection)."""
@@ -128,14 +105,12 @@ class TaskModule(pl.LightningModule):
     @property
     def modalities(self) -> dict[str, int]:
         """The backbone's stems (``{"optical": 3}`` unless configured)."""
-        return dict(self.hparams.modalities or {"optical": 3})
+        return modalities_of(self.hparams)
 
-    def init_backbone(self, num_classes: int = 0) -> None:
-        """``self.backbone`` with its classifier of ``num_classes`` (0: dense tasks), frozen as configured."""
+    def configure_backbone(self) -> None:
+        """Gradient checkpointing and freezing of ``self.backbone`` as configured."""
         h = self.hparams
-        self.backbone = build_backbone(
-            h.backbone, self.modalities, h.img_size, h.weights, h.drop_path_rate, num_classes, h.encoder_kwargs
-        )
+        num_classes = h.num_classes if self.spec.classifier_head else 0
         checkpointing = h.get("grad_checkpointing", False)  # True: every block; N: the first N
         self.backbone.set_grad_checkpointing(
             bool(checkpointing), None if isinstance(checkpointing, bool) else checkpointing
@@ -226,6 +201,7 @@ class TaskModule(pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         checkpoint["rsvheat"] = {
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "spec": self.spec.name,
             "stats": getattr(dm, "stats", None),
             "classes": self.class_names() if "num_classes" in self.hparams else None,
         }

@@ -13,8 +13,8 @@ from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex, Binar
 
 from rsvheat.data.io import write_raster
 from rsvheat.datamodules.base import prediction_path
+from rsvheat.models.contract import CHANGE_DETECTION
 from rsvheat.models.sliding import sliding_window
-from rsvheat.models.tasks import ChangeDetectionModel
 from rsvheat.trainers.base import TaskModule, check_window
 
 
@@ -49,6 +49,7 @@ class ChangeDetectionTask(TaskModule):
     """
 
     monitor = ("val/F1", "max")
+    spec = CHANGE_DETECTION
 
     def __init__(
         self,
@@ -67,10 +68,6 @@ class ChangeDetectionTask(TaskModule):
             raise ValueError(f"change detection takes one modality for both dates, got {modalities}")
         check_window(eval_tile, eval_overlap)
         super().__init__(img_size=img_size, lr=lr, modalities=modalities, **kwargs)
-
-    def configure_models(self) -> None:
-        self.init_backbone()
-        self.model = ChangeDetectionModel(self.backbone, self.hparams.decoder_width, self.hparams.decoder_norm)
 
     def configure_metrics(self) -> MetricCollection:
         t = self.hparams.threshold

@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix  # noqa: E402
 
 from rsvheat.files import write_atomic  # noqa: E402
+from rsvheat.models.contract import CLASSIFICATION  # noqa: E402
 from rsvheat.trainers.base import TaskModule  # noqa: E402
 
 
@@ -34,6 +35,7 @@ class ClassificationTask(TaskModule):
     """
 
     monitor = ("val/OA", "max")
+    spec = CLASSIFICATION
 
     def __init__(
         self,
@@ -44,9 +46,6 @@ class ClassificationTask(TaskModule):
     ) -> None:
         super().__init__(**kwargs)
         self.predictions: list[dict] = []
-
-    def configure_models(self) -> None:
-        self.init_backbone(self.hparams.num_classes)
 
     @property
     def model(self) -> torch.nn.Module:

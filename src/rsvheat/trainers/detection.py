@@ -11,7 +11,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
 
 from rsvheat.files import write_atomic
-from rsvheat.models.tasks import faster_rcnn
+from rsvheat.models.contract import DETECTION
 from rsvheat.trainers.base import TaskModule
 
 
@@ -74,6 +74,7 @@ class DetectionTask(TaskModule):
     """
 
     monitor = ("val/mAP50", "max")
+    spec = DETECTION
 
     def __init__(
         self,
@@ -93,19 +94,6 @@ class DetectionTask(TaskModule):
             raise ValueError(f"detection takes one modality, got {modalities}")
         super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, modalities=modalities, **kwargs)
         self.predictions: list[dict] = []
-
-    def configure_models(self) -> None:
-        h = self.hparams
-        self.init_backbone()
-        self.model = faster_rcnn(
-            self.backbone,
-            h.num_classes,
-            h.min_size,
-            h.max_size,
-            h.box_detections_per_img,
-            h.box_score_thresh,
-            **dict(h.detector_kwargs or {}),
-        )
 
     def configure_metrics(self) -> MetricCollection:
         limit = int(self.hparams.box_detections_per_img)

@@ -22,6 +22,7 @@ from torchmetrics.classification import (
 from torchmetrics.utilities.data import dim_zero_cat
 
 from rsvheat.files import write_atomic
+from rsvheat.models.contract import MULTILABEL
 from rsvheat.trainers.base import TaskModule
 
 
@@ -85,6 +86,7 @@ class MultiLabelClassificationTask(TaskModule):
     """
 
     monitor = ("val/mAP_macro", "max")
+    spec = MULTILABEL
 
     def __init__(
         self,
@@ -100,9 +102,6 @@ class MultiLabelClassificationTask(TaskModule):
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         super().__init__(**kwargs)
         self.predictions: list[dict] = []
-
-    def configure_models(self) -> None:
-        self.init_backbone(self.hparams.num_classes)
 
     @property
     def model(self) -> torch.nn.Module:

@@ -15,8 +15,8 @@ from rsvheat.data.io import write_raster
 from rsvheat.data.transforms import sample_keys
 from rsvheat.datamodules.base import prediction_path
 from rsvheat.files import write_atomic
+from rsvheat.models.contract import SEGMENTATION
 from rsvheat.models.sliding import sliding_window
-from rsvheat.models.tasks import SegmentationModel
 from rsvheat.trainers.base import TaskModule, check_window
 
 
@@ -50,6 +50,7 @@ class SegmentationTask(TaskModule):
     """
 
     monitor = ("val/mIoU", "max")
+    spec = SEGMENTATION
 
     def __init__(
         self,
@@ -66,11 +67,6 @@ class SegmentationTask(TaskModule):
     ) -> None:
         check_window(eval_tile, eval_overlap)
         super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, **kwargs)
-
-    def configure_models(self) -> None:
-        h = self.hparams
-        self.init_backbone()
-        self.model = SegmentationModel(self.backbone, h.num_classes, h.decoder_width, h.decoder_norm)
 
     def configure_losses(self) -> None:
         self.criterion = torch.nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index)
