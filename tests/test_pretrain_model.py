@@ -14,8 +14,10 @@ MICRO = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64), "drop_path_rate": 0.0}
 
 
 def micro_pretrainer(**kwargs) -> FrequencyPretrainer:
+    """A micro model with every term on (the full objective), unless ``loss_weights`` switches some off."""
+    weights = {"spa": 1.0, "fre": 1.0, "con": 1.0, **kwargs.pop("loss_weights", {})}
     cfg = dict(variant="rsvheat_tiny", img_size=64, decoder_width=16, proj_dim=8, encoder_kwargs=MICRO)
-    return FrequencyPretrainer(**{**cfg, **kwargs})
+    return FrequencyPretrainer(**{**cfg, "loss_weights": weights, **kwargs})
 
 
 def test_reconstruction_losses_match_float64_reference():
@@ -87,6 +89,14 @@ def test_forward_terms_and_ablation_switches():
         micro_pretrainer(loss_weights={"mae": 1.0})
     with pytest.raises(ValueError, match="unknown modality 'lidar'"):
         model({"lidar": torch.randn(1, 1, 64, 64)})
+
+
+def test_the_default_objective_is_the_view_contrast_alone():
+    cfg = dict(variant="rsvheat_tiny", img_size=64, proj_dim=8, encoder_kwargs=MICRO, modalities={"optical": 3})
+    model = FrequencyPretrainer(**cfg)
+    assert model.decoder is None  # no reconstruction modules to train (or for DDP to find unused)
+    out = model({"optical": torch.randn(2, 3, 64, 64)})
+    assert set(out.terms) == {"con"} and out.loss.item() == pytest.approx(out.terms["con"].item())
 
 
 def test_gradients_reach_every_encoder_part():

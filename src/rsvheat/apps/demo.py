@@ -403,9 +403,9 @@ def render_report(demo: Demo, total: float) -> str:
         con = demo.losses.get("train/con")
         chance = f" (the view InfoNCE against chance, ln 6 = {math.log(6):.2f})" if con is not None else ""
         pretraining = (
-            f"{demo.pretrain_steps} steps of masked frequency modelling on two augmented views of 96² crops of the "
-            "scene (the encoder sees each view's low band, the decoder predicts the hidden high band, the views are "
-            f"contrasted); last logged losses: {terms}{chance}. Encoder: `{rel(demo.weights)}`.\n\n"
+            f"{demo.pretrain_steps} steps of the view contrast on two augmented views of 96² crops of the scene (the "
+            f"encoder sees each view's low frequency band); last logged losses: {terms}{chance}. Encoder: "
+            f"`{rel(demo.weights)}`.\n\n"
             "What this pre-training did to the fine-tuned result compared with fine-tuning from random weights: too "
             f"short to tell. {demo.pretrain_steps} steps on crops of one scene are far below the budget at which the "
             "repository's transfer experiment measures that comparison on real labels "

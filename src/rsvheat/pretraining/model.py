@@ -2,13 +2,14 @@
 
 Two readings of the method share this file; ``views`` picks one.
 
-``views="crops"`` (the default): **masked frequency modelling on two augmented views**. For a batch ``x`` of one
+``views="crops"`` (the default): **two augmented views, each split in frequency**. For a batch ``x`` of one
 modality (or a co-registered optical+SAR pair, cropped alike):
 
 1. draw two views of each image (:class:`ViewAugment`: random resized crop, flips, 90 degree turns);
 2. split each view in the DCT domain (:class:`FrequencyMasking`) and give the encoder its ``I_low`` alone: the
    ``I_high`` band is hidden, a target, never an input;
-3. decode each view's stage-3/4 features into the whole view: ``L_spa = |x_hat - x|_1`` over pixels and
+3. (with the reconstruction terms on; off by default, see below) decode each view's stage-3/4 features into the
+   whole view: ``L_spa = |x_hat - x|_1`` over pixels and
    ``L_fre = |DCT(x_hat) - DCT(x)|_1`` over the **hidden** coefficients only (Xie et al., "Masked Frequency Modeling
    for Self-Supervised Visual Pre-Training", ICLR 2023), so the loss cannot be lowered by copying what was seen;
 4. ``L_con``: symmetric InfoNCE between the pooled, projected stage-4 features of the two views of an image (SimCLR,
@@ -26,8 +27,11 @@ little of the scene for its embedding to be matched to its ``I_low`` partner; at
 direction, and there the InfoNCE sits at ``ln B`` with a vanishing gradient (reproduced in
 ``tests/test_pretrain_model.py``). Two views that both carry the scene learn at once.
 
-``L = w_spa L_spa + w_fre L_fre + w_con L_con`` (default 1:1:1; a weight of 0 switches a term off). The decoder is
-deliberately light (its widths are not published, paper-digest 2.3; it is thrown away after pre-training).
+``L = w_spa L_spa + w_fre L_fre + w_con L_con``; a weight of 0 switches a term off (and its modules are not built).
+The default is the contrast alone (0:0:1): measured on AID (``docs/transfer.md``), the reconstruction terms make the
+frozen features worse at every budget tried, even with the band they ask for hidden; ``{"spa": 1, "fre": 1, "con":
+1}`` is RS-vHeat's full objective. The decoder is deliberately light (its widths are not published, paper-digest 2.3;
+it is thrown away after pre-training).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from rsvheat.operators.dct import dct2d
 from rsvheat.pretraining.masking import FrequencyMasking, FrequencySplit
 
 DECODER_STRIDE = 16  # the decoder works on stage 3's grid
+#: The terms' default weights: the view contrast alone (see the module docstring for why).
+DEFAULT_LOSS_WEIGHTS = {"spa": 0.0, "fre": 0.0, "con": 1.0}
 VIEWS = ("crops", "low_high")
 
 
@@ -219,8 +225,9 @@ class FrequencyPretrainer(nn.Module):
         modalities: stems by name and band count; ``"optical"`` and ``"sar"`` pair up for the cross-modal term.
         img_size: pre-training resolution (FVE/SCE are stored at it).
         ratio_range, sector_degrees, ratio_part: frequency masking (see :class:`FrequencyMasking`).
-        loss_weights: ``{"spa": 1, "fre": 1, "con": 1}``; 0 switches a term off.
-        views: ``"crops"`` (default: masked frequency modelling on two augmented views, see the module docstring) or
+        loss_weights: ``{"spa": 0, "fre": 0, "con": 1}`` by default (the contrast alone); ``{"spa": 1, "fre": 1,
+            "con": 1}`` is the paper's objective; 0 switches a term off.
+        views: ``"crops"`` (default: two augmented views, each seen through its ``I_low``; see the module docstring) or
             ``"low_high"`` (the paper's reading: ``I_low`` and ``I_high`` of one image are the two streams).
         reconstruct_from: with ``views="low_high"`` only: ``"both"`` (the paper's reading: the fused ``I_low`` and
             ``I_high`` streams are decoded, so nothing is hidden from the decoder) or ``"low"`` (the ``I_low`` stream
@@ -255,7 +262,7 @@ class FrequencyPretrainer(nn.Module):
         if variant not in VARIANTS:
             raise ValueError(f"unknown encoder variant {variant!r}; available: {sorted(VARIANTS)}")
         modalities = dict(modalities or {"optical": 3, "sar": 1})
-        weights = {"spa": 1.0, "fre": 1.0, "con": 1.0, **(loss_weights or {})}
+        weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
         if set(weights) != {"spa", "fre", "con"} or any(w < 0 for w in weights.values()):
             raise ValueError(f"loss_weights takes non-negative 'spa', 'fre', 'con', got {dict(loss_weights or {})}")
         if not any(weights.values()):
