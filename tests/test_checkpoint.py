@@ -345,3 +345,24 @@ def test_rsvheat_pretrained_without_a_file_says_what_exists():
     message = str(info.value)
     assert "pretrained_cfg_overlay=dict(file=" in message and "rsvheat.load_checkpoint" in message
     assert "rsvheat_base.vheat_in1k" in message
+
+
+def test_load_checkpoint_finds_the_backbone_inside_wrappers(tmp_path):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    source = timm.create_model("rsvheat_tiny", num_classes=0)
+    path = tmp_path / "encoder.safetensors"
+    rsvheat.save_weights(source, path)
+    expected = source.stages[2].blocks[0].hco.to_k.weight
+
+    features = timm.create_model("rsvheat_tiny", features_only=True)  # timm's feature wrapper, head pruned
+    rsvheat.load_checkpoint(features, path, strict=False)
+    unet = smp.Unet("tu-rsvheat_tiny", encoder_weights=None, classes=2)  # SMP's timm encoder around the wrapper
+    rsvheat.load_checkpoint(unet, path, strict=False)
+    for wrapped in (features, unet):
+        (backbone,) = [m for m in wrapped.modules() if isinstance(m, rsvheat.RSVHeat)]
+        assert torch.equal(backbone.stages[2].blocks[0].hco.to_k.weight, expected)
+
+    with pytest.raises(CheckpointError, match="ModuleList holds 2 RS-vHeat/vHeat backbones"):
+        rsvheat.load_checkpoint(torch.nn.ModuleList([source, features]), path)
+    with pytest.raises(CheckpointError, match="Linear holds no RS-vHeat/vHeat backbone"):
+        rsvheat.load_checkpoint(torch.nn.Linear(2, 2), path)

@@ -193,3 +193,51 @@ def test_output_given_twice_or_not_at_all_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as missing:
         main(["export-encoder", "last.ckpt"])
     assert missing.value.code == 2 and "the following arguments are required: -o/--out" in capsys.readouterr().err
+
+
+def test_the_checkpoint_is_spelled_checkpoint_in_every_command(monkeypatch, tmp_path):
+    from rsvheat import cli
+    from rsvheat.inference import batch, tasks
+
+    seen = {}
+    monkeypatch.setattr(cli.arguments, "guarded", lambda command, run, args: seen.update({command: args}))
+    cli.main(["predict-scene", "--checkpoint", "m.ckpt", "before.tif", "after.tif", "-o", "a.tif"])
+    assert (str(seen["predict-scene"].checkpoint), [str(p) for p in seen["predict-scene"].images]) == (
+        "m.ckpt",
+        ["before.tif", "after.tif"],
+    )
+    cli.main(["predict-scene", "m.ckpt", "s.tif", "-o", "a.tif"])  # the old positional spelling
+    assert (str(seen["predict-scene"].checkpoint), [str(p) for p in seen["predict-scene"].images]) == (
+        "m.ckpt",
+        ["s.tif"],
+    )
+    cli.main(["export-encoder", "--checkpoint", "last.ckpt", "e.safetensors"])
+    assert (str(seen["export-encoder"].checkpoint), str(seen["export-encoder"].out)) == ("last.ckpt", "e.safetensors")
+    cli.main(["explain", "s.tif", "--checkpoint", "m.ckpt"])
+    cli.main(["export", "-o", "m.onnx", "--checkpoint", "m.ckpt"])
+    assert str(seen["explain"].checkpoint) == str(seen["export"].checkpoint) == "m.ckpt"
+    mapped = {}
+
+    def predict_scenes(checkpoint, scenes, *args, **kwargs):
+        mapped.update(c=checkpoint, s=scenes)
+        return {"counts": {"failed": 0}}
+
+    monkeypatch.setattr(batch, "predict_scenes", predict_scenes)
+    for argv in (["--checkpoint", "m.ckpt", "a.tif", "b.tif"], ["m.ckpt", "a.tif", "b.tif"]):
+        batch.main(batch.build_parser().parse_args([*argv, "-o", "maps"]))
+        assert (str(mapped["c"]), mapped["s"]) == ("m.ckpt", ["a.tif", "b.tif"])
+    with pytest.raises(SystemExit) as missing:
+        cli.main(["predict-scene", "s.tif", "-o", "a.tif"])
+    assert missing.value.code == 2
+    with pytest.raises(SystemExit) as twice:
+        cli.main(["export-encoder", "a.ckpt", "--checkpoint", "b.ckpt", "-o", "e.safetensors"])
+    assert twice.value.code == 2
+
+    # --probabilities alone means the same in predict-scene as in predict-scenes: <map stem>.probabilities.tif
+    written = {}
+    monkeypatch.setattr(tasks, "predict_scene", lambda *a, **k: written.update(k) or [])
+    monkeypatch.setattr(cli.arguments, "guarded", lambda command, run, args: run(args))
+    cli.main(["predict-scene", "--checkpoint", "m.ckpt", "s.tif", "-o", str(tmp_path / "map.tif"), "--probabilities"])
+    assert written["probabilities"] == tmp_path / "map.probabilities.tif"
+    cli.main(["predict-scene", "m.ckpt", "s.tif", "-o", "map.tif", "--probabilities", str(tmp_path / "p.tif")])
+    assert written["probabilities"] == tmp_path / "p.tif"

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 DEBUG_ENV = "RSVHEAT_DEBUG"
 
@@ -57,6 +58,66 @@ def add_score_threshold(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checkpoint(
+    parser: argparse.ArgumentParser, help: str, required: bool = True, positional_alias: bool = False
+) -> None:
+    """``--checkpoint``, the trained model of every command that reads one (the Lightning commands keep Lightning's
+    ``--ckpt_path``: there ``--checkpoint.*`` configures the checkpoint callback). ``positional_alias``: the command
+    used to take the checkpoint as its first positional argument; that spelling still works (hidden from --help),
+    resolved by :func:`resolve_checkpoint`."""
+    parser.add_argument("--checkpoint", type=Path, default=None, help=f"{help} (required)" if required else help)
+    if positional_alias:
+        parser.add_argument("legacy_checkpoint", nargs="?", default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(checkpoint_required=required, checkpoint_parser=parser)
+
+
+def resolve_checkpoint(args: argparse.Namespace, rest: str | None = None) -> None:
+    """``--checkpoint`` or the old first positional. Given ``--checkpoint``, a first positional belongs to the
+    positional argument named ``rest`` (a list, or a single value not given yet), which argparse cannot tell apart."""
+    legacy = getattr(args, "legacy_checkpoint", None)
+    if legacy is not None:
+        following = getattr(args, rest) if rest is not None else None
+        if args.checkpoint is None:
+            args.checkpoint = Path(legacy)
+        elif rest is not None and isinstance(following, list):  # in the list's own type (paths, or patterns)
+            setattr(args, rest, [type(following[0])(legacy) if following else legacy, *following])
+        elif rest is not None and following is None:
+            setattr(args, rest, Path(legacy))
+        else:
+            args.checkpoint_parser.error("give the checkpoint once, as --checkpoint")
+    if args.checkpoint_required and args.checkpoint is None:
+        args.checkpoint_parser.error("the following arguments are required: --checkpoint")
+
+
+def add_mapping(parser: argparse.ArgumentParser, tile_type: Callable[[str], int | float], device_help: str) -> None:
+    """The options of the commands that map whole scenes tile by tile (predict-scene, predict-scenes)."""
+    parser.add_argument(
+        "--bands", type=bands, nargs="+", default=None, help="1-based bands per raster of a scene, e.g. 3,2,1"
+    )
+    parser.add_argument("--tile", type=tile_type, default=512, help="tile size in pixels (default 512)")
+    parser.add_argument("--overlap", type=at_least(0), default=None, help="overlap between tiles (default tile / 4)")
+    parser.add_argument("--batch-size", type=at_least(1), default=4, help="tiles per forward pass (default 4)")
+    parser.add_argument("--device", default="auto", help=device_help)
+    add_precision(parser)
+    add_score_threshold(parser)
+    parser.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
+
+
+def add_precision(parser: argparse.ArgumentParser) -> None:
+    # the choices are spelled here: importing torch (through rsvheat.models) would slow every `rsvheat --help`
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="fp32 (default) or bf16: bfloat16 autocast, spectral transforms kept in float32",
+    )
+
+
+def probabilities_beside(output: Path) -> Path:
+    """Where ``--probabilities`` without a path writes: ``<map stem>.probabilities.tif`` beside the map."""
+    return output.with_name(f"{output.stem}.probabilities.tif")
+
+
 def first_line(err: BaseException, empty: str | None = None) -> str:
     """The first line of an error's message (``empty``, by default its type's name, when it has none)."""
     lines = str(err).strip().splitlines()
@@ -78,13 +139,37 @@ def the_problem(message: str) -> str:
     return errors[0] if errors else message
 
 
+#: The optional packages, by the pyproject.toml extra that installs them (``pip install "rsvheat[train]"``); the core
+#: (the backbone with timm and safetensors) needs none of them.
+EXTRA_OF = {
+    **dict.fromkeys(
+        ("lightning", "jsonargparse", "torchmetrics", "segmentation_models_pytorch", "matplotlib", "psutil"),
+        "train",
+    ),
+    "rasterio": "geo",
+    "pycocotools": "detection",
+    **dict.fromkeys(("onnx", "onnxruntime", "onnxscript"), "export"),
+    **dict.fromkeys(("torchgeo", "terratorch"), "integrations"),
+}
+
+
+def missing_extra(err: ImportError) -> str | None:
+    """What to install when ``err`` is an optional package's absence, else ``None``."""
+    package = (err.name or "").split(".")[0]
+    if not isinstance(err, ModuleNotFoundError) or package not in EXTRA_OF:
+        return None
+    return f"this needs {package}, from the extra '{EXTRA_OF[package]}': pip install \"rsvheat[{EXTRA_OF[package]}]\""
+
+
 def guarded(command: str, run: Callable, *args) -> None:
-    """Run ``run(*args)``; a user-fixable error (``ValueError``, ``OSError``) ends the process with one line
-    ``rsvheat <command>: error: <message>`` and exit status 2, or with its traceback when ``RSVHEAT_DEBUG`` is set."""
+    """Run ``run(*args)``; a user-fixable error (``ValueError``, ``OSError``, an optional package not installed) ends
+    the process with one line ``rsvheat <command>: error: <message>`` and exit status 2, or with its traceback when
+    ``RSVHEAT_DEBUG`` is set."""
     try:
         run(*args)
-    except (ValueError, OSError) as err:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    except (ValueError, OSError, ModuleNotFoundError) as err:
+        message = missing_extra(err) if isinstance(err, ModuleNotFoundError) else one_line(err)
+        if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"rsvheat {command}: error: {one_line(err)}", file=sys.stderr)
+        print(f"rsvheat {command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rsvheat import STRIDE, arguments
@@ -172,11 +174,12 @@ def _make_samples(args: argparse.Namespace) -> None:
 def _predict_scene(args: argparse.Namespace) -> None:
     from rsvheat.inference.tasks import predict_scene
 
+    probabilities = arguments.probabilities_beside(args.out) if args.probabilities is True else args.probabilities
     written = predict_scene(
         args.checkpoint,
         args.images,
         args.out,
-        probabilities=args.probabilities,
+        probabilities=probabilities,
         bands=args.bands,
         tile=args.tile,
         overlap=args.tile // 4 if args.overlap is None else args.overlap,
@@ -320,11 +323,13 @@ def _add_predict_scene(sub) -> None:
         sub,
         "predict-scene",
         "run a fine-tuned checkpoint over whole GeoTIFF scenes (tiled, bounded memory, georeferenced output)",
-        "  rsvheat predict-scene runs/seg/checkpoints/best.ckpt scene.tif -o classes.tif --probabilities probs.tif\n"
-        "  rsvheat predict-scene runs/cd/checkpoints/best.ckpt before.tif after.tif -o change.tif\n"
-        "  rsvheat predict-scene runs/det/checkpoints/best.ckpt scene.tif -o boxes.geojson",
+        "  rsvheat predict-scene --checkpoint runs/seg/checkpoints/best.ckpt scene.tif -o classes.tif --probabilities\n"
+        "  rsvheat predict-scene --checkpoint runs/cd/checkpoints/best.ckpt before.tif after.tif -o change.tif\n"
+        "  rsvheat predict-scene --checkpoint runs/det/checkpoints/best.ckpt scene.tif -o boxes.geojson",
     )
-    scene.add_argument("checkpoint", type=Path, help="a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)")
+    arguments.add_checkpoint(
+        scene, "a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)", positional_alias=True
+    )
     scene.add_argument(
         "images",
         type=Path,
@@ -335,31 +340,17 @@ def _add_predict_scene(sub) -> None:
     scene.add_argument(
         "-o", "--out", "--output", type=Path, required=True, help="class/change map .tif, or boxes .geojson"
     )
-    scene.add_argument("--probabilities", type=Path, default=None, help="also write per-class probabilities (.tif)")
     scene.add_argument(
-        "--bands", type=arguments.bands, nargs="+", default=None, help="1-based bands per image, e.g. 3,2,1"
+        "--probabilities",
+        type=Path,
+        nargs="?",
+        const=True,
+        default=None,
+        help="also write per-class probabilities: to <map stem>.probabilities.tif, or to the .tif given",
     )
-    scene.add_argument("--tile", type=_SIZE, default=512, help="tile size in pixels (default 512)")
-    scene.add_argument(
-        "--overlap", type=arguments.at_least(0), default=None, help="overlap between tiles (default tile / 4)"
-    )
-    scene.add_argument("--batch-size", type=_COUNT, default=4, help="tiles per forward pass (default 4)")
-    scene.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    _add_precision(scene)
-    arguments.add_score_threshold(scene)
+    arguments.add_mapping(scene, _SIZE, "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     scene.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    scene.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
     scene.set_defaults(handler=_predict_scene)
-
-
-def _add_precision(parser: argparse.ArgumentParser) -> None:
-    # the choices are spelled here: importing torch (through rsvheat.models) would slow every `rsvheat --help`
-    parser.add_argument(
-        "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="fp32 (default) or bf16: bfloat16 autocast, spectral transforms kept in float32",
-    )
 
 
 def _add_explain(sub) -> None:
@@ -373,7 +364,7 @@ def _add_explain(sub) -> None:
     explain.add_argument("image", type=Path, help="a raster (GeoTIFF, PNG, ...) of any size")
     _add_out(explain, "output folder", Path("outputs/explain"))
     explain.add_argument("--modality", default="optical", help="the stem to run the image through (optical, sar)")
-    explain.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
+    arguments.add_checkpoint(explain, "a `rsvheat fit` task checkpoint", required=False)
     explain.add_argument("--weights", default=None, help=f"or backbone weights: a file or {_NAMES}")
     explain.add_argument("--model", default="rsvheat_tiny", help="variant for --weights or random init")
     explain.add_argument("--channels", type=_COUNT, default=None, help="bands of the stem (default: the image's)")
@@ -385,7 +376,7 @@ def _add_explain(sub) -> None:
     )
     explain.add_argument("--tile", type=_SIZE, default=1024, help="scenes larger than this are explained per tile")
     explain.add_argument("--overwrite", action="store_true", help="replace the heat maps in a non-empty --out")
-    _add_precision(explain)
+    arguments.add_precision(explain)
     explain.set_defaults(handler=_explain)
 
 
@@ -399,7 +390,7 @@ def _add_export(sub) -> None:
     )
     _add_out(onnx, "output file: .onnx (checked with ONNX Runtime) or .pt2", positional_alias=True)
     onnx.add_argument("--size", type=_SIZE, nargs="+", default=[512], help="input H [W] the graph is folded for")
-    onnx.add_argument("--checkpoint", type=Path, default=None, help="a `rsvheat fit` task checkpoint")
+    arguments.add_checkpoint(onnx, "a `rsvheat fit` task checkpoint", required=False)
     onnx.add_argument("--model", default="rsvheat_tiny", help="backbone variant when no checkpoint is given")
     onnx.add_argument("--weights", default=None, help=f"backbone weights: a file (.safetensors, .pth) or {_NAMES}")
     onnx.add_argument("--channels", type=_COUNT, default=3, help="input bands of the backbone variant")
@@ -415,9 +406,11 @@ def _add_export(sub) -> None:
         sub,
         "export-encoder",
         "write the encoder of a pre-training checkpoint as .safetensors",
-        "  rsvheat export-encoder runs/pretrain/checkpoints/last.ckpt -o encoder.safetensors",
+        "  rsvheat export-encoder --checkpoint runs/pretrain/checkpoints/last.ckpt -o encoder.safetensors",
     )
-    encoder.add_argument("checkpoint", type=Path, help="Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)")
+    arguments.add_checkpoint(
+        encoder, "Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)", positional_alias=True
+    )
     _add_out(encoder, "output .safetensors file", positional_alias=True)
     encoder.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     encoder.set_defaults(handler=_export_encoder)
@@ -434,11 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  rsvheat demo\n"
             "  rsvheat fit --config configs/segmentation/landsat_tiny_cpu.yaml\n"
-            "  rsvheat predict-scene runs/seg/checkpoints/best.ckpt scene.tif -o classes.tif\n"
+            "  rsvheat predict-scene --checkpoint runs/seg/checkpoints/best.ckpt scene.tif -o classes.tif\n"
             "  rsvheat torchgeo fit --config torchgeo.yaml\n"
-            "options: -o/--out for outputs, --dashed-names and --model for the backbone in these commands; the\n"
-            "Lightning commands keep Lightning's spelling: --model.backbone (tasks), --model.variant (pretrain),\n"
-            "--ckpt_path."
+            "options: -o/--out for outputs, --checkpoint for a trained model, --dashed-names and --model for the\n"
+            "backbone in these commands; the Lightning commands keep Lightning's spelling: --model.backbone (tasks),\n"
+            "--model.variant (pretrain), --ckpt_path (their --checkpoint.* configures the checkpoint callback)."
         ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -466,26 +459,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The commands whose own parsers read their arguments: ``module:function``, imported when run (inside the guard, so
+#: that a missing optional package is named with the extra that installs it).
+PASSTHROUGH = {
+    "bench": "rsvheat.apps.bench:main",
+    "predict-scenes": "rsvheat.inference.batch:run",
+    "pretrain": "rsvheat.trainers.pretrain:pretrain_cli",
+}
+
+
+def _imported(target: str) -> Callable:
+    def run(*args):
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)(*args)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TASK_COMMANDS:
-        from rsvheat.trainers.cli import task_cli
-
-        arguments.guarded(argv[0], task_cli, argv)
+        arguments.guarded(argv[0], _imported("rsvheat.trainers.cli:task_cli"), argv)
         return
     if argv and argv[0] in EXTERNAL_CLIS:
         arguments.guarded(argv[0], run_external_cli, argv[0], argv[1:])
         return
-    if argv and argv[0] in ("bench", "pretrain", "predict-scenes"):
-        if argv[0] == "bench":
-            from rsvheat.apps.bench import main as passthrough
-        elif argv[0] == "predict-scenes":
-            from rsvheat.inference.batch import run as passthrough
-        else:
-            from rsvheat.trainers.pretrain import pretrain_cli as passthrough
-        arguments.guarded(argv[0], passthrough, argv[1:])
+    if argv and argv[0] in PASSTHROUGH:
+        arguments.guarded(argv[0], _imported(PASSTHROUGH[argv[0]]), argv[1:])
         return
     args = build_parser().parse_args(argv)
+    if hasattr(args, "checkpoint_required"):  # before the output: export-encoder's old positionals are both
+        rest = {"predict-scene": "images", "export-encoder": "legacy_out"}.get(args.command)
+        arguments.resolve_checkpoint(args, rest)
     _resolve_out(args)
     arguments.guarded(args.command, args.handler, args)
 

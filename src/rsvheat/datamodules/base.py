@@ -12,13 +12,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from rsvheat.data.io import image_key, match_files, read_image
 from rsvheat.data.stats import Stats, band_stats, check_stats
-from rsvheat.data.transforms import normalise
+from rsvheat.data.transforms import batch_augmentation, normalise
 
 
 class TaskDataModule(pl.LightningDataModule):
     """Loaders for ``train``/``val``/``test``/``predict`` datasets built by :meth:`build`; per-band statistics
     ``stats`` given (``{modality: {"mean": [...], "std": [...]}}``) or computed from up to ``stats_samples`` training
-    images (cached, see :mod:`rsvheat.data.stats`)."""
+    images (cached, see :mod:`rsvheat.data.stats`). ``aug``: augmentations of the training batches on top of the
+    datasets' random crops and flips: a kornia ``AugmentationSequential``, an albumentations ``Compose`` or a
+    callable on the batch dict (:func:`rsvheat.data.transforms.batch_augmentation`); ``None`` (default) adds none."""
 
     def __init__(
         self,
@@ -27,10 +29,12 @@ class TaskDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         stats: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
         stats_samples: int = 256,
+        aug: Callable | None = None,
     ) -> None:
         super().__init__()
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.given_stats, self.stats_samples = stats, stats_samples
+        self.aug = batch_augmentation(aug) if aug is not None else None
         self.datasets: dict[str, Dataset] = {}
         self.stats: Stats | None = None
 
@@ -86,6 +90,12 @@ class TaskDataModule(pl.LightningDataModule):
             drop_last=train and len(ds) > self.batch_size,  # a last batch of 1 breaks the decoders' BatchNorm
             collate_fn=self.collate(split),
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # training batches only, on the device they train on (as TorchGeo applies its `aug`)
+        if self.aug is not None and self.trainer is not None and self.trainer.training:
+            batch = self.aug(batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

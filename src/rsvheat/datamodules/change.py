@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,9 @@ class ChangeDetectionDataModule(TaskDataModule):
         num_workers: int = 2,
         stats: dict | None = None,
         stats_samples: int = 256,
+        aug: Callable | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples)
+        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples, aug)
         self.roots = {"train": train_root, "val": val_root, "test": test_root, "predict": predict_root}
         self.crop_size, self.bands = crop_size, bands
         self.modality, self.band_count = one_stem(channels, "change detection")

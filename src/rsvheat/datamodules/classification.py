@@ -4,7 +4,7 @@ stratified train/val/test split written to (and read back from) a JSON split fil
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rsvheat.data.classification import (
@@ -55,8 +55,9 @@ class ClassificationDataModule(TaskDataModule):
         num_workers: int = 2,
         stats: dict | None = None,
         stats_samples: int = 256,
+        aug: Callable | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples)
+        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples, aug)
         self.img_size, self.bands = img_size, bands
         self.modality, self.band_count = one_stem(channels, "classification")
         self.root, self.classes, self.samples = self.scan(root, classes)

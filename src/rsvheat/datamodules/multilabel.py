@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rsvheat.data.multilabel import (
@@ -65,6 +65,7 @@ class MultiLabelDataModule(ClassificationDataModule):
         num_workers: int = 2,
         stats: dict | None = None,
         stats_samples: int = 256,
+        aug: Callable | None = None,
     ) -> None:
         self.labels_csv, self.nomenclature, self.split_lists = labels, nomenclature, split_lists
         super().__init__(
@@ -83,6 +84,7 @@ class MultiLabelDataModule(ClassificationDataModule):
             num_workers,
             stats,
             stats_samples,
+            aug,
         )
 
     @property

@@ -3,7 +3,7 @@ co-registered SAR folder (``<split_root>/{images,masks,sar}`` by default; LoveDA
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rsvheat.data.segmentation import ISPRS_PALETTE, SegmentationFolder, check_label_map
@@ -56,8 +56,9 @@ class SegmentationDataModule(TaskDataModule):
         num_workers: int = 2,
         stats: dict | None = None,
         stats_samples: int = 256,
+        aug: Callable | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples)
+        super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples, aug)
         self.roots = {"train": train_root, "val": val_root, "test": test_root, "predict": predict_root}
         self.num_classes, self.ignore_index, self.crop_size = num_classes, ignore_index, crop_size
         self.dirs = {"images": images_dir, "masks": masks_dir, "sar": sar_dir}

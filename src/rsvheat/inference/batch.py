@@ -433,10 +433,10 @@ def _report(summary: dict, out_dir: Path) -> None:
 
 HELP = "map many scenes with a fine-tuned checkpoint, over processes, GPUs and nodes (torchrun)"
 EXAMPLES = (
-    "  rsvheat predict-scenes runs/seg/checkpoints/best.ckpt 'archive/*.tif' -o maps\n"
-    "  rsvheat predict-scenes runs/cd/checkpoints/best.ckpt 'before.tif|after.tif' -o change\n"
+    "  rsvheat predict-scenes --checkpoint runs/seg/checkpoints/best.ckpt 'archive/*.tif' -o maps\n"
+    "  rsvheat predict-scenes --checkpoint runs/cd/checkpoints/best.ckpt 'before.tif|after.tif' -o change\n"
     "  # scenes.txt: one scene a line (before.tif|after.tif for pairs), # comments, paths relative to the file\n"
-    "  torchrun --nproc-per-node 4 -m rsvheat.inference.batch runs/seg/best.ckpt --list scenes.txt -o maps\n"
+    "  torchrun --nproc-per-node 4 -m rsvheat.inference.batch --checkpoint best.ckpt --list scenes.txt -o maps\n"
     "  # several nodes: torchrun --nnodes 2 --node-rank N --rdzv-backend c10d --rdzv-endpoint HOST:29500 ...\n"
     "outputs: <out>/<scene stem>.tif (and .probabilities.tif), or .geojson / .boxes.json (detection), and\n"
     "<out>/summary.json; a re-run skips the scenes whose outputs are complete (--overwrite maps them again).\n"
@@ -446,8 +446,8 @@ EXAMPLES = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``rsvheat predict-scenes`` on ``parser``; its handler is :func:`main`."""
-    parser.add_argument(
-        "checkpoint", type=Path, help="a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)"
+    arguments.add_checkpoint(
+        parser, "a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)", positional_alias=True
     )
     parser.add_argument(
         "scenes",
@@ -462,39 +462,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="a text file of scenes, one a line (# comments; relative paths relative to the file)",
     )
     parser.add_argument("-o", "--out", type=Path, required=True, help="output folder (created; shared by all nodes)")
-    parser.add_argument("--probabilities", action="store_true", help="also write <stem>.probabilities.tif")
+    parser.add_argument(
+        "--probabilities", action="store_true", help="also write per-class probabilities to <stem>.probabilities.tif"
+    )
     parser.add_argument(
         "--boxes",
         choices=("geojson", "json"),
         default="geojson",
         help="detection: <stem>.geojson (lon/lat; needs a CRS) or <stem>.boxes.json (pixels, any scene)",
     )
-    parser.add_argument(
-        "--bands", type=arguments.bands, nargs="+", default=None, help="1-based bands per raster of a scene, e.g. 3,2,1"
+    arguments.add_mapping(
+        parser,
+        arguments.at_least(STRIDE),
+        "auto (CUDA when present; under torchrun each process's cuda:LOCAL_RANK), cpu, cuda, cuda:1, ...",
     )
-    parser.add_argument(
-        "--tile", type=arguments.at_least(STRIDE), default=512, help="tile size in pixels (default 512)"
-    )
-    parser.add_argument(
-        "--overlap", type=arguments.at_least(0), default=None, help="overlap between tiles (default tile / 4)"
-    )
-    parser.add_argument(
-        "--batch-size", type=arguments.at_least(1), default=4, help="tiles per forward pass (default 4)"
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA when present; under torchrun each process's cuda:LOCAL_RANK), cpu, cuda, cuda:1, ...",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="fp32 (default) or bf16: bfloat16 autocast, spectral transforms kept in float32",
-    )
-    arguments.add_score_threshold(parser)
     parser.add_argument("--overwrite", action="store_true", help="map every scene again, replacing its outputs")
-    parser.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
     parser.add_argument(
         "--timeout",
         type=float,
@@ -507,6 +489,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     """Handler of ``rsvheat predict-scenes``: exits with status 1 when a scene failed (after all others ran)."""
+    arguments.resolve_checkpoint(args, "scenes")
     summary = predict_scenes(
         args.checkpoint,
         args.scenes,

@@ -334,13 +334,33 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
 
 
+def find_backbone(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is an RS-vHeat/vHeat backbone, else the one backbone it holds; none or several is a
+    :class:`CheckpointError` naming ``model``'s type."""
+
+    def is_backbone(m: nn.Module) -> bool:  # duck-typed: this module sits below the model's (no import circle)
+        return all(hasattr(m, a) for a in ("arch_config", "depths", "stages", "modalities"))
+
+    if is_backbone(model):
+        return model
+    found = [m for m in model.modules() if is_backbone(m)]
+    if len(found) != 1:
+        what = "no RS-vHeat/vHeat backbone" if not found else f"{len(found)} RS-vHeat/vHeat backbones"
+        raise CheckpointError(f"{type(model).__name__} holds {what}: pass the backbone to load into")
+    return found[0]
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike,
     strict: bool = True,
     band_maps: Mapping[str, Sequence[int | None]] | None = None,
 ) -> nn.modules.module._IncompatibleKeys:
-    """Load any supported checkpoint (see module docstring) into ``model``; returns the missing/unexpected keys."""
+    """Load any supported checkpoint (see module docstring) into ``model``; returns the missing/unexpected keys.
+
+    ``model`` is an RS-vHeat/vHeat backbone or any module holding exactly one: timm's ``features_only`` wrapper, an
+    SMP model on a ``tu-`` encoder, a TorchGeo or TerraTorch task (the backbone is found and loaded)."""
+    model = find_backbone(model)
     sd = unwrap_checkpoint(read_weights_file(path))
     if is_official(sd):
         sd = convert_official(sd)
