@@ -141,3 +141,15 @@ def test_peak_memory_of_a_child_is_its_own():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
     del ballast
     assert 1 < float(done.stdout) < 1536  # importing torch is ~0.7 GiB; the inherited figure would be > 2 GiB
+
+
+def test_machine_description_names_the_cpu_and_its_isa(tmp_path, monkeypatch):
+    import builtins
+
+    from rsvheat.apps import bench
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 popcnt\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+    assert bench.machine_description("cpu").startswith("AMD EPYC 9B14 (AVX-512-BF16, AVX-512, AVX2), ")

@@ -285,11 +285,21 @@ def _subprocess_case(args: argparse.Namespace, name: str, size: int, mode: str, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+#: The CPU features that decide which kernels torch's CPU backend (oneDNN) runs, as /proc/cpuinfo names them.
+ISA_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX-512-BF16", "avx512f": "AVX-512", "avx2": "AVX2"}
+
+
 def machine_description(device: str, precisions: list[str] | tuple[str, ...] = ("fp32",)) -> str:
+    """The machine a result was measured on: CPU model and its ISA (AMX, AVX-512-BF16, AVX-512, AVX2; Linux), threads,
+    RAM, GPU, versions, device, precisions and date."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
+        isa = [name for flag, name in ISA_FLAGS.items() if flag in flags]
+        cpu += f" ({', '.join(isa) if isa else 'none of AMX, AVX-512, AVX2'})"
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
