@@ -102,7 +102,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for section in ("Pre-training", "Fine-tuning", "Whole-scene inference", "Heat maps", "Efficiency"):
         assert f". {section}" in report
-    assert "120 steps of masked frequency modelling on two augmented views" in report and "12 epochs" in report
+    assert "120 steps of the view contrast on two augmented views" in report and "12 epochs" in report
     assert "compared with fine-tuning from random weights: too short to tell" in report
     # the contrastive term learned: a collapsed embedding sits at ln(batch of 6) = 1.79; below half of it here
     assert float(re.search(r"last logged losses: con (\d\.\d+)", report).group(1)) < 0.9

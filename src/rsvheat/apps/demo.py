@@ -257,7 +257,6 @@ class Demo:
                 "lr": 1e-3,
                 "warmup_fraction": 0.1,
                 "drop_path_rate": 0.0,
-                "decoder_width": 96,
             },
             "data": {
                 "optical_dirs": [str(self.out_dir / "data/pretrain")],
