@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from rsvheat import STRIDE
+
 DEBUG_ENV = "RSVHEAT_DEBUG"
 
 
@@ -59,23 +61,24 @@ def add_score_threshold(parser: argparse.ArgumentParser) -> None:
 
 
 def add_checkpoint(
-    parser: argparse.ArgumentParser, help: str, required: bool = True, positional_alias: bool = False
+    parser: argparse.ArgumentParser, help: str, required: bool = True, positional_alias: str | None = None
 ) -> None:
     """``--checkpoint``, the trained model of every command that reads one (the Lightning commands keep Lightning's
     ``--ckpt_path``: there ``--checkpoint.*`` configures the checkpoint callback). ``positional_alias``: the command
-    used to take the checkpoint as its first positional argument; that spelling still works (hidden from --help),
-    resolved by :func:`resolve_checkpoint`."""
+    used to take the checkpoint as its first positional argument, before the positional argument of this name; that
+    spelling still works (hidden from --help), resolved by :func:`resolve_checkpoint`."""
     parser.add_argument("--checkpoint", type=Path, default=None, help=f"{help} (required)" if required else help)
     if positional_alias:
         parser.add_argument("legacy_checkpoint", nargs="?", default=None, help=argparse.SUPPRESS)
-    parser.set_defaults(checkpoint_required=required, checkpoint_parser=parser)
+    parser.set_defaults(checkpoint_required=required, checkpoint_parser=parser, checkpoint_rest=positional_alias)
 
 
-def resolve_checkpoint(args: argparse.Namespace, rest: str | None = None) -> None:
+def resolve_checkpoint(args: argparse.Namespace) -> None:
     """``--checkpoint`` or the old first positional. Given ``--checkpoint``, a first positional belongs to the
-    positional argument named ``rest`` (a list, or a single value not given yet), which argparse cannot tell apart."""
+    positional argument that follows it (a list, or a single value not given yet), which argparse cannot tell apart."""
     legacy = getattr(args, "legacy_checkpoint", None)
     if legacy is not None:
+        rest = args.checkpoint_rest
         following = getattr(args, rest) if rest is not None else None
         if args.checkpoint is None:
             args.checkpoint = Path(legacy)
@@ -89,12 +92,12 @@ def resolve_checkpoint(args: argparse.Namespace, rest: str | None = None) -> Non
         args.checkpoint_parser.error("the following arguments are required: --checkpoint")
 
 
-def add_mapping(parser: argparse.ArgumentParser, tile_type: Callable[[str], int | float], device_help: str) -> None:
+def add_mapping(parser: argparse.ArgumentParser, device_help: str) -> None:
     """The options of the commands that map whole scenes tile by tile (predict-scene, predict-scenes)."""
     parser.add_argument(
         "--bands", type=bands, nargs="+", default=None, help="1-based bands per raster of a scene, e.g. 3,2,1"
     )
-    parser.add_argument("--tile", type=tile_type, default=512, help="tile size in pixels (default 512)")
+    parser.add_argument("--tile", type=at_least(STRIDE), default=512, help="tile size in pixels (default 512)")
     parser.add_argument("--overlap", type=at_least(0), default=None, help="overlap between tiles (default tile / 4)")
     parser.add_argument("--batch-size", type=at_least(1), default=4, help="tiles per forward pass (default 4)")
     parser.add_argument("--device", default="auto", help=device_help)
@@ -113,9 +116,13 @@ def add_precision(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The suffix of the probability map written beside a class or change map (``--probabilities`` without a path).
+PROBABILITIES = ".probabilities.tif"
+
+
 def probabilities_beside(output: Path) -> Path:
     """Where ``--probabilities`` without a path writes: ``<map stem>.probabilities.tif`` beside the map."""
-    return output.with_name(f"{output.stem}.probabilities.tif")
+    return output.with_name(output.stem + PROBABILITIES)
 
 
 def first_line(err: BaseException, empty: str | None = None) -> str:

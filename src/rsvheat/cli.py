@@ -328,7 +328,7 @@ def _add_predict_scene(sub) -> None:
         "  rsvheat predict-scene --checkpoint runs/det/checkpoints/best.ckpt scene.tif -o boxes.geojson",
     )
     arguments.add_checkpoint(
-        scene, "a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)", positional_alias=True
+        scene, "a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)", positional_alias="images"
     )
     scene.add_argument(
         "images",
@@ -348,7 +348,7 @@ def _add_predict_scene(sub) -> None:
         default=None,
         help="also write per-class probabilities: to <map stem>.probabilities.tif, or to the .tif given",
     )
-    arguments.add_mapping(scene, _SIZE, "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    arguments.add_mapping(scene, "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     scene.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     scene.set_defaults(handler=_predict_scene)
 
@@ -409,7 +409,7 @@ def _add_export(sub) -> None:
         "  rsvheat export-encoder --checkpoint runs/pretrain/checkpoints/last.ckpt -o encoder.safetensors",
     )
     arguments.add_checkpoint(
-        encoder, "Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)", positional_alias=True
+        encoder, "Lightning checkpoint of `rsvheat pretrain` (e.g. last.ckpt)", positional_alias="legacy_out"
     )
     _add_out(encoder, "output .safetensors file", positional_alias=True)
     encoder.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -489,8 +489,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = build_parser().parse_args(argv)
     if hasattr(args, "checkpoint_required"):  # before the output: export-encoder's old positionals are both
-        rest = {"predict-scene": "images", "export-encoder": "legacy_out"}.get(args.command)
-        arguments.resolve_checkpoint(args, rest)
+        arguments.resolve_checkpoint(args)
     _resolve_out(args)
     arguments.guarded(args.command, args.handler, args)
 

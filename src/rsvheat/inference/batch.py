@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rsvheat import STRIDE, arguments
+from rsvheat import arguments
 from rsvheat.data.io import image_header
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import check_tile
@@ -45,7 +45,7 @@ SUMMARY = "summary.json"
 #: argument or a line of a list file; file names rarely hold it, unlike spaces or commas.
 SEPARATOR = "|"
 #: Side outputs' suffixes after the scene's stem.
-PROBABILITIES, BOXES_JSON = ".probabilities.tif", ".boxes.json"
+PROBABILITIES, BOXES_JSON = arguments.PROBABILITIES, ".boxes.json"
 #: How long a finished process waits for the others at the final gather (hours): the split balances pixels, not
 #: seconds, and the collectives' defaults (10 to 30 minutes) are shorter than an archive's imbalance can be.
 DEFAULT_TIMEOUT_HOURS = 24.0
@@ -447,7 +447,7 @@ EXAMPLES = (
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``rsvheat predict-scenes`` on ``parser``; its handler is :func:`main`."""
     arguments.add_checkpoint(
-        parser, "a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)", positional_alias=True
+        parser, "a `rsvheat fit` checkpoint (e.g. runs/.../checkpoints/best.ckpt)", positional_alias="scenes"
     )
     parser.add_argument(
         "scenes",
@@ -472,9 +472,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="detection: <stem>.geojson (lon/lat; needs a CRS) or <stem>.boxes.json (pixels, any scene)",
     )
     arguments.add_mapping(
-        parser,
-        arguments.at_least(STRIDE),
-        "auto (CUDA when present; under torchrun each process's cuda:LOCAL_RANK), cpu, cuda, cuda:1, ...",
+        parser, "auto (CUDA when present; under torchrun each process's cuda:LOCAL_RANK), cpu, cuda, cuda:1, ..."
     )
     parser.add_argument("--overwrite", action="store_true", help="map every scene again, replacing its outputs")
     parser.add_argument(
@@ -489,7 +487,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     """Handler of ``rsvheat predict-scenes``: exits with status 1 when a scene failed (after all others ran)."""
-    arguments.resolve_checkpoint(args, "scenes")
+    arguments.resolve_checkpoint(args)
     summary = predict_scenes(
         args.checkpoint,
         args.scenes,

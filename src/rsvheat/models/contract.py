@@ -148,6 +148,11 @@ class TaskSpec:
         )
         return backbone, self.network(backbone, h)
 
+    @property
+    def class_name(self) -> str:
+        """The training class's name, for messages: ``SegmentationTask``."""
+        return self.task.rsplit(".", 1)[-1]
+
 
 def modalities_of(h: Mapping[str, Any]) -> dict[str, int]:
     """The stems of a task's hyper-parameters (``{"optical": 3}`` unless configured)."""
@@ -208,7 +213,7 @@ class ServedTask:
     @property
     def name(self) -> str:
         """For messages: ``SegmentationTask``."""
-        return self.spec.task.rsplit(".", 1)[-1]
+        return self.spec.class_name
 
 
 def spec_of(meta: Mapping[str, Any]) -> TaskSpec | None:
@@ -243,10 +248,11 @@ def load_task(checkpoint: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path}: no hyper_parameters / state_dict in the checkpoint")
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     weights = {k.removeprefix(spec.weights_prefix): v for k, v in state.items() if k.startswith(spec.weights_prefix)}
-    name = spec.task.rsplit(".", 1)[-1]
     try:
         backbone, model = spec.build(hparams)  # the state dict below holds the fine-tuned weights
         model.load_state_dict(weights)
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path} does not rebuild a {name}: {str(err).strip().splitlines()[0]}") from err
+        raise CheckpointError(
+            f"{path} does not rebuild a {spec.class_name}: {str(err).strip().splitlines()[0]}"
+        ) from err
     return ServedTask(spec, model.eval().to(device), backbone, hparams), meta
