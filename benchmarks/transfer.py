@@ -158,7 +158,12 @@ ABLATIONS = {
     "con_strong": {"loss_weights": {"spa": 0.0, "fre": 0.0, "con": 1.0}, "jitter": 0.4, "crop_scale": [0.08, 1.0]},
     # the former default rate, 1e-3 at 256: does the early peak of the monitor follow the rate?
     "lr_1e-3": {"lr": 1e-3},
+    # crops of 1-8x the crop's width, resampled (capped by AID's 600 px: up to the whole scene, as evaluated)
+    "zoom": {"zoom_out": [1.0, 8.0]},
+    # negatives from a queue of 4,096 keys of a momentum encoder (MoCo) instead of the batch's 22
+    "queue": {"negatives": 4096, "momentum": 0.99},
 }
+DATA_OPTIONS = ("zoom_out",)  # ablation keys that are options of the data module, not of the model
 
 
 def pretrain(
@@ -176,6 +181,7 @@ def pretrain(
     if root is None:  # the main run: the chosen --method
         root, overrides, method = args.out / "pretrain", ABLATIONS[args.method], args.method
     overrides = dict(overrides or {})
+    data_overrides = {k: overrides.pop(k) for k in DATA_OPTIONS if k in overrides}
     encoder = root / "encoder.safetensors"
     if encoder.is_file():
         return encoder
@@ -217,6 +223,7 @@ def pretrain(
         "crop_size": args.crop,
         "batch_size": args.pretrain_batch,
         "num_workers": 0 if args.smoke else 1,
+        **data_overrides,
     }
     if "bigearthnet" in plan["sources"]:
         data.update(
@@ -341,10 +348,11 @@ def frozen_units(args, state, init: str, weights: Path | None, seed: int, todo: 
         train = (feats["train"][0][keep], feats["train"][1][keep])
         t0 = time.perf_counter()
         knn = knn_accuracy(train, feats["test"], k, k=args.knn_k)
-        record(results, unit(init, seed, "knn", fraction, knn, len(keep), seconds + time.perf_counter() - t0))
+        extra = {"val_accuracy": round(knn_accuracy(train, feats["val"], k, k=args.knn_k), 4)}  # to choose on
+        record(results, unit(init, seed, "knn", fraction, knn, len(keep), seconds + time.perf_counter() - t0, extra))
         t0 = time.perf_counter()
         probe = linear_probe(train, feats["val"], feats["test"], k)
-        extra = {"weight_decay": probe.weight_decay}
+        extra = {"weight_decay": probe.weight_decay, "val_accuracy": round(probe.val_accuracy[probe.weight_decay], 4)}
         row = unit(init, seed, "linear", fraction, probe.test_accuracy, len(keep), time.perf_counter() - t0, extra)
         record(results, row)
         log(f"{init} seed {seed} fraction {fraction}: knn {knn:.3f}, linear {probe.test_accuracy:.3f}")

@@ -66,6 +66,22 @@ def test_small_images_are_upsampled_and_crops_are_random():
     assert not torch.equal(random_crop(big, 32)["optical"], random_crop(big, 32)["optical"])
 
 
+def test_zoom_out_covers_a_wider_window_on_the_same_grid_for_every_modality():
+    cols = torch.arange(128, dtype=torch.float64).expand(128, 128)
+    pair = {"optical": cols.expand(3, 128, 128).clone(), "sar": cols[None].clone()}
+    for zoom, step in (((1.0, 1.0), 1.0), ((2.0, 2.0), 2.0), ((8.0, 8.0), 4.0)):  # 8 is capped by the 128-px side
+        crop = random_crop(pair, 32, zoom)
+        assert crop["optical"].shape == (3, 32, 32) and crop["sar"].shape == (1, 32, 32)
+        expected = torch.full((3, 32, 29), step, dtype=torch.float64)
+        torch.testing.assert_close(crop["optical"][:, :, 1:-1].diff(dim=-1), expected)
+        torch.testing.assert_close(crop["sar"][0], crop["optical"][0])
+    torch.manual_seed(0)
+    widths = {round(float(random_crop(pair, 16, (1.0, 8.0))["sar"].diff(dim=-1)[0, 5, 5])) for _ in range(40)}
+    assert min(widths) <= 2 and max(widths) >= 6  # drawn over the range, not pinned to an end
+    with pytest.raises(ValueError, match="zoom_out"):
+        ImageFolderPretrain(".", crop_size=32, zoom_out=(0.5, 2.0))
+
+
 def test_sar_linear_to_db(tmp_path):
     write(tmp_path / "sar/a.tif", np.full((1, 32, 32), 0.01, np.float32))
     ds = ImageFolderPretrain(tmp_path / "sar", "sar", channels=1, sar_scale="linear", crop_size=32)

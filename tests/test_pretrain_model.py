@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.fft import dctn
 
-from rsvheat.pretraining.model import FrequencyPretrainer, frequency_loss, info_nce, spatial_loss
+from rsvheat.pretraining.model import FrequencyPretrainer, frequency_loss, info_nce, queue_nce, spatial_loss
 
 MICRO = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64), "drop_path_rate": 0.0}
 
@@ -216,7 +216,7 @@ def _landsat_crops(count: int, size: int, generator: torch.Generator) -> torch.T
     return torch.stack([scene[:, y : y + size, x : x + size] for y, x in zip(ys, xs, strict=True)])
 
 
-def _contrast_run(views: str, steps: int = 40, batch: int = 32) -> list[dict[str, float]]:
+def _contrast_run(views: str, steps: int = 40, batch: int = 32, **kwargs) -> list[dict[str, float]]:
     """The contrastive term alone on real crops; the health of each step's embeddings."""
     from rsvheat.pretraining.model import embedding_health
 
@@ -229,6 +229,7 @@ def _contrast_run(views: str, steps: int = 40, batch: int = 32) -> list[dict[str
         img_size=32,
         proj_dim=32,
         encoder_kwargs={**MICRO, "dims": (16, 32, 64, 128)},
+        **kwargs,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     history = []
@@ -256,6 +257,48 @@ def test_paper_views_reach_the_dead_point_and_crop_views_learn():
     crops = _contrast_run("crops")
     assert crops[-1]["nce_ratio"] < 0.5, crops[-1]
     assert min(h["std"] for h in crops[5:]) > 0.5 and crops[-1]["rank"] > 5
+
+
+def test_queue_nce_matches_float64_reference():
+    torch.manual_seed(0)
+    q, k, queue = torch.randn(5, 8), torch.randn(5, 8), torch.nn.functional.normalize(torch.randn(7, 8), dim=1)
+    qd, kd = (torch.nn.functional.normalize(t.double(), dim=1) for t in (q, k))
+    logits = torch.cat([(qd * kd).sum(1, keepdim=True), qd @ queue.double().T], 1) / 0.2
+    reference = (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+    assert queue_nce(q, k, queue, 0.2).item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_queue_holds_the_latest_keys_and_the_key_encoder_follows_slowly():
+    torch.manual_seed(0)
+    model = micro_pretrainer(loss_weights={"spa": 0, "fre": 0}, modalities={"optical": 3}, negatives=10, momentum=0.9)
+    assert not any(p.requires_grad for p in model.key_encoder.parameters())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    images = {"optical": torch.randn(3, 3, 64, 64)}
+    model(images).loss.backward()  # step 1: keys of 2 x 3 views fill rows 0-5
+    opt.step()
+    assert model.queue_next.tolist() == [6]
+    before = [k.clone() for k in model.key_encoder.parameters()]
+    online = [p.detach().clone() for p in model.encoder.parameters()]
+    out = model(images)  # step 2: the momentum update first, then rows 6-9 and 0-1 (the queue wraps)
+    for b, k, p in zip(before, model.key_encoder.parameters(), online, strict=True):
+        torch.testing.assert_close(k, 0.9 * b + 0.1 * p)
+    assert model.queue_next.tolist() == [2]
+    torch.testing.assert_close(model.queue_optical.norm(dim=1), torch.ones(10))
+    model.eval()
+    queue = model.queue_optical.clone()
+    with torch.no_grad():
+        model(images)
+    assert torch.equal(model.queue_optical, queue) and model.queue_next.tolist() == [2]  # evaluation enqueues nothing
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
+    with pytest.raises(ValueError, match="negatives"):
+        micro_pretrainer(views="low_high", negatives=10)
+
+
+def test_queued_negatives_learn_on_real_crops():
+    history = _contrast_run("crops", negatives=64, momentum=0.9)
+    ratio = [h["nce_ratio"] for h in history]
+    assert sum(ratio[-5:]) / 5 < sum(ratio[:5]) / 5 - 0.1, ratio  # the in-batch InfoNCE falls: views are told apart
+    assert min(h["std"] for h in history[5:]) > 0.5
 
 
 def test_odd_sizes_reconstruct_at_input_size():

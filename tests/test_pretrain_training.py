@@ -269,10 +269,15 @@ def test_failed_checkpoint_write_names_the_file(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     config = make_config(tmp_path, steps=2)
-    done = run_cli("--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "2", timeout=900)
+    ddp = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--model.negatives", "100")
+    done = run_cli("--config", str(config), *ddp, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "MEMBER: 2/2" in done.stderr + done.stdout
     assert ckpt_step(tmp_path / "run/checkpoints/last.ckpt") == 2
+    # the queue holds every process's keys: per step 2 views x 2 images x 2 processes from each source, the optical
+    # queue fed by the optical folder and the pairs, the SAR one by the pairs
+    state = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert state["model.queue_next"].tolist() == [32, 16]
     assert (tmp_path / "run/logs/version_0/encoder.safetensors").is_file()
 
 

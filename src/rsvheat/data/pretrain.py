@@ -4,6 +4,12 @@ Every dataset yields ``{modality: (C, crop, crop) float32 tensor}``: bands selec
 randomly cropped (the same window for both images of a pair). Images smaller than the crop are first upsampled
 (bilinear) so that their shorter side equals the crop.
 
+**Scale.** With ``zoom_out=(1, 1)`` a crop is ``crop`` source pixels wide: pre-training sees the archive at its own
+ground sampling only. Downstream tasks often see the same imagery coarser (a whole 600² AID scene resized to 224²
+is 2.7x coarser); ``zoom_out=(1, f)`` makes each crop cover ``crop × s`` source pixels, ``s`` drawn log-uniformly in
+``[1, f]`` (capped by the image's shorter side), area-resampled to ``crop``: multi-scale pre-training at the same
+cost per step.
+
 **Normalisation.** Per-band mean and standard deviation, given (``stats``) or computed from up to ``stats_samples``
 images of the source and cached as JSON under ``$RSVHEAT_CACHE`` (default ``~/.cache/rsvheat``), keyed by the file
 list and the band selection, so a second run starts at once.
@@ -22,6 +28,7 @@ and reading) that the pre-training run reports at its end.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -48,6 +55,7 @@ class PretrainImages(Dataset):
 
     Args:
         crop_size: side of the random square crop.
+        zoom_out: range of the crop's footprint in source pixels per output pixel (see the module docstring).
         repeat: the dataset is this many times its file list (each visit draws a new crop), for small archives.
         stats: ``{modality: {"mean": [...], "std": [...]}}``; computed from the data and cached when not given.
         stats_samples: images read to compute the statistics.
@@ -58,6 +66,7 @@ class PretrainImages(Dataset):
     def __init__(
         self,
         crop_size: int = 224,
+        zoom_out: tuple[float, float] = (1.0, 1.0),
         repeat: int = 1,
         stats: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
         stats_samples: int = 256,
@@ -66,7 +75,11 @@ class PretrainImages(Dataset):
     ) -> None:
         if sar_scale not in ("db", "linear"):
             raise ValueError(f"sar_scale must be 'db' or 'linear', got {sar_scale!r}")
+        low, high = (float(z) for z in zoom_out)
+        if not 1 <= low <= high:
+            raise ValueError(f"zoom_out must be a range (low, high) with 1 <= low <= high, got {tuple(zoom_out)}")
         self.crop_size = crop_size
+        self.zoom_out = (low, high)
         self.repeat = max(1, int(repeat))
         self.sar_scale = sar_scale
         self.skip_bad = skip_bad
@@ -169,7 +182,7 @@ class PretrainImages(Dataset):
                 warnings.warn(f"skipping: {err}", stacklevel=2)
                 self.unreadable[index] = True
         images = {m: (torch.from_numpy(d) - self._mean[m]) / self._std[m] for m, d in raw.items()}
-        return random_crop(images, self.crop_size)
+        return random_crop(images, self.crop_size, self.zoom_out)
 
 
 def skipped_count(dataset: Dataset) -> int:
@@ -181,15 +194,27 @@ def skipped_count(dataset: Dataset) -> int:
     return 0
 
 
-def random_crop(images: Mapping[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
-    """The same random ``size x size`` window of every ``(C, H, W)`` image; upsample first if an image is smaller."""
+def random_crop(
+    images: Mapping[str, torch.Tensor], size: int, zoom_out: tuple[float, float] = (1.0, 1.0)
+) -> dict[str, torch.Tensor]:
+    """The same random window of every ``(C, H, W)`` image, ``size × size`` on output; upsample first if an image is
+    smaller. The window is ``size × s`` source pixels wide, ``s`` log-uniform in ``zoom_out`` and capped by the
+    shorter side, and is area-resampled (antialiased bilinear) to ``size`` when ``s > 1``."""
     h, w = next(iter(images.values())).shape[-2:]
     if min(h, w) < size:
         scale = size / min(h, w)
         h, w = max(size, round(h * scale)), max(size, round(w * scale))
         images = {m: F.interpolate(x[None], (h, w), mode="bilinear", align_corners=False)[0] for m, x in images.items()}
-    top, left = random_window(h, w, size)
-    return {m: x[:, top : top + size, left : left + size].contiguous() for m, x in images.items()}
+    low, high = (math.log(min(z, min(h, w) / size)) for z in zoom_out)
+    window = max(size, round(size * math.exp(low + (high - low) * float(torch.rand(())))))
+    top, left = random_window(h, w, window)
+    crops = {m: x[:, top : top + window, left : left + window] for m, x in images.items()}
+    if window == size:
+        return {m: x.contiguous() for m, x in crops.items()}
+    return {
+        m: F.interpolate(x[None], (size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        for m, x in crops.items()
+    }
 
 
 def _as_bands(bands: Sequence[int] | None) -> tuple[int, ...] | None:

@@ -54,6 +54,9 @@ class PretrainDataModule(pl.LightningDataModule):
         optical_bands, sar_bands: 1-based band indices to read from folder images (all bands by default).
         bigearthnet_s2_bands, bigearthnet_s1_bands: BigEarthNet band names.
         crop_size: training crop (the pre-training resolution).
+        zoom_out: ``(low, high)``: each crop covers ``crop_size × s`` source pixels, ``s`` log-uniform in the range
+            (capped by the image), resampled to ``crop_size``, so that the encoder also learns the coarser scales
+            downstream tasks see (see :mod:`rsvheat.data.pretrain`); ``(1, 1)``: native resolution only.
         batch_size: per source and per device.
         repeat: visits of each image per epoch (new random crop each time), for small archives.
         stats: per-modality ``{"mean": [...], "std": [...]}``; computed and cached when not given.
@@ -75,6 +78,7 @@ class PretrainDataModule(pl.LightningDataModule):
         bigearthnet_s2_bands: Sequence[str] = ("B04", "B03", "B02"),
         bigearthnet_s1_bands: Sequence[str] = ("VV",),
         crop_size: int = 224,
+        zoom_out: tuple[float, float] = (1.0, 1.0),
         batch_size: int = 32,
         num_workers: int = 2,
         repeat: int = 1,
@@ -96,6 +100,7 @@ class PretrainDataModule(pl.LightningDataModule):
         h = self.hparams
         return dict(
             crop_size=h.crop_size,
+            zoom_out=tuple(h.zoom_out),
             repeat=h.repeat,
             stats=h.stats,
             stats_samples=h.stats_samples,

@@ -14,7 +14,10 @@ modality (or a co-registered optical+SAR pair, cropped alike):
    for Self-Supervised Visual Pre-Training", ICLR 2023), so the loss cannot be lowered by copying what was seen;
 4. ``L_con``: symmetric InfoNCE between the pooled, projected stage-4 features of the two views of an image (SimCLR,
    Chen et al. 2020, with the frequency split as one of the augmentations) and, for pairs, between the optical and
-   SAR features of the same view.
+   SAR features of the same view. With ``negatives=K`` (MoCo, He et al. 2020) each view's query is matched to the
+   other view's key from a momentum copy of encoder and projector, against a queue of the ``K`` latest keys: a
+   batch of 12 on a CPU offers 22 negatives, which the views tell apart within a few hundred steps (the InfoNCE
+   falls to a few % of ``ln B`` and stops teaching); thousands of queued keys keep the task hard.
 
 ``views="low_high"`` (the paper's reading, kept for comparison): the encoder sees ``I_low`` and ``I_high`` of the
 image itself, the two streams are fused per stage (``concat -> 1x1 conv``, the official ``fuse_frequency``) and decoded
@@ -36,9 +39,11 @@ it is thrown away after pre-training).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +83,24 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torc
     logits = a @ b.T / temperature
     target = torch.arange(a.shape[0], device=a.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def queue_nce(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """InfoNCE of ``query`` ``(B, D)`` against its ``key`` ``(B, D)`` (row i of each is a positive pair, the key
+    without gradient) with the L2-normalised rows of ``queue`` ``(K, D)`` as negatives. Chance level is
+    ``ln(K + 1)``."""
+    query, key = F.normalize(query, dim=-1), F.normalize(key, dim=-1)
+    logits = torch.cat([(query * key).sum(-1, keepdim=True), query @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every process, concatenated along dim 0 (``x`` itself outside ``torch.distributed``)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    out = x.new_empty((torch.distributed.get_world_size() * x.shape[0], *x.shape[1:]))
+    torch.distributed.all_gather_into_tensor(out, x.contiguous())
+    return out
 
 
 #: below this, :func:`embedding_health`'s ``std`` reads as a collapsed embedding (1 = spread over the sphere)
@@ -236,6 +259,9 @@ class FrequencyPretrainer(nn.Module):
         jitter: strength of :class:`ViewAugment`'s radiometric jitter (``views="crops"``; 0: none).
         decoder_width, decoder_depth, proj_dim, temperature: decoder width and number of 3x3 blocks, contrastive
             head size, InfoNCE temperature.
+        negatives: length of the queue of keys the view contrast draws its negatives from (MoCo); 0: the other
+            images of the batch (SimCLR). The queue is shared by all processes under DDP (keys are gathered).
+        momentum: the key encoder follows the encoder as ``key = m * key + (1 - m) * online`` every training step.
         encoder_kwargs: more :class:`RSVHeat` arguments (e.g. ``drop_path_rate``).
     """
 
@@ -256,9 +282,13 @@ class FrequencyPretrainer(nn.Module):
         decoder_depth: int = 1,
         proj_dim: int = 128,
         temperature: float = 0.2,
+        negatives: int = 0,
+        momentum: float = 0.99,
         encoder_kwargs: Mapping | None = None,
     ) -> None:
         super().__init__()
+        if negatives < 0 or not 0 <= momentum < 1:
+            raise ValueError(f"negatives must be >= 0 and momentum in [0, 1), got {negatives} and {momentum}")
         if variant not in VARIANTS:
             raise ValueError(f"unknown encoder variant {variant!r}; available: {sorted(VARIANTS)}")
         modalities = dict(modalities or {"optical": 3, "sar": 1})
@@ -305,6 +335,62 @@ class FrequencyPretrainer(nn.Module):
             else None
         )
         self.temperature = temperature
+        self.momentum = momentum
+        self.key_encoder: RSVHeat | None = None
+        self.key_projector: nn.Module | None = None
+        if negatives and self.projector is not None and views == "crops":
+            self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+            self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+            for modality in modalities:  # random unit keys until the first K real ones have arrived
+                self.register_buffer(f"queue_{modality}", F.normalize(torch.randn(negatives, proj_dim), dim=1))
+            self.register_buffer("queue_next", torch.zeros(len(modalities), dtype=torch.long))
+        elif negatives:
+            raise ValueError("negatives (a queue of keys) needs views='crops' and a contrastive term")
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        assert self.key_encoder is not None and self.key_projector is not None and self.projector is not None
+        pairs = [*zip(self.encoder.parameters(), self.key_encoder.parameters(), strict=True)]
+        pairs += zip(self.projector.parameters(), self.key_projector.parameters(), strict=True)
+        for online, key in pairs:
+            key.lerp_(online.detach(), 1 - self.momentum)
+
+    @torch.no_grad()
+    def _keys(self, first: torch.Tensor, second: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The momentum encoder's normalised embeddings of both views ``(B, D)`` each."""
+        assert self.key_encoder is not None and self.key_projector is not None
+        feats = self.key_encoder.forward_intermediates(
+            torch.cat([first, second]), indices=(3,), intermediates_only=True, modality=modality
+        )
+        k_first, k_second = F.normalize(self.key_projector(feats[-1].mean((2, 3))), dim=-1).chunk(2)
+        return k_first, k_second
+
+    @torch.no_grad()
+    def _enqueue(self, modality: str, keys: torch.Tensor) -> None:
+        queue: torch.Tensor = getattr(self, f"queue_{modality}")
+        keys = _gather(keys)[-queue.shape[0] :]
+        slot = list(self.encoder.modalities).index(modality)
+        next_row = cast(torch.Tensor, self.queue_next)
+        rows = (next_row[slot] + torch.arange(keys.shape[0], device=keys.device)) % queue.shape[0]
+        queue[rows] = keys.to(queue.dtype)
+        next_row[slot] = (next_row[slot] + keys.shape[0]) % queue.shape[0]
+
+    def view_contrast(
+        self, z_first: torch.Tensor, z_second: torch.Tensor, first: torch.Tensor, second: torch.Tensor, modality: str
+    ) -> torch.Tensor:
+        """``L_con`` of the two views' projected embeddings ``(B, D)``: in-batch InfoNCE, or with a queue the MoCo
+        loss of each view's query against the other view's key (``first``/``second``: the encoder's inputs)."""
+        if self.key_encoder is None:
+            return info_nce(z_first, z_second, self.temperature)
+        if self.training and torch.is_grad_enabled():
+            self._momentum_update()
+        k_first, k_second = self._keys(first, second, modality)
+        queue = getattr(self, f"queue_{modality}").clone()  # the loss reads the queue as it was before this batch
+        t = self.temperature
+        loss = (queue_nce(z_first, k_second, queue, t) + queue_nce(z_second, k_first, queue, t)) / 2
+        if self.training:
+            self._enqueue(modality, torch.cat([k_first, k_second]))
+        return loss
 
     def encode(self, first: torch.Tensor, second: torch.Tensor, modality: str):
         """Both streams ``(B, C, H, W)`` through the shared encoder in one pass. Returns the stage-3/4 maps of each
@@ -359,7 +445,7 @@ class FrequencyPretrainer(nn.Module):
                     fre.append(frequency_loss(recon, x, hidden))
             if self.projector is not None:
                 z_first, z_second = self.projector(pooled_first), self.projector(pooled_second)
-                con.append(info_nce(z_first, z_second, self.temperature))
+                con.append(self.view_contrast(z_first, z_second, first, second, modality))
                 embeddings[modality] = (z_first.detach(), z_second.detach())
                 # the cross-modal term: the same view (crops) or the fused streams (low_high) of each modality
                 cross[modality] = z_first if self.views == "crops" else self.projector(decoded[-1].mean((2, 3)))

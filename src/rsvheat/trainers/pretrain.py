@@ -39,7 +39,8 @@ class PretrainTask(pl.LightningModule):
 
     Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``ratio_part``,
         ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``jitter``, ``decoder_width``,
-        ``decoder_depth``, ``proj_dim``, ``temperature``, ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
+        ``decoder_depth``, ``proj_dim``, ``temperature``, ``negatives``, ``momentum``, ``drop_path_rate`` as in
+        :class:`FrequencyPretrainer`.
     Args (optimisation): AdamW with ``weight_decay`` (none on norms, biases, FVE and SCE) and ``betas``. ``lr`` is the
         rate at a batch of 256 images; the rate used follows the batch (:func:`scaled_lr`): ``lr_scaling="sqrt"``
         (default) multiplies it by ``sqrt(B / 256)``, ``"linear"`` by ``B / 256``, ``"none"`` uses ``lr`` as given,
@@ -70,6 +71,8 @@ class PretrainTask(pl.LightningModule):
         decoder_depth: int = 1,
         proj_dim: int = 128,
         temperature: float = 0.2,
+        negatives: int = 0,
+        momentum: float = 0.99,
         drop_path_rate: float = 0.1,
         lr: float = 2.5e-4,
         lr_scaling: str = "sqrt",
@@ -101,6 +104,8 @@ class PretrainTask(pl.LightningModule):
             decoder_depth=decoder_depth,
             proj_dim=proj_dim,
             temperature=temperature,
+            negatives=negatives,
+            momentum=momentum,
             encoder_kwargs={"drop_path_rate": drop_path_rate, **(encoder_kwargs or {})},
         )
         self.model.encoder.set_grad_checkpointing(  # True: every block; N: the first N
