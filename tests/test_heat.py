@@ -71,22 +71,23 @@ def test_filter_shape_mismatch_is_reported():
         heat_conduct(torch.randn(1, 5, 5, 3), torch.ones(4, 4, 3))
 
 
-def test_module_caches_filter_only_for_inference_and_tracks_weight_updates():
+def test_module_uses_a_folded_filter_only_when_folded():
     hco = HeatConduction(8)
     fve = torch.randn(6, 7, 8)
     x = torch.randn(2, 6, 7, 8)
     hco.eval()
     with torch.no_grad():
-        first = hco.decay_filter(fve)
-        assert hco.decay_filter(fve) is first
-        hco.to_k.weight.add_(0.5)  # an optimizer step bumps the version: the cache must not serve stale filters
-        second = hco.decay_filter(fve)
-        assert second is not first
-        torch.testing.assert_close(second, heat_filter(torch.relu(hco.to_k(fve))))
+        computed = hco.decay_filter(fve)
+        assert hco.folded_filter is None  # eval mode alone folds nothing
+        folded = hco.fold(fve)
+        assert hco.decay_filter(fve) is folded
+        torch.testing.assert_close(folded, computed, rtol=0, atol=0)
+        assert hco.decay_filter(fve[:3]) is not folded  # another size: computed
+    hco.unfold()
     out = hco(x, fve)
-    out.sum().backward()  # grad mode: no cache, gradients reach to_k
+    out.sum().backward()  # gradients reach to_k
     assert hco.to_k.weight.grad is not None and hco.to_k.weight.grad.abs().sum() > 0
-    assert hco.folded_filter is not None
+    hco.fold(fve)
     hco.train()  # about to change the weights: the fold is dropped
     assert hco.folded_filter is None
 

@@ -37,50 +37,60 @@ def test_folded_inference_equals_unfolded_and_is_reused():
     model = micro_model()
     x = torch.randn(2, 3, 80, 72)
     model.eval()
-    with torch.enable_grad():
-        reference = model(x)  # grad mode: computes filters afresh every call
+    with torch.no_grad():
+        reference = model(x)  # eval mode, not folded: computed from the weights
+    assert model.stages[2].folded_fve is None and model.stages[2].blocks[0].hco.folded_filter is None
     model.fold((80, 72))
     stage = model.stages[2]
     fve, filt = stage.folded_fve, stage.blocks[0].hco.folded_filter
     assert fve.shape == (5, 5, 64) and filt.shape == (5, 5, 64)
-    with torch.no_grad():
+    with torch.inference_mode():
         folded = model(x)
     # fold() already built what the forward used
     assert stage.folded_fve is fve and stage.blocks[0].hco.folded_filter is filt
     torch.testing.assert_close(folded, reference, rtol=0, atol=0)
-    with torch.no_grad():  # another size folds on first use, still equal
-        torch.testing.assert_close(model(x[..., :40, :48]), model.clear_caches()(x[..., :40, :48]))
+    with torch.no_grad():  # another size folds on first use in folded mode, still equal
+        small = model(x[..., :40, :48])
+        assert stage.folded_fve.shape == (3, 3, 64)
+        torch.testing.assert_close(small, model.unfold()(x[..., :40, :48]), rtol=0, atol=0)
+    assert not dict(model.named_buffers())
 
 
-def test_folded_tensors_are_buffers_outside_the_state_dict_and_clear_caches_drops_them():
+def test_folded_tensors_are_buffers_outside_the_state_dict_and_unfold_drops_them():
     model = micro_model().fold((64, 64))
     buffers = dict(model.named_buffers())
     assert {"stages.0.folded_fve", "stages.0.folded_sce", "stages.3.blocks.0.hco.folded_filter"} <= buffers.keys()
     # at the stored size the folded FVE is a copy, never the parameter itself
     assert buffers["stages.0.folded_fve"].data_ptr() != model.stages[0].freq_embed.data_ptr()
     assert not any("folded" in key for key in model.state_dict())
-    model.clear_caches()
-    assert not dict(model.named_buffers())
-    assert model.stages[0]._folded_for is None and model.stages[0].blocks[0].hco._folded_for is None
+    model.unfold()
+    assert not dict(model.named_buffers()) and not any(stage.folding for stage in model.stages)
+    model.fold((64, 64)).train()  # training changes the weights: train() ends the fold
+    assert not dict(model.named_buffers()) and not any(stage.folding for stage in model.stages)
 
 
-def test_inference_mode_at_another_size_and_after_a_weight_change():
-    """Lightning's test/predict run under ``torch.inference_mode``: the resized FVE is then an inference tensor (no
-    version counter), and the cached filters must still follow the weights."""
+def test_each_mode_follows_the_weights_it_promises_to():
+    """Not folded (training, eval, under autograd or not): computed from the weights at every forward. Folded: computed
+    once per size, until train() or unfold(); a load_state_dict folds again from the loaded weights (also under
+    Lightning's ``torch.inference_mode``, where the resized FVE is an inference tensor)."""
     model = micro_model().eval()
     x = torch.randn(1, 3, 72, 56)
     with torch.inference_mode():
-        first, again = model(x), model(x)
-    expected = model.clear_caches()(x).detach()  # grad mode: computed afresh, nothing folded
-    torch.testing.assert_close(first, expected, rtol=0, atol=0)
-    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+        before = model(x)
     with torch.no_grad():
         for stage in model.stages:
             stage.freq_embed.mul_(3.0)
-        changed = model.clear_caches()(x)
     with torch.inference_mode():
-        torch.testing.assert_close(model(x), changed, rtol=0, atol=0)
-    assert not torch.equal(changed, expected)
+        changed = model(x)  # eval mode without a fold: the edit is seen at once
+    assert not torch.equal(changed, before)
+    torch.testing.assert_close(model.fold()(x).detach(), changed, rtol=0, atol=0)
+    other = micro_model().eval()
+    with torch.no_grad():
+        expected = other(x)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert all(stage.folding for stage in model.stages)  # still folded mode, folded from the loaded weights
 
 
 def test_gradients_reach_fve_sce_to_k_and_stems():

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rsvheat.data.classification import SceneClassification, resolve_root, scan_class_folders
 from rsvheat.files import write_json_atomic
+from rsvheat.models.rsvheat import fold_backbones
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (features (N, C), labels (N,))
 
@@ -49,13 +50,14 @@ def extract_features(
     ``forward_features`` gives ``(B, C, h, w)`` before the head norm) over ``data``: a dataset of
     ``{"image": (C_in, H, W), "label": ()}`` samples, a loader or any iterable of such batches.
 
-    Returns ``(features (N, C) float32 on the CPU, labels (N,) int64)``. The encoder runs in eval mode (no drop path;
-    folded inference) and is put back into its previous mode."""
+    Returns ``(features (N, C) float32 on the CPU, labels (N,) int64)``. The encoder runs folded in eval mode (no drop
+    path; :func:`~rsvheat.models.rsvheat.fold_backbones`); one that was training is put back into training mode (which
+    ends the fold), one that was not stays folded."""
     if isinstance(data, Dataset):
         data = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     was_training = encoder.training
-    encoder.eval()
+    fold_backbones(encoder)
     feats, labels = [], []
     try:
         for batch in data:

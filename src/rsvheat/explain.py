@@ -35,6 +35,7 @@ from rsvheat.data.io import check_band_selection, image_header, open_raster
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import Input, Scene, check_memory, check_tile
 from rsvheat.models.precision import autocast, check_precision, low_precision_weights
+from rsvheat.models.rsvheat import fold_backbones
 from rsvheat.models.sliding import window_grid
 from rsvheat.progress import bar as progress_bar
 
@@ -175,7 +176,7 @@ def explain_scene(
     if not bands:
         bands = colour_bands(image)
     stats = dict(stats) if stats is not None else image_stats(image, bands)
-    model = model.eval().to(device)
+    model = fold_backbones(model).to(device)  # the weights stay as they are: filters computed once per size
     source = Input(image, modality, tuple(bands) if bands else None)
     with Scene({modality: source}, model.modalities, {modality: stats}, georeferenced_outputs=False) as scene:
         size = (scene.height, scene.width)

@@ -32,7 +32,7 @@ from torch import nn
 
 from rsvheat.files import check_output, refuse_inputs_as_outputs, write_atomic, write_bytes_to
 from rsvheat.inference.scene import MIN_TILE
-from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.models.rsvheat import RSVHeat, fold_backbones
 from rsvheat.models.tasks import ChangeDetectionModel
 from rsvheat.operators.heat import HeatConduction
 from rsvheat.progress import Steps
@@ -80,8 +80,8 @@ def input_names(kind: str) -> list[str]:
 
 def prepare(model: nn.Module, kind: str) -> nn.Module:
     """``model`` (an :class:`RSVHeat` backbone/classifier, a ``SegmentationModel`` or a ``ChangeDetectionModel``) in
-    eval mode with matmul DCTs, wrapped to take positional tensors."""
-    model = model.eval()
+    eval mode, its backbones folded (:func:`fold_backbones`), with matmul DCTs, wrapped to take positional tensors."""
+    model = fold_backbones(model)
     for module in model.modules():
         if isinstance(module, HeatConduction):
             module.dct_impl = "matmul"
@@ -131,7 +131,7 @@ def export_model(
     steps = Steps(4, f"export {out.name}", progress)
     steps.next("reference forward")
     with torch.no_grad():
-        # eval mode without autograd: this forward also folds every heat stage for the size it sees (RSVHeat.fold)
+        # folded mode: this forward folds every heat stage for the size it sees (RSVHeat.fold)
         reference = adapter(*inputs)
     result: dict = {"path": out, "reference_max_abs": float(reference.abs().max())}
 
@@ -163,7 +163,7 @@ def export_model(
             # at load (the file stays as small as the weights)
             for module in adapter.modules():
                 if isinstance(module, RSVHeat):
-                    module.clear_caches()
+                    module.unfold()
 
             steps.next("trace (dynamo exporter)")
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import rsvheat
 from rsvheat.models.checkpoint import CheckpointError, read_torch_file
-from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.models.rsvheat import RSVHeat, fold_backbones
 from rsvheat.models.tasks import ChangeDetectionModel, SegmentationModel, faster_rcnn
 from rsvheat.models.weights import load_weights
 
@@ -255,4 +255,4 @@ def load_task(checkpoint: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(
             f"{path} does not rebuild a {spec.class_name}: {str(err).strip().splitlines()[0]}"
         ) from err
-    return ServedTask(spec, model.eval().to(device), backbone, hparams), meta
+    return ServedTask(spec, fold_backbones(model).to(device), backbone, hparams), meta

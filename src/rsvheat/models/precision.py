@@ -61,3 +61,8 @@ def low_precision_weights(model: nn.Module, precision: str) -> Iterator[nn.Modul
     finally:
         for param, data in kept:
             param.data = data
+        from rsvheat.models.rsvheat import HeatStage
+
+        for module in model.modules():
+            if isinstance(module, HeatStage):
+                module.drop_folds()  # folded from the rounded weights: fold again from the float32 ones

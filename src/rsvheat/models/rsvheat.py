@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from rsvheat import STRIDE
 from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
 from rsvheat.operators.dct import DctImpl
-from rsvheat.operators.heat import HeatConduction, resize_embedding, tensor_version
+from rsvheat.operators.heat import HeatConduction, resize_embedding
 from rsvheat.operators.recompute import gelu_linear, layer_norm_linear
 
 __all__ = ["RSVHeat", "VARIANTS", "create_model", "create_model_from_weights"]
@@ -140,23 +140,15 @@ class HeatConductionKt(HeatConduction):
         # bilinear interpolation of a non-negative field stays non-negative: still a low-pass filter
         return resize_embedding(self.kt_override, tuple(freq_embed.shape[:2])).to(freq_embed.dtype)
 
-    def _signature(self, freq_embed: torch.Tensor) -> tuple:
-        # a fold must be redone when the stored k·t changes (e.g. loaded in place)
-        kt = self.kt_override
-        extra = () if kt is None else ((kt.data_ptr(), tensor_version(kt), tuple(kt.shape)),)
-        return super()._signature(freq_embed) + extra
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         # The buffer exists only when a checkpoint brings one: allocate it (or drop it) before the copy.
         key = prefix + "kt_override"
         if key in state_dict:
             like = self.to_k.weight
             self.kt_override = torch.empty(state_dict[key].shape, dtype=like.dtype, device=like.device)
-            self.clear_cache()
         elif any(k.startswith(prefix) for k in state_dict):
             # this block's weights without a stored k·t: the normal path (a partial load of other modules keeps it)
             self.kt_override = None
-            self.clear_cache()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
 
@@ -241,53 +233,48 @@ class HeatStage(nn.Module):
         # they are derived from the weights.
         self.register_buffer("folded_fve", None, persistent=False)
         self.register_buffer("folded_sce", None, persistent=False)
-        self._folded_for: tuple | None = None  # (size, weights signature) of the folded buffers
+        self.folding = False  # folded mode: set by fold(), ended by unfold() and train()
+        self._folded_size: tuple[int, int] | None = None
+        self.register_load_state_dict_post_hook(_drop_folds_after_load)
 
     def _resized(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         sce = resize_embedding(self.heat_capacity, size) if self.heat_capacity is not None else None
         return resize_embedding(self.freq_embed, size), sce
 
-    def _signature(self, size: tuple[int, int]) -> tuple:
-        params = [p for p in (self.freq_embed, self.heat_capacity) if p is not None]
-        return (tuple(size),) + tuple((p.data_ptr(), tensor_version(p), p.device, p.dtype) for p in params)
-
     @torch.inference_mode(False)  # normal tensors even when folded under inference_mode: exporters can trace them
     @torch.no_grad()
     def fold(self, size: tuple[int, int]) -> None:
-        """Resize FVE and SCE to the feature-map ``size`` and keep them as the buffers ``folded_fve`` and
-        ``folded_sce``, then fold every block's decay filter for that FVE (:meth:`HeatConduction.fold`)."""
+        """Enter folded mode and fold for the feature-map ``size``: FVE and SCE resized and kept as the buffers
+        ``folded_fve`` and ``folded_sce``, every block's decay filter folded for that FVE
+        (:meth:`HeatConduction.fold`)."""
         fve, sce = self._resized(size)
         # at the stored size resize_embedding returns the parameter itself: a buffer must not alias it
         fve = fve.clone() if fve is self.freq_embed else fve
         sce = sce.clone() if sce is not None and sce is self.heat_capacity else sce
         self.folded_fve, self.folded_sce = fve, sce
-        self._folded_for = self._signature(size)
+        self._folded_size, self.folding = tuple(size), True
         for block in self.blocks:
             block.hco.fold(fve)
 
-    def clear_cache(self) -> None:
-        """Drop the folded FVE/SCE and the blocks' folded filters."""
-        self.folded_fve, self.folded_sce, self._folded_for = None, None, None
+    def drop_folds(self) -> None:
+        """Drop the folded tensors, staying in folded mode (the next forward folds again, from the current
+        weights)."""
+        self.folded_fve, self.folded_sce, self._folded_size = None, None, None
         for block in self.blocks:
-            block.hco.clear_cache()
+            block.hco.unfold()
+
+    def unfold(self) -> None:
+        """Leave folded mode: FVE, SCE and filters are computed from the weights at every forward."""
+        self.drop_folds()
+        self.folding = False
 
     def embeddings(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """FVE and SCE resized to the feature-map ``size``: ``(h, w, C)`` each (SCE ``None`` without one).
-
-        In eval mode without autograd they are folded (:meth:`fold`) on first use and reused while the weights are
-        unchanged. While exporting (``torch.export``, ONNX) folded ones of the right size are used as they are
-        (constants of the program); otherwise, as in training, under autograd and under ``torch.compile``, they are
-        computed.
-        """
-        if self.training:
+        """FVE and SCE resized to the feature-map ``size``: ``(h, w, C)`` each (SCE ``None`` without one). In folded
+        mode the folded ones (folding first at a size not folded yet); otherwise computed from the weights, the same
+        path in training, evaluation, under ``torch.compile`` and while exporting."""
+        if not self.folding:
             return self._resized(size)
-        if torch.compiler.is_exporting():
-            # traced tensors carry no version to check against: the exporter folds right before tracing
-            folded = self._folded_for is not None and self._folded_for[0] == tuple(size)
-            return (self.folded_fve, self.folded_sce) if folded else self._resized(size)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._resized(size)
-        if self._folded_for != self._signature(size):
+        if self._folded_size != tuple(size):
             self.fold(size)
         return self.folded_fve, self.folded_sce
 
@@ -300,8 +287,13 @@ class HeatStage(nn.Module):
         return x
 
     def train(self, mode: bool = True):
-        self.clear_cache()  # a fold is made for one set of weights; training is about to change them
+        if mode:
+            self.unfold()  # a fold is made for one set of weights; training is about to change them
         return super().train(mode)
+
+
+def _drop_folds_after_load(stage: HeatStage, incompatible_keys) -> None:
+    stage.drop_folds()  # folds of the weights that were replaced
 
 
 class ClassifierHead(nn.Module):
@@ -606,17 +598,21 @@ class RSVHeat(nn.Module):
     # inference folding
 
     def fold(self, img_size: int | Sequence[int] | None = None) -> RSVHeat:
-        """Switch to eval mode and precompute, for inputs of ``img_size`` (default: the stored ``img_size``), the
-        resized FVE/SCE of every stage and every block's decay filter ``exp(-kt (w_n^2 + w_m^2))`` (the official
-        ``infer_init``, for any size, SCE kept), kept as buffers that ``torch.export`` and ONNX store as constants.
+        """Eval mode and folded mode (timm's ``reparameterize()``, the official ``infer_init``, for any size, SCE
+        kept): every stage keeps its FVE/SCE resized to the feature map and every block its decay filter
+        ``exp(-kt (w_n^2 + w_m^2))`` as buffers, computed once per input size instead of at every forward, and
+        stored as constants by ``torch.export``. With ``img_size`` they are folded now for that size; without, at the
+        first forward of each size. Outputs are identical to the unfolded model.
 
-        Outputs are identical to the unfolded model. An eval-mode forward without autograd folds by itself, for the
-        size it sees, and folds again after the weights change; calls at other sizes still work. Exporters take the
-        folded buffers as they are: fold (or run such a forward) after changing weights in eval mode.
-        """
+        A fold is a promise that the weights stay as they are: ``train()`` and :meth:`unfold` end it, a
+        ``load_state_dict`` folds again from the new weights; after editing weights in place, call :meth:`fold`
+        again. Returns the model."""
         self.eval()
-        size = self.img_size if img_size is None else img_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
+        if img_size is None:
+            for stage in self.stages:
+                stage.folding = True
+            return self
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         h, w = -(-size[0] // 4), -(-size[1] // 4)
         for i, stage in enumerate(self.stages):
             if i > 0:
@@ -624,12 +620,22 @@ class RSVHeat(nn.Module):
             stage.fold((h, w))
         return self
 
-    def clear_caches(self) -> RSVHeat:
-        """Drop every folded FVE/SCE and decay filter (made by :meth:`fold` or by an eval-mode forward without
-        autograd); the next such forward folds again. Returns the model."""
+    def unfold(self) -> RSVHeat:
+        """Leave folded mode and drop every folded tensor: FVE, SCE and filters are computed from the weights at
+        every forward again (as in training). Returns the model."""
         for stage in self.stages:
-            stage.clear_cache()
+            stage.unfold()
         return self
+
+
+def fold_backbones(module: nn.Module) -> nn.Module:
+    """Every :class:`RSVHeat` inside ``module`` (a task model, a wrapper) in folded mode (:meth:`RSVHeat.fold`),
+    ``module`` in eval mode: for serving. Returns ``module``."""
+    module.eval()
+    for backbone in module.modules():
+        if isinstance(backbone, RSVHeat):
+            backbone.fold()
+    return module
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -115,11 +115,6 @@ def resize_embedding(embed: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return resized[0].permute(1, 2, 0).contiguous()
 
 
-def tensor_version(t: torch.Tensor) -> int:
-    """In-place modification counter; inference tensors have none (and cannot be modified outside inference mode)."""
-    return -1 if t.is_inference() else t._version
-
-
 class HeatConduction(nn.Module):
     """The HCO token mixer of one block, channels-last ``(B, H, W, C) -> (B, H, W, C)``.
 
@@ -144,54 +139,32 @@ class HeatConduction(nn.Module):
         # since it is derived from the weights.
         self.folded_filter: torch.Tensor | None
         self.register_buffer("folded_filter", None, persistent=False)
-        self._folded_for: tuple | None = None  # (FVE, weights signature) the folded filter was computed from
 
     def kt(self, freq_embed: torch.Tensor) -> torch.Tensor:
         """Diffusivity times time, ``ReLU(to_k(FVE))``: ``(H, W, C)``."""
         return F.relu(self.to_k(freq_embed))
 
-    def _signature(self, freq_embed: torch.Tensor) -> tuple:
-        return (tuple(freq_embed.shape), freq_embed.device, freq_embed.dtype, tensor_version(freq_embed)) + tuple(
-            (p.data_ptr(), tensor_version(p)) for p in (self.to_k.weight, self.to_k.bias)
-        )
-
     @torch.inference_mode(False)  # a normal tensor even when folded under inference_mode: exporters can trace it
     @torch.no_grad()
     def fold(self, freq_embed: torch.Tensor) -> torch.Tensor:
         """Compute the decay filter for ``freq_embed`` (``(H, W, C)``, resized to the feature map) and keep it as the
-        buffer ``folded_filter``, which :meth:`decay_filter` then returns: the official ``k_exp``, for any size."""
+        buffer ``folded_filter``, which :meth:`decay_filter` then returns at that size until :meth:`unfold` (or
+        ``train()``): the official ``k_exp``, for any size. A fold is a promise that the weights stay as they are."""
         self.folded_filter = heat_filter(self.kt(freq_embed))
-        self._folded_for = (freq_embed, self._signature(freq_embed))
         return self.folded_filter
 
-    def clear_cache(self) -> None:
-        """Drop the folded filter; the next forward in eval mode without autograd folds again."""
-        self.folded_filter, self._folded_for = None, None
+    def unfold(self) -> None:
+        """Drop the folded filter: the filter is computed from the weights again."""
+        self.folded_filter = None
 
     def decay_filter(self, freq_embed: torch.Tensor) -> torch.Tensor:
-        """``exp(-kt (w_n^2 + w_m^2))`` for an FVE already resized to the feature map: ``(H, W, C)``.
-
-        In eval mode without autograd the filter is folded (:meth:`fold`) on first use and reused while the FVE and
-        ``to_k`` are unchanged. While exporting (``torch.export``, ONNX) a folded filter of the right size is used as
-        it is (a constant of the program); otherwise, as in training, under autograd and under ``torch.compile``, it
-        is computed from the weights.
-        """
-        if self.training:
-            return heat_filter(self.kt(freq_embed))
-        if torch.compiler.is_exporting():
-            # traced tensors carry no identity or version to check against: the exporter folds right before tracing
-            folded = self.folded_filter
-            return (
-                folded if folded is not None and folded.shape == freq_embed.shape else heat_filter(self.kt(freq_embed))
-            )
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return heat_filter(self.kt(freq_embed))
-        # The FVE is matched by identity (the fold holds it, so its id cannot be recycled): one resized under
-        # inference_mode has no version counter, and a fresh one may reuse a freed one's address.
-        source, signature = self._folded_for or (None, None)
-        if self.folded_filter is None or source is not freq_embed or signature != self._signature(freq_embed):
-            return self.fold(freq_embed)
-        return self.folded_filter
+        """``exp(-kt (w_n^2 + w_m^2))`` for an FVE already resized to the feature map: ``(H, W, C)``. The folded filter
+        (:meth:`fold`) when there is one of this size, else computed from the weights: the same path in training,
+        evaluation, under ``torch.compile`` and while exporting."""
+        folded = self.folded_filter
+        if folded is not None and folded.shape == freq_embed.shape:
+            return folded
+        return heat_filter(self.kt(freq_embed))
 
     def forward(
         self, x: torch.Tensor, freq_embed: torch.Tensor, sce: torch.Tensor | None = None, return_states: bool = False
@@ -232,5 +205,6 @@ class HeatConduction(nn.Module):
         return out, states
 
     def train(self, mode: bool = True):
-        self.clear_cache()  # a fold is made for one set of weights; training is about to change them
+        if mode:
+            self.unfold()  # a fold is made for one set of weights; training is about to change them
         return super().train(mode)
