@@ -361,10 +361,8 @@ class Demo:
             window, _ = reader.read((self.height - check_h) // 2, (self.width - check_w) // 2, check_h, check_w)
         x = torch.from_numpy(window["optical"])[None]
         with torch.no_grad():
-            # Training mode recomputes every filter from FVE and to_k (the unfolded path); the demo's backbone has no
-            # dropout or drop-path, so both modes compute the same function.
-            unfolded = backbone.train().forward_intermediates(x, intermediates_only=True)
-            backbone.fold((check_h, check_w))  # eval mode, filters precomputed for this size
+            unfolded = backbone.eval().unfold().forward_intermediates(x, intermediates_only=True)  # computed filters
+            backbone.fold((check_h, check_w))  # filters precomputed for this size
             folded = backbone.forward_intermediates(x, intermediates_only=True)
         return max(float((a - b).abs().max()) for a, b in zip(unfolded, folded, strict=True)), (check_w, check_h)
 
