@@ -8,8 +8,8 @@ per stage), with these differences in how it is computed, none in what:
 
 * activations are channels-last ``(B, H, W, C)`` inside the stages; the DCT is 4 batched GEMMs, the MLP plain Linear;
 * FVE and SCE are stored at their pre-training resolution and resized (bilinear) to whatever size comes in, so any
-  ``H x W`` works; resized embeddings and the folded decay filters are cached in eval mode (inference folding), and
-  the SCE is kept there (the official RS-vHeat inference mode deletes it and crashes);
+  ``H x W`` works; ``fold()`` keeps the resized embeddings and the decay filters once per input size (inference
+  folding), and the SCE is kept there (the official RS-vHeat inference mode deletes it and crashes);
 * several input stems (optical, SAR, multispectral, ...) can live in one model and are chosen with ``modality=``.
 
 Public outputs (``forward_features``, ``forward_intermediates``) are NCHW.
@@ -234,7 +234,6 @@ class HeatStage(nn.Module):
         self.register_buffer("folded_fve", None, persistent=False)
         self.register_buffer("folded_sce", None, persistent=False)
         self.folding = False  # folded mode: set by fold(), ended by unfold() and train()
-        self._folded_size: tuple[int, int] | None = None
         self.register_load_state_dict_post_hook(_drop_folds_after_load)
 
     def _resized(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -252,14 +251,14 @@ class HeatStage(nn.Module):
         fve = fve.clone() if fve is self.freq_embed else fve
         sce = sce.clone() if sce is not None and sce is self.heat_capacity else sce
         self.folded_fve, self.folded_sce = fve, sce
-        self._folded_size, self.folding = tuple(size), True
+        self.folding = True
         for block in self.blocks:
             block.hco.fold(fve)
 
     def drop_folds(self) -> None:
         """Drop the folded tensors, staying in folded mode (the next forward folds again, from the current
         weights)."""
-        self.folded_fve, self.folded_sce, self._folded_size = None, None, None
+        self.folded_fve, self.folded_sce = None, None
         for block in self.blocks:
             block.hco.unfold()
 
@@ -274,7 +273,7 @@ class HeatStage(nn.Module):
         path in training, evaluation, under ``torch.compile`` and while exporting."""
         if not self.folding:
             return self._resized(size)
-        if self._folded_size != tuple(size):
+        if self.folded_fve is None or tuple(self.folded_fve.shape[:2]) != tuple(size):
             self.fold(size)
         return self.folded_fve, self.folded_sce
 
