@@ -17,6 +17,24 @@ def test_a_case_measures_time_and_memory():
     assert row["throughput_img_s"] == pytest.approx(2 / row["median_s"], rel=1e-2)
 
 
+def test_compiled_case_compiles_rsvheat_as_one_graph_outside_the_timing(monkeypatch):
+    """``--compile``: rsvheat models go through ``torch.compile(fullgraph=True)`` (here with the ``aot_eager``
+    backend, to stay fast), and the compiling call is a warm-up even when no warm-up was asked for."""
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **kwargs):
+        calls.append(kwargs)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    row = run_case("rsvheat_tiny", 32, "infer", 1, repeats=2, warmup=0, device="cpu", long_seconds=0.0, compile=True)
+    torch._dynamo.reset()
+    assert calls == [{"fullgraph": True}]
+    assert row["repeats"] == 2  # the compiling run was neither timed nor taken for a slow case's only run
+
+
 def test_folded_rsvheat_does_the_official_work_and_no_more():
     assert gmacs("rsvheat_tiny", 224) == pytest.approx(gmacs("official_tiny", 224), rel=1e-9)
     assert gmacs("vit_small", 448) / gmacs("vit_small", 224) > 4  # attention: faster than linear in pixels

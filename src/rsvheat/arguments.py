@@ -131,8 +131,8 @@ def first_line(err: BaseException, empty: str | None = None) -> str:
     return lines[0] if lines else empty or type(err).__name__
 
 
-def one_line(err: BaseException) -> str:
-    """An error's message on one line (its type's name when it has none)."""
+def one_line(err: BaseException | str) -> str:
+    """An error's (or a warning's) message on one line (its type's name when it has none)."""
     return " ".join(the_problem(str(err)).split()) or type(err).__name__
 
 

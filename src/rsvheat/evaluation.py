@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from rsvheat.data.classification import SceneClassification, resolve_root, scan_class_folders
 from rsvheat.files import write_json_atomic
-from rsvheat.models.rsvheat import fold_backbones
+from rsvheat.models.rsvheat import RSVHeat, fold_backbones
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (features (N, C), labels (N,))
 
@@ -40,7 +41,7 @@ Split = tuple[torch.Tensor, torch.Tensor]  # (features (N, C), labels (N,))
 # features -------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def extract_features(
-    encoder: torch.nn.Module,
+    encoder: RSVHeat,
     data: Dataset | DataLoader | Iterable[Mapping[str, torch.Tensor]],
     batch_size: int = 64,
     modality: str | None = None,
@@ -184,10 +185,10 @@ def stratified_fraction(labels: Sequence[int], fraction: float, seed: int = 0, m
     subset, and a class's draw does not depend on the other classes."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     chosen: list[int] = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
+    for c in np.unique(label_array):
+        idx = np.flatnonzero(label_array == c)
         rng = np.random.default_rng([seed, int(c)])
         n = min(len(idx), max(min_per_class, math.floor(fraction * len(idx) + 0.5)))
         chosen += idx[rng.permutation(len(idx))[:n]].tolist()
@@ -215,10 +216,10 @@ def _pick_per_class(
 ) -> list[list[int]]:
     """Disjoint seeded per-class picks: for each ``n`` of ``counts`` a list of up to ``n`` indices per class. The first
     pick takes at most ``first_share`` of a class (so a held-out pick leaves images for the others)."""
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     out: list[list[int]] = [[] for _ in counts]
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
+    for c in np.unique(label_array):
+        idx = np.flatnonzero(label_array == c)
         idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
         start = 0
         for j, n in enumerate(counts):
@@ -281,14 +282,17 @@ class TransferMonitor(pl.Callback):
 
     def _load(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{"train"|"val": {"image": (N, C, S, S), "label": (N,)}}``, normalised."""
-        classes, samples = scan_class_folders(self.train_root)
+        train_root = self.train_root
+        if train_root is None:  # the callbacks run only when enabled (train_root given)
+            raise ValueError("TransferMonitor: no train_root to evaluate on")
+        classes, samples = scan_class_folders(train_root)
         labels = [label for _, label in samples]
         big = 10**9  # "all"
         if self.val_root:
             _, val_samples = scan_class_folders(self.val_root, classes)
             val_labels = [label for _, label in val_samples]
             picks = {
-                "train": (self.train_root, samples, _pick_per_class(labels, [self.per_class_train or big], self.seed)),
+                "train": (train_root, samples, _pick_per_class(labels, [self.per_class_train or big], self.seed)),
                 "val": (
                     self.val_root,
                     val_samples,
@@ -298,7 +302,7 @@ class TransferMonitor(pl.Callback):
         else:
             n_val = self.per_class_val or 1
             val_idx, train_idx = _pick_per_class(labels, [n_val, self.per_class_train or big], self.seed, 0.5)
-            picks = {"train": (self.train_root, samples, [train_idx]), "val": (self.train_root, samples, [val_idx])}
+            picks = {"train": (train_root, samples, [train_idx]), "val": (train_root, samples, [val_idx])}
         if not picks["train"][2][0] or not picks["val"][2][0]:
             raise ValueError(
                 f"TransferMonitor: too few images in {self.train_root} for a training and a validation set"
@@ -325,7 +329,7 @@ class TransferMonitor(pl.Callback):
             raw[split]["image"] = (raw[split]["image"] - mean) / std
         return raw
 
-    def evaluate(self, encoder: torch.nn.Module) -> dict[str, float]:
+    def evaluate(self, encoder: RSVHeat) -> dict[str, float]:
         """Run both protocols on ``encoder`` now; returns ``{"monitor/knn_acc": .., "monitor/linear_acc": ..}``."""
         if self._data is None:
             self._data = self._load()
@@ -345,7 +349,8 @@ class TransferMonitor(pl.Callback):
         if step == self._last_step:
             return
         self._last_step = step
-        encoder = getattr(pl_module, "encoder", None) or pl_module.backbone
+        # the pre-training module's RS-vHeat encoder (the monitor is a pre-training callback)
+        encoder = cast(RSVHeat, getattr(pl_module, "encoder", None) or pl_module.backbone)
         metrics = self.evaluate(encoder)
         self.history.append({"step": step, **metrics})
         for logger in trainer.loggers:  # not self.log: Lightning refuses it in on_train_start

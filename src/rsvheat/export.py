@@ -185,6 +185,7 @@ def export_model(
                         dynamic_shapes=shapes,
                     )
 
+            checks: tuple[tuple[tuple[torch.Tensor, ...], torch.Tensor], ...]  # (inputs, PyTorch's output) to compare
             try:
                 program, checks = onnx_program(traced, True), ((inputs, reference), (traced, traced_reference))
             except Exception as err:  # noqa: BLE001 - the exporter raises many types; a fixed batch still works
@@ -310,7 +311,7 @@ def export_checkpoint(
 class _Features(nn.Module):
     """A backbone as ``(B, C, H, W) -> (B, dims[-1], H/32, W/32)`` features (no head), foldable like the backbone."""
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: RSVHeat) -> None:
         super().__init__()
         self.backbone = backbone
 

@@ -20,9 +20,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 try:
-    import fcntl
+    import fcntl as _fcntl
+
+    fcntl: ModuleType | None = _fcntl
 except ImportError:  # Windows: no advisory locks; staging still protects against partial and planted files
     fcntl = None
 
@@ -81,7 +84,7 @@ def _open_dir(path: Path) -> int:
 def sweep_staging(folder: str | os.PathLike) -> list[Path]:
     """Remove the staging folders that killed runs left in ``folder`` (those whose lock no live process holds).
     Returns what was removed. Links, files and folders of other names are never touched."""
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
@@ -155,14 +158,14 @@ def staged_outputs(targets: Sequence[str | os.PathLike], overwrite: bool = True)
     or none (a failure restores the targets that were there). Without ``overwrite``, a target that appeared meanwhile
     (another run) is an error and nothing is replaced. Scratch files may be put next to the temporary paths; they are
     removed with the staging folder."""
-    targets = [Path(t) for t in targets]
-    if len({t.resolve() for t in targets}) != len(targets):
-        raise ValueError(f"two outputs have the same name: {', '.join(map(str, targets))}")
+    paths = [Path(t) for t in targets]
+    if len({t.resolve() for t in paths}) != len(paths):
+        raise ValueError(f"two outputs have the same name: {', '.join(map(str, paths))}")
     with contextlib.ExitStack() as stack:
         staging = {}
-        for folder in dict.fromkeys(t.parent for t in targets):
+        for folder in dict.fromkeys(t.parent for t in paths):
             staging[folder] = stack.enter_context(_staging_folder(folder))
-        temporaries = [staging[t.parent] / t.name for t in targets]
+        temporaries = [staging[t.parent] / t.name for t in paths]
         yield temporaries
         missing = [str(t) for t in temporaries if not os.path.lexists(t)]
         if missing:
@@ -174,9 +177,9 @@ def staged_outputs(targets: Sequence[str | os.PathLike], overwrite: bool = True)
                 _fsync(tmp)  # the data on disk before the name: a crash never leaves a complete-looking short file
         with _folder_locks(list(staging)):
             if not overwrite:
-                for target in targets:
+                for target in paths:
                     refuse_existing(target, overwrite=False)
-            _replace_together(list(zip(temporaries, targets, strict=True)), staging)
+            _replace_together(list(zip(temporaries, paths, strict=True)), staging)
         for folder in staging:
             _fsync(folder)  # the renames themselves
 

@@ -36,12 +36,16 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from rsvheat.files import write_atomic
 from rsvheat.models.counting import activation_bytes
 from rsvheat.models.precision import PRECISIONS, autocast, low_precision_weights
+
+if TYPE_CHECKING:
+    from rsvheat.models.rsvheat import RSVHeat
 
 BASELINES = {
     "swin_tiny": "swin_tiny_patch4_window7_224",
@@ -144,7 +148,8 @@ def gmacs(name: str, size: int) -> float:
 
     model = build(name, size, infer=True).to("meta")
     if name in OURS:
-        model.fold((size, size))  # the folded filters are not part of the forward (as for the official k_exp)
+        # the folded filters are not part of the forward (as for the official k_exp)
+        cast("RSVHeat", model).fold((size, size))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.empty(1, 3, size, size, device="meta"))
@@ -181,12 +186,17 @@ def run_case(
     long_seconds: float,
     precision: str = "fp32",
     official_source: str | None = None,
+    compile: bool = False,
 ) -> dict:
     """One case, in this process (call it in a fresh one: peak RSS is per process). Input ``(batch, 3, size,
-    size)``; the forward runs at ``precision`` (the backward follows autocast's casts)."""
+    size)``; the forward runs at ``precision`` (the backward follows autocast's casts). With ``compile`` the model
+    runs through ``torch.compile`` (``fullgraph`` for rsvheat's own), compiled during the first warm-up run."""
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build(name, size, infer=mode == "infer", official_source=official_source).to(dev)
+    if compile:
+        model = cast(torch.nn.Module, torch.compile(model, fullgraph=name.startswith("rsvheat")))
+        warmup = max(warmup, 1)  # the compilation is never timed
     x = torch.randn(batch, 3, size, size, device=dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.0) if mode == "train" else None
 
@@ -217,7 +227,7 @@ def run_case(
             elapsed = time.perf_counter() - start
             if i >= warmup:
                 times.append(elapsed)
-            elif elapsed > long_seconds:  # a very slow case: its warm-up is its single measurement
+            elif elapsed > long_seconds and not (compile and i == 0):  # a slow case: its warm-up is its measurement
                 times.append(elapsed)
                 break
     median = sorted(times)[len(times) // 2]
@@ -272,6 +282,7 @@ def _subprocess_case(args: argparse.Namespace, name: str, size: int, mode: str, 
         long_seconds=args.long_seconds,
         precision=precision,
         official_source=str(args.official_source) if args.official_source else None,
+        compile=args.compile,
     )
     proc = subprocess.run(
         [sys.executable, "-m", "rsvheat.apps.bench", "--case", json.dumps(spec)],
@@ -587,8 +598,8 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: di
         "workspace, and the heap glibc keeps). GMACs: matmul + conv, batch 1. `official_*`: our re-expression "
         "of the official vHeat computation structure; `vheat_official_*`: the official vHeat code itself "
         "(`--official-source`), folded by its `infer_init()`; `_gc`: gradient checkpointing (each block "
-        "recomputed in the backward pass), `_gcN`: the first N blocks recomputed. CPU only here: GPU figures are "
-        "not measured.",
+        "recomputed in the backward pass), `_gcN`: the first N blocks recomputed. "
+        + ("Every model compiled with `torch.compile` (`--compile`). " if args.compile else "Eager mode. "),
         "",
         *_measurement_tables(rows, models, sizes),
         *_precision_table(rows),
@@ -718,6 +729,12 @@ def main(argv: list[str] | None = None) -> None:
         type=Path,
         default=Path("benchmarks/results"),
         help="folder of efficiency.{csv,md,png} (default benchmarks/results; --out-dir is the old spelling)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run every model through torch.compile (fullgraph for rsvheat's; compiled in the first warm-up run, "
+        "which is then not timed)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny models at 224² only, one timed run")
     parser.add_argument("--case", help=argparse.SUPPRESS)

@@ -27,6 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -173,6 +174,16 @@ def _map_png(scene: Path, classes_tif: Path, names: list[str], out: Path) -> Non
     plt.close(fig)
 
 
+_T = TypeVar("_T")
+
+
+def _set_by(value: _T | None, step: str) -> _T:
+    """``value``, which the demo step ``step`` sets; an error if that step has not run."""
+    if value is None:
+        raise RuntimeError(f"the demo's {step} step has not run")
+    return value
+
+
 @dataclass
 class Demo:
     """One demo run: its settings (given) and what each step measured (filled in by the steps, read by the report)."""
@@ -227,6 +238,8 @@ class Demo:
             self.names = write_segmentation(self.train_root, tile=96, stride=96, scene=overview)
             self.num_classes = len(self.names)
         else:
+            if self.num_classes is None:
+                raise ValueError("a train_root needs num_classes")
             self.names = [str(k) for k in range(self.num_classes)]
         pretrain_dir = self.out_dir / "data/pretrain"
         pretrain_dir.mkdir(parents=True, exist_ok=True)
@@ -279,7 +292,7 @@ class Demo:
         """UPerNet land-cover segmentation from the encoder; its test scores on the held-out tiles."""
         from rsvheat.trainers.cli import task_cli
 
-        root = Path(self.train_root)
+        root = Path(_set_by(self.train_root, "data"))
         model = {
             "num_classes": self.num_classes,
             "classes": self.names,
@@ -322,8 +335,9 @@ class Demo:
         from rsvheat.inference.tasks import predict_scene
 
         self.classes_tif = self.out_dir / "scene/land_cover.tif"
+        best = _set_by(self.best, "fine-tuning")
         predict_scene(
-            self.best, [self.scene], self.classes_tif, bands=[self.band_list], tile=256, overlap=64, progress=False
+            best, [self.scene], self.classes_tif, bands=[self.band_list], tile=256, overlap=64, progress=False
         )
         _map_png(self.scene, self.classes_tif, self.names, self.out_dir / "scene/land_cover.png")
 
@@ -333,7 +347,7 @@ class Demo:
         """The fine-tuned task module and its metadata, as ``predict-scene`` loads them."""
         from rsvheat.inference.tasks import load_task
 
-        return load_task(self.best)
+        return load_task(_set_by(self.best, "fine-tuning"))
 
     def draw_heat_maps(self) -> None:
         from rsvheat.explain import explain_scene

@@ -15,6 +15,7 @@ Every tile is a GeoTIFF georeferenced on the scene's grid (EPSG:32618), except t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -209,8 +210,8 @@ def write_voc(path: Path, filename: str, size: tuple[int, int], objects: list[tu
         obj = ET.SubElement(root, "object")
         ET.SubElement(obj, "name").text = name
         bnd = ET.SubElement(obj, "bndbox")
-        for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True):
-            ET.SubElement(bnd, key).text = str(int(value))
+        for key, coord in zip(("xmin", "ymin", "xmax", "ymax"), box, strict=True):
+            ET.SubElement(bnd, key).text = str(int(coord))
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(root).write(path)
 
@@ -219,7 +220,7 @@ def write_all(root: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Every task's samples under ``root/{classification,segmentation,change,detection}``. A folder an earlier
     ``make-samples`` wrote is refreshed; any other non-empty folder is refused unless ``overwrite`` (then only those
     four subfolders are replaced; see :func:`rsvheat.files.claim_folder`)."""
-    writers = {
+    writers: dict[str, Callable[[Path], object]] = {
         "classification": write_classification,
         "segmentation": write_segmentation,
         "change": write_change,

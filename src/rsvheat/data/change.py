@@ -82,12 +82,14 @@ class ChangeDetectionFolder(Dataset):
             raise ImageReadError(f"{path}: a change mask holds 0/255 (or 0/1), found values {sorted(values)[:6]}")
         return (mask > 0).astype(np.int64)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         raw = self.read_raw(index)
-        sample = {
+        tensors = {
             "image": torch.stack([normalise(raw[k], self.mean, self.std) for k in ("A", "B")]),
             "mask": torch.from_numpy(self.read_mask(index)),
         }
-        sample = crop_and_flip(sample, self.crop_size if self.train else None, self.train)
-        sample["name"] = image_key(self.records[index]["A"], self.before_root)  # sub-folders kept: names stay distinct
+        sample: dict[str, torch.Tensor | str] = {
+            **crop_and_flip(tensors, self.crop_size if self.train else None, self.train),
+            "name": image_key(self.records[index]["A"], self.before_root),  # sub-folders kept: names stay distinct
+        }
         return sample

@@ -23,6 +23,8 @@ from rsvheat.data.io import IMAGE_SUFFIXES, list_images, read_image
 from rsvheat.data.transforms import crop_and_flip, normalise
 
 Samples = list[tuple[str, int]]  # (path relative to the root, label)
+# A sample's label: a class index, or a multi-hot vector (the multi-label datasets, rsvheat.data.multilabel)
+Label = int | tuple[int, ...]
 
 
 def scan_class_folders(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[str], Samples]:
@@ -77,10 +79,10 @@ def stratified_split(
     if not 0 < train_ratio <= 1 or not 0 <= val_ratio < 1:
         raise ValueError(f"train_ratio must be in (0, 1] and val_ratio in [0, 1), got {train_ratio} and {val_ratio}")
     rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     split: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
+    for c in np.unique(label_array):
+        idx = rng.permutation(np.flatnonzero(label_array == c))
         n_share = max(1, int(train_ratio * len(idx) + 0.5))  # half up: 2.5 -> 3
         n_val = min(int(val_ratio * n_share + 0.5), n_share - 1)
         split["val"] += idx[:n_val].tolist()
@@ -104,7 +106,7 @@ class SceneClassification(Dataset):
     def __init__(
         self,
         root: str | Path,
-        samples: Sequence[tuple[str, int]],
+        samples: Sequence[tuple[str, Label]],
         channels: int,
         mean: Sequence[float],
         std: Sequence[float],
@@ -123,7 +125,7 @@ class SceneClassification(Dataset):
     def read_raw(self, index: int) -> np.ndarray:
         return read_image(self.root / self.samples[index][0], self.bands, self.channels)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         image = normalise(self.read_raw(index), self.mean, self.std)
         if self.size is not None and tuple(image.shape[-2:]) != (self.size, self.size):
             image = F.interpolate(image[None], (self.size, self.size), mode="bilinear", align_corners=False)[0]

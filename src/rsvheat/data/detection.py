@@ -57,7 +57,8 @@ def parse_voc(path: Path) -> Annotation:
         if name is None or box is None:
             raise ImageReadError(f"{path}: an <object> without <name> or <bndbox>")
         try:
-            xmin, ymin, xmax, ymax = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            # a missing coordinate reads as "", which float() refuses like a non-numeric one
+            xmin, ymin, xmax, ymax = (float(box.findtext(k, "")) for k in ("xmin", "ymin", "xmax", "ymax"))
         except (TypeError, ValueError) as err:
             raise ImageReadError(f"{path}: a <bndbox> without numeric xmin/ymin/xmax/ymax") from err
         # pixel i (1-based) spans [i - 1, i) in continuous 0-based coordinates
@@ -270,7 +271,7 @@ class DetectionDataset(Dataset):
         cls, images: str | Path, annotations: str | Path, ids: str | Path | None = None, **kwargs
     ) -> DetectionDataset:
         """``images``: image folder; ``annotations``: folder of ``<image name>.xml``; ``ids``: optional name list."""
-        items = load_voc(Path(images), Path(annotations), ids and Path(ids))
+        items = load_voc(Path(images), Path(annotations), None if ids is None else Path(ids))
         return cls(items, box_format="voc", **kwargs)
 
     @classmethod
@@ -289,9 +290,9 @@ class DetectionDataset(Dataset):
         return read_image(self.items[index][0], self.bands, self.channels)
 
     def __getitem__(self, index: int) -> dict:
-        path, boxes, labels = self.items[index]
+        path, box_array, labels = self.items[index]
         image = normalise(self.read_raw(index), self.mean, self.std)
-        boxes = torch.from_numpy(boxes.copy())
+        boxes = torch.from_numpy(box_array.copy())
         if self.train and torch.rand(()) < 0.5:
             image = image.flip(-1)
             boxes = hflip_boxes(boxes, image.shape[-1])

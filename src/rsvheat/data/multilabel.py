@@ -260,7 +260,8 @@ def read_split_lists(lists: Mapping[str, str | Path], names: Sequence[str]) -> d
     unknown = sorted(set(lists) - set(split))
     if unknown or "train" not in lists:
         raise ValueError(f"split lists are given for train, val and test (train required), got {sorted(lists)}")
-    known, seen = set(names), {}
+    known = set(names)
+    seen: dict[str, str] = {}  # sample name -> where it was listed
     for key, path in lists.items():
         path = Path(path)
         if not path.is_file():

@@ -124,7 +124,7 @@ class SegmentationFolder(Dataset):
         image_suffix: str = "",
         mask_suffix: str = "",
         sar_suffix: str = "",
-        bands: dict[str, Sequence[int]] | None = None,
+        bands: Mapping[str, Sequence[int]] | None = None,
         label_map: Mapping[int, int] | None = None,
         reduce_zero_label: bool = False,
     ) -> None:
@@ -177,12 +177,14 @@ class SegmentationFolder(Dataset):
             )
         return mask
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         keys = sample_keys(self.channels)
-        sample = {keys[m]: normalise(x, **self.stats[m]) for m, x in self.read_raw(index).items()}
-        sample["mask"] = torch.from_numpy(self.read_mask(index))
-        sample = crop_and_flip(sample, self.crop_size if self.train else None, self.train)
-        # the image's path relative to the image folder, without extension: tiles of the same file name in different
-        # sub-folders keep distinct names (and distinct prediction files)
-        sample["name"] = image_key(self.records[index]["optical"], self.image_root)
+        tensors = {keys[m]: normalise(x, **self.stats[m]) for m, x in self.read_raw(index).items()}
+        tensors["mask"] = torch.from_numpy(self.read_mask(index))
+        sample: dict[str, torch.Tensor | str] = {
+            **crop_and_flip(tensors, self.crop_size if self.train else None, self.train),
+            # the image's path relative to the image folder, without extension: tiles of the same file name in
+            # different sub-folders keep distinct names (and distinct prediction files)
+            "name": image_key(self.records[index]["optical"], self.image_root),
+        }
         return sample

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from pathlib import Path, PurePosixPath
+from typing import cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -71,7 +72,12 @@ class TaskDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         stats = self.resolve_stats()
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        wanted: dict[str | None, tuple[str, ...]] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }
         for split in wanted.get(stage, ("train", "val", "test", "predict")):
             if split not in self.datasets and (ds := self.build(split, stats)) is not None:
                 self.datasets[split] = ds
@@ -87,7 +93,9 @@ class TaskDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=train and len(ds) > self.batch_size,  # a last batch of 1 breaks the decoders' BatchNorm
+            # every dataset build returns is map-style, with a length
+            drop_last=train
+            and len(cast(Sized, ds)) > self.batch_size,  # a last batch of 1 breaks the decoders' BatchNorm
             collate_fn=self.collate(split),
         )
 

@@ -59,8 +59,11 @@ class ChangeDetectionDataModule(TaskDataModule):
 
     def _dataset(self, split: str, stats: Stats) -> ChangeDetectionFolder:
         s = stats.get(self.modality, {"mean": [0.0] * self.band_count, "std": [1.0] * self.band_count})
+        root = self.roots[split]
+        if root is None:
+            raise ValueError(f"no {split}_root configured for {type(self).__name__}")
         return ChangeDetectionFolder(
-            self.roots[split], self.band_count, s["mean"], s["std"], self.crop_size, split == "train", self.bands
+            root, self.band_count, s["mean"], s["std"], self.crop_size, split == "train", self.bands
         )
 
     def stats_source(self):
@@ -73,10 +76,11 @@ class ChangeDetectionDataModule(TaskDataModule):
         return read, len(ds), ["change", [str(r["A"]) for r in ds.records], self.bands]
 
     def build(self, split: str, stats: Stats):
-        if self.roots[split] is None:
+        folder = self.roots[split]
+        if folder is None:
             return None
         if split == "predict":
-            root = Path(self.roots[split])
+            root = Path(folder)
             return UnlabelledPairs(
                 {"A": root / "A", "B": root / "B"},
                 self.channels,

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 from rsvheat.data.classification import (
+    Label,
     SceneClassification,
     resolve_root,
     scan_class_folders,
@@ -38,6 +40,11 @@ class ClassificationDataModule(TaskDataModule):
         predict_dir: a folder of unlabelled images for ``rsvheat predict``.
     """
 
+    #: ``[(path relative to root, label)]``: class indices here, multi-hot vectors in the multi-label subclass.
+    samples: Sequence[tuple[str, Label]]
+    #: 1-based band indices here; the multi-label subclass keeps BigEarthNet's band names (read by its overrides).
+    bands: Sequence[int] | Sequence[str] | None
+
     def __init__(
         self,
         root: str,
@@ -66,7 +73,7 @@ class ClassificationDataModule(TaskDataModule):
         self.split_file = Path(split_file or default_file)
         self.split = self._load_or_write_split(train_ratio, val_ratio, seed)
 
-    def scan(self, root: str, classes: Sequence[str] | None) -> tuple[Path, list[str], list[tuple[str, object]]]:
+    def scan(self, root: str, classes: Sequence[str] | None) -> tuple[Path, list[str], Sequence[tuple[str, Label]]]:
         """``(root, classes, [(path relative to root, label), ...])`` of the dataset; here the class folders. The
         multi-label data module reads its own layouts and keeps the split, statistics and loaders of this class."""
         folder = resolve_root(root) if Path(root).is_dir() else Path(root)
@@ -75,7 +82,12 @@ class ClassificationDataModule(TaskDataModule):
 
     def strata(self) -> list[int]:
         """One group per sample for :func:`stratified_split` (here its class)."""
-        return [label for _, label in self.samples]
+        return [cast(int, label) for _, label in self.samples]  # class folders: class indices
+
+    def _band_indices(self) -> Sequence[int] | None:
+        """``bands``: 1-based band indices in every layout this class reads (the multi-label subclass checks that its
+        CSV layout has indices, and reads BigEarthNet's band names in its own overrides)."""
+        return cast("Sequence[int] | None", self.bands)
 
     @property
     def channels(self) -> dict[str, int]:
@@ -143,7 +155,7 @@ class ClassificationDataModule(TaskDataModule):
             self.band_count,
             **stats[self.modality],
             size=self.img_size,
-            bands=self.bands,
+            bands=self._band_indices(),
             train=train,
         )
 
@@ -156,7 +168,8 @@ class ClassificationDataModule(TaskDataModule):
         if split == "predict":
             if self.predict_dir is None:
                 return None
-            bands = {self.modality: self.bands} if self.bands else None  # the training band selection
+            indices = self._band_indices()
+            bands = {self.modality: indices} if indices else None  # the training band selection
             return UnlabelledImages({"image": self.predict_dir}, self.channels, stats, {"image": self.modality}, bands)
         # no validation share: no validation data (the test split is never used to pick a model)
         files = self.split[split]

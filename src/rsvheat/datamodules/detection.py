@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from rsvheat.data.detection import DetectionDataset, collate_detection
 from rsvheat.data.stats import Stats
@@ -64,7 +64,7 @@ class DetectionDataModule(TaskDataModule):
 
     def _dataset(self, split: str, stats: Stats | None, classes=None) -> DetectionDataset:
         s = (stats or {}).get(self.modality, {"mean": [0.0] * self.band_count, "std": [1.0] * self.band_count})
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             # None (first call, no list configured): the loader's default, COCO categories or sorted VOC names
             classes=classes if classes is not None else getattr(self, "classes", None),
             channels=self.band_count,
@@ -74,6 +74,8 @@ class DetectionDataModule(TaskDataModule):
             bands=self.bands,
         )
         spec = self.specs[split]
+        if spec is None:
+            raise ValueError(f"no {split} split configured for {type(self).__name__}")
         if self.format == "voc":
             return DetectionDataset.from_voc(**spec, **kwargs)
         return DetectionDataset.from_coco(**spec, **kwargs)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 from rsvheat.data.multilabel import (
     BIGEARTHNET_S2_BANDS,
     BigEarthNetPatches,
+    MultiHot,
     rarest_label_strata,
     read_label_csv,
     read_split_lists,
@@ -45,6 +47,8 @@ class MultiLabelDataModule(ClassificationDataModule):
             class (:func:`~rsvheat.data.multilabel.rarest_label_strata`).
     """
 
+    samples: list[tuple[str, MultiHot]]
+
     def __init__(
         self,
         root: str,
@@ -77,7 +81,8 @@ class MultiLabelDataModule(ClassificationDataModule):
             split_file,
             img_size,
             channels,
-            bands,
+            # stored as given: BigEarthNet's band names are read by this class's overrides only
+            cast("Sequence[int] | None", bands),
             predict_dir,
             batch_size,
             eval_batch_size,
@@ -92,9 +97,9 @@ class MultiLabelDataModule(ClassificationDataModule):
         """BigEarthNet layout (no label CSV given)."""
         return self.labels_csv is None
 
-    def scan(self, root: str, classes: Sequence[str] | None):
+    def scan(self, root: str, classes: Sequence[str] | None) -> tuple[Path, list[str], list[tuple[str, MultiHot]]]:
         folder = Path(root)
-        if not self.bigearthnet:
+        if self.labels_csv is not None:  # the CSV layout (not self.bigearthnet)
             if self.bands is not None and not all(isinstance(b, int) for b in self.bands):
                 raise ValueError(f"bands of the CSV layout are 1-based band indices, got {list(self.bands)}")
             return (folder, *read_label_csv(self.labels_csv, folder, classes))
@@ -114,6 +119,12 @@ class MultiLabelDataModule(ClassificationDataModule):
             return super()._load_or_write_split(train_ratio, val_ratio, seed)
         return read_split_lists(self.split_lists, [name for name, _ in self.samples])
 
+    def _band_names(self) -> Sequence[str]:
+        """BigEarthNet's bands, set by :meth:`scan`: names (:class:`BigEarthNetPatches` checks each one)."""
+        if self.bands is None:
+            raise RuntimeError("the BigEarthNet bands are set when the data module scans its root")
+        return cast("Sequence[str]", self.bands)
+
     def strata(self) -> list[int]:
         return rarest_label_strata([label for _, label in self.samples])
 
@@ -124,7 +135,7 @@ class MultiLabelDataModule(ClassificationDataModule):
         return BigEarthNetPatches(
             self.root,
             [(f, label[f]) for f in files],
-            self.bands,
+            self._band_names(),
             **stats[self.modality],
             size=self.img_size,
             train=train,
@@ -138,6 +149,6 @@ class MultiLabelDataModule(ClassificationDataModule):
             patches = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
             none = (0,) * self.num_classes  # prediction reads no labels
             return BigEarthNetPatches(
-                folder, [(p, none) for p in patches], self.bands, **stats[self.modality], size=self.img_size
+                folder, [(p, none) for p in patches], self._band_names(), **stats[self.modality], size=self.img_size
             )
         return super().build(split, stats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 from rsvheat.data.segmentation import ISPRS_PALETTE, SegmentationFolder, check_label_map
 from rsvheat.data.stats import Stats
@@ -12,6 +13,22 @@ from rsvheat.data.transforms import sample_keys
 from rsvheat.datamodules.base import TaskDataModule, UnlabelledImages
 
 PALETTES = {"isprs": ISPRS_PALETTE}
+
+
+class _Dirs(TypedDict):
+    """Sub-folder names of a split folder (``sar``: ``None`` for optical-only data)."""
+
+    images: str
+    masks: str
+    sar: str | None
+
+
+class _Suffixes(TypedDict):
+    """Suffixes removed from file stems before matching (keyword arguments of :class:`SegmentationFolder`)."""
+
+    image_suffix: str
+    mask_suffix: str
+    sar_suffix: str
 
 
 class SegmentationDataModule(TaskDataModule):
@@ -61,8 +78,8 @@ class SegmentationDataModule(TaskDataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, stats, stats_samples, aug)
         self.roots = {"train": train_root, "val": val_root, "test": test_root, "predict": predict_root}
         self.num_classes, self.ignore_index, self.crop_size = num_classes, ignore_index, crop_size
-        self.dirs = {"images": images_dir, "masks": masks_dir, "sar": sar_dir}
-        self.suffixes = {"image_suffix": image_suffix, "mask_suffix": mask_suffix, "sar_suffix": sar_suffix}
+        self.dirs: _Dirs = {"images": images_dir, "masks": masks_dir, "sar": sar_dir}
+        self.suffixes: _Suffixes = {"image_suffix": image_suffix, "mask_suffix": mask_suffix, "sar_suffix": sar_suffix}
         self.palette = PALETTES[palette] if isinstance(palette, str) else palette
         # checked here too, so that a bad label option fails when the module is built, not at setup
         self.label_map = check_label_map(label_map, reduce_zero_label, self.palette, num_classes, ignore_index)
@@ -81,7 +98,10 @@ class SegmentationDataModule(TaskDataModule):
         return ", ".join(f"{k}_root={v}" for k, v in self.roots.items() if v is not None)
 
     def _dataset(self, split: str, stats: Stats) -> SegmentationFolder:
-        root = Path(self.roots[split])
+        folder = self.roots[split]
+        if folder is None:
+            raise ValueError(f"no {split}_root configured for {type(self).__name__}")
+        root = Path(folder)
         return SegmentationFolder(
             root / self.dirs["images"],
             root / self.dirs["masks"],
@@ -104,10 +124,11 @@ class SegmentationDataModule(TaskDataModule):
         return ds.read_raw, len(ds), ["segmentation", [str(r["optical"]) for r in ds.records], self.bands]
 
     def build(self, split: str, stats: Stats):
-        if self.roots[split] is None:
+        folder = self.roots[split]
+        if folder is None:
             return None
         if split == "predict":
-            root = Path(self.roots[split])
+            root = Path(folder)
             keys = sample_keys(self._channels)  # the sample keys of the labelled splits: image (optical), sar
             folders = {"image": root / self.dirs["images"]}
             if self.dirs["sar"]:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -169,7 +170,8 @@ def scene_pixels(job: SceneJob) -> int:
 def split_by_size(sizes: Sequence[int], parts: int) -> list[list[int]]:
     """Indices of ``sizes`` in ``parts`` groups of about equal total size: largest first onto the least loaded group
     (ties: the lower index, the lower group), so the split depends on the list alone. Each group in list order."""
-    loads, groups = [0] * parts, [[] for _ in range(parts)]
+    loads = [0] * parts
+    groups: list[list[int]] = [[] for _ in range(parts)]
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         part = min(range(parts), key=lambda p: (loads[p], p))
         groups[part].append(i)
@@ -244,6 +246,8 @@ def _outputs_state(outputs: list[Path], job: SceneJob) -> str | None:
     if len(present) < len(outputs):
         missing = ", ".join(p.name for p in outputs if p not in present)
         return f"{', '.join(p.name for p in present)} exist(s) but {missing} not (an earlier run with other options?)"
+    height: int | None
+    width: int | None
     try:
         _, height, width = image_header(job.images[0])
     except (ValueError, OSError):
@@ -266,7 +270,7 @@ def _outputs_state(outputs: list[Path], job: SceneJob) -> str | None:
 def _map_one(job: SceneJob, outputs: list[Path], run, overwrite: bool) -> dict:
     """Map one scene with ``run(images, outputs)`` unless its outputs are complete; never raises for the scene's own
     problems (those are the record's ``error``)."""
-    record = {"scene": job.label(), "outputs": [str(p) for p in outputs], "status": "ok", "error": None}
+    record: dict[str, Any] = {"scene": job.label(), "outputs": [str(p) for p in outputs], "status": "ok", "error": None}
     record["warnings"] = []
     start = time.perf_counter()
     try:
@@ -334,7 +338,7 @@ def predict_scenes(
     started = time.perf_counter()
     world, torch_device = join_world(device, timeout_hours)
     try:
-        plan = None
+        plan: tuple[list[SceneJob], list[list[int]]] | ValueError | OSError | None = None
         if world.rank == 0:  # one process reads the list and the headers, so that all follow the same plan
             try:
                 jobs = collect_scenes(scenes, list_file)
@@ -354,6 +358,8 @@ def predict_scenes(
         problems = [p for p in world.gather(problem) if p]
         if problems:
             raise ValueError(problems[0])
+        if task is None:  # a process that could not load it reported a problem
+            raise RuntimeError(f"{checkpoint}: the model was not loaded")
         detection = task.spec.output == "boxes"
         if detection and probabilities:
             raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
@@ -380,18 +386,18 @@ def predict_scenes(
             )
 
         mine = groups[world.rank]
-        records = []
+        ranked: list[tuple[int, dict]] = []  # (the scene's index in the list, its record)
         prefix = f"[rank {world.rank}/{world.size}] " if world.size > 1 else ""
         for n, i in enumerate(mine, start=1):
             job = jobs[i]
             record = _map_one(job, job.outputs(out_dir, detection, probabilities, box_format), run, overwrite)
-            records.append((i, {**record, "rank": world.rank}))
+            ranked.append((i, {**record, "rank": world.rank}))
             if progress:
                 what = f"failed: {record['error']}" if record["error"] else record["status"]
                 print(f"{prefix}{n}/{len(mine)} {job.label()}: {what} ({record['seconds']:.1f} s)", flush=True)
                 for warning in record["warnings"]:
                     print(f"{prefix}  warning: {warning}", flush=True)
-        gathered = sorted((pair for part in world.gather(records) for pair in part), key=lambda pair: pair[0])
+        gathered = sorted((pair for part in world.gather(ranked) for pair in part), key=lambda pair: pair[0])
         records = [record for _, record in gathered]
         summary = _summary(checkpoint, out_dir, world.size, records, time.perf_counter() - started)
         if world.rank == 0:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -28,6 +29,9 @@ from rsvheat.data.io import ImageReadError, check_band_selection, open_raster, q
 from rsvheat.files import refuse_existing, staged_outputs, write_atomic
 from rsvheat.models.sliding import blend_weights, window_grid
 from rsvheat.progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    from rasterio.io import DatasetReader
 
 #: GDAL's block cache for whole-scene runs (MB). Its default, 5 % of RAM, would grow with the scene's width as
 #: partly written output blocks pile up; the strips are written in order, so a small cache costs nothing.
@@ -62,7 +66,7 @@ class Scene:
     ) -> None:
         self.inputs = dict(inputs)
         self._stack = ExitStack()
-        self.sources = {}
+        self.sources: dict[str, DatasetReader] = {}
         try:
             self._open_and_check(channels)
         except BaseException:
@@ -141,7 +145,8 @@ class Scene:
         window = Window(left, top, width, height)
         arrays, valid = {}, np.ones((height, width), bool)
         for role, src in self.sources.items():
-            bands = list(self.inputs[role].bands) if self.inputs[role].bands else None
+            given = self.inputs[role].bands
+            bands = list(given) if given else None
             try:
                 data = src.read(bands, window=window).astype(np.float32, copy=False)
                 valid &= src.dataset_mask(window=window) > 0
@@ -165,9 +170,10 @@ class Scene:
 
         scale = min(1.0, max_side / max(self.height, self.width))
         shape = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
-        found = {}
+        found: dict[str, tuple[np.ndarray, ...]] = {}
         for role, src in self.sources.items():
-            bands = list(self.inputs[role].bands) if self.inputs[role].bands else list(range(1, src.count + 1))
+            given = self.inputs[role].bands
+            bands = list(given) if given else list(range(1, src.count + 1))
             try:
                 data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest)
                 mask = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest)
@@ -202,12 +208,22 @@ class Scene:
             offending += int((score > 1).sum())
             band = int(score.argmax())
             if score[band] > 1 and (worst is None or score[band] > worst[0]):
-                worst = (score[band], role, band, mean[band], std[band], train_mean[band], train_std[band])
-                worst += (low[band], high[band])
+                worst = (
+                    score[band],
+                    role,
+                    band,
+                    mean[band],
+                    std[band],
+                    train_mean[band],
+                    train_std[band],
+                    low[band],
+                    high[band],
+                )
         if worst is None:
             return None
         _, role, band, mean, std, train_mean, train_std, low, high = worst
-        number = self.inputs[role].bands[band] if self.inputs[role].bands else band + 1
+        given = self.inputs[role].bands
+        number = given[band] if given else band + 1
         others = f" ({offending - 1} other band(s) too)" if offending > 1 else ""
         message = (
             f"{self.sources[role].name}: band {number} has mean {mean:.4g}, std {std:.4g}, 1-99 % range {low:.4g} to "
@@ -448,7 +464,7 @@ def detect_scene(
     device = torch.device(device)
     th, tw, overlap, ys, xs = _windows(scene, tile, overlap, 0, batch_size, device)
     (role,) = scene.inputs
-    found = {"boxes": [], "labels": [], "scores": [], "cut": []}
+    found: dict[str, list[torch.Tensor]] = {"boxes": [], "labels": [], "scores": [], "cut": []}
     bar = progress_bar(total=len(ys) * len(xs), desc="tiles", unit="tile", progress=progress)
     try:
         for top in ys:

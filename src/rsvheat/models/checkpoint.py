@@ -25,7 +25,7 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from timm.models import adapt_input_conv
@@ -34,6 +34,9 @@ from torch import nn
 from rsvheat.arguments import first_line
 from rsvheat.files import write_atomic, write_bytes_to
 from rsvheat.operators.heat import frequency_sq, resize_embedding
+
+if TYPE_CHECKING:  # for annotations only: the model's module imports this one
+    from rsvheat.models.rsvheat import RSVHeat
 
 _PREFIXES = ("module.", "encoder.", "backbone.", "model.", "_orig_mod.")
 
@@ -189,7 +192,7 @@ def adapt_stem_weight(
 
 def adapt_to_model(
     state_dict: Mapping[str, torch.Tensor],
-    model: nn.Module,
+    model: RSVHeat,
     band_maps: Mapping[str, Sequence[int | None]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fit an rsvheat-keyed state dict to ``model``: check the architecture, resize FVE/SCE to the model's stored size,
@@ -267,7 +270,7 @@ def adapt_to_model(
     return {k: v for k, v in sd.items() if not (k.startswith("stages.") and int(k.split(".")[1]) >= n_stages)}
 
 
-def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Mapping, model: RSVHeat) -> dict[str, torch.Tensor]:
     """timm ``pretrained_filter_fn``: any supported checkpoint -> ``model``'s state dict keys."""
     sd = unwrap_checkpoint(state_dict)
     if is_official(sd):
@@ -316,8 +319,9 @@ def _first_line(err: BaseException) -> str:
     return first_line(err, f"{type(err).__name__} (truncated or not a checkpoint?)")
 
 
-def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the tensors of a ``.safetensors`` or torch (``.pth``/``.pt``/``.ckpt``/``.bin``) file, safely."""
+def read_weights_file(path: str | os.PathLike) -> Mapping[str, Any]:
+    """Read the tensors of a ``.safetensors`` or torch (``.pth``/``.pt``/``.ckpt``/``.bin``) file, safely (a torch
+    file's dict as stored: a training checkpoint holds the state dict among other entries)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         content = read_torch_file(path)
@@ -334,20 +338,21 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(err)}") from err
 
 
-def find_backbone(model: nn.Module) -> nn.Module:
+def find_backbone(model: nn.Module) -> RSVHeat:
     """``model`` itself when it is an RS-vHeat/vHeat backbone, else the one backbone it holds; none or several is a
     :class:`CheckpointError` naming ``model``'s type."""
 
     def is_backbone(m: nn.Module) -> bool:  # duck-typed: this module sits below the model's (no import circle)
         return all(hasattr(m, a) for a in ("arch_config", "depths", "stages", "modalities"))
 
+    # RSVHeat is the one module type with all these attributes (arch_config is its own)
     if is_backbone(model):
-        return model
+        return cast("RSVHeat", model)
     found = [m for m in model.modules() if is_backbone(m)]
     if len(found) != 1:
         what = "no RS-vHeat/vHeat backbone" if not found else f"{len(found)} RS-vHeat/vHeat backbones"
         raise CheckpointError(f"{type(model).__name__} holds {what}: pass the backbone to load into")
-    return found[0]
+    return cast("RSVHeat", found[0])
 
 
 def load_checkpoint(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -25,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from rsvheat.models.rsvheat import RSVHeat
+from rsvheat.models.rsvheat import HeatBlock, HeatStage, RSVHeat
 from rsvheat.operators.heat import HeatConduction
 
 
@@ -53,13 +54,18 @@ def _stage_sizes(model: RSVHeat, img_size: tuple[int, int]) -> list[tuple[int, i
     return sizes
 
 
+def _stages(model: RSVHeat) -> list[HeatStage]:
+    return [cast(HeatStage, s) for s in model.stages]  # the ModuleList holds HeatStages
+
+
 def count_params(model: RSVHeat, img_size: tuple[int, int]) -> dict[str, int]:
     """``train``, ``folded`` (paper convention) and ``folded_runtime`` (folded + the SCE a running model keeps)."""
     train = sum(p.numel() for p in model.parameters())
-    to_k = sum(p.numel() for s in model.stages for b in s.blocks for p in b.hco.to_k.parameters())
-    fve = sum(s.freq_embed.numel() for s in model.stages)
-    sce = sum(s.heat_capacity.numel() for s in model.stages if s.heat_capacity is not None)
-    stage_sizes = list(zip(model.stages, _stage_sizes(model, img_size), strict=True))
+    stages = _stages(model)
+    to_k = sum(p.numel() for s in stages for b in s.blocks for p in cast(HeatBlock, b).hco.to_k.parameters())
+    fve = sum(s.freq_embed.numel() for s in stages)
+    sce = sum(s.heat_capacity.numel() for s in stages if s.heat_capacity is not None)
+    stage_sizes = list(zip(stages, _stage_sizes(model, img_size), strict=True))
     k_exp = sum(h * w * s.dim * len(s.blocks) for s, (h, w) in stage_sizes)
     sce_at_size = sum(h * w * s.dim for s, (h, w) in stage_sizes) if model.use_sce else 0
     folded = train - to_k - fve - sce + k_exp
@@ -116,7 +122,8 @@ def count_gmacs(
 
 def count(model: RSVHeat, img_size: int | tuple[int, int], variant: str = "", fvcore: bool = True) -> Counts:
     """Parameters and GMACs of ``model`` at ``img_size`` in both conventions."""
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    size = (height, width)
     params = count_params(model, size)
     return Counts(
         variant=variant,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from timm.models import resolve_pretrained_cfg, save_for_hf
 from timm.models._hub import generate_readme
@@ -113,7 +113,7 @@ def save_pretrained(
     model: nn.Module,
     folder: str | os.PathLike,
     modality_cfg: Mapping[str, Mapping[str, Any]] | None = None,
-    safe_serialization: bool | str = True,
+    safe_serialization: bool | Literal["both"] = True,
     model_card: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` into ``folder`` with timm's ``save_for_hf``: ``config.json`` plus ``model.safetensors``
@@ -134,9 +134,10 @@ def save_pretrained(
     backbone = _backbone(model)
     modalities = modality_config(model, modality_cfg)
     default = modalities[backbone.default_modality]
-    base = getattr(backbone, "pretrained_cfg", None) or {}
+    base: dict[str, Any] = getattr(backbone, "pretrained_cfg", None) or {}
     # the variant it was created as (timm), else the one it is an instance of (built outside timm)
-    architecture = base.get("architecture") if base.get("architecture") in VARIANTS else _architecture(backbone)
+    created_as = base.get("architecture")
+    architecture: str = created_as if created_as in VARIANTS else _architecture(backbone)
     base = base or resolve_pretrained_cfg(architecture).to_dict()
     # pretrained_cfg describes the weights being written: the default stem's input and statistics, our classifier
     pretrained_cfg = dict(
@@ -153,13 +154,13 @@ def save_pretrained(
         pretrained_cfg.update(REMOTE_SENSING_DATA)
     model_args = {k: v for k, v in backbone.arch_config.items() if k not in ("drop_rate", "drop_path_rate")}
     model_args["modality_cfg"] = modalities
-    missing = object()
-    previous = getattr(backbone, "pretrained_cfg", missing)
+    had_cfg = hasattr(backbone, "pretrained_cfg")
+    previous: Any = getattr(backbone, "pretrained_cfg", None)  # whatever timm (or a caller) put there
     backbone.pretrained_cfg = pretrained_cfg  # what timm's writer reads; put back below
     try:
         save_for_hf(backbone, str(folder), model_args=model_args, safe_serialization=safe_serialization)
     finally:
-        if previous is missing:
+        if not had_cfg:
             del backbone.pretrained_cfg
         else:
             backbone.pretrained_cfg = previous

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -32,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from rsvheat import STRIDE
 from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
 from rsvheat.operators.dct import DctImpl
-from rsvheat.operators.heat import HeatConduction, resize_embedding
+from rsvheat.operators.heat import SPECTRAL_PRECISIONS, HeatConduction, SpectralPrecision, resize_embedding
 from rsvheat.operators.recompute import gelu_linear, layer_norm_linear
 
 __all__ = ["RSVHeat", "VARIANTS", "create_model", "create_model_from_weights"]
@@ -333,7 +334,12 @@ class RSVHeat(nn.Module):
         feature_norms: add the per-stage output LayerNorms used for dense tasks.
         check_inputs: raise on NaN/Inf input (one extra pass over the input).
         dct_impl: ``"auto"``, ``"matmul"`` or ``"fft"`` DCT inside the HCO.
+        spectral_precision: ``"auto"`` (under bf16 autocast: bf16 spectral GEMMs on CUDA, float32 on CPUs),
+            ``"float32"`` (the exact path) or ``"bfloat16"``; see :func:`~rsvheat.operators.heat.spectral_dtype`.
     """
+
+    #: timm's description of the weights: set when timm builds the model, absent on a model built directly.
+    pretrained_cfg: dict[str, Any]
 
     def __init__(
         self,
@@ -353,6 +359,7 @@ class RSVHeat(nn.Module):
         feature_norms: bool = False,
         check_inputs: bool = False,
         dct_impl: DctImpl = "auto",
+        spectral_precision: SpectralPrecision = "auto",
         output_stride: int = STRIDE,
     ) -> None:
         super().__init__()
@@ -368,7 +375,8 @@ class RSVHeat(nn.Module):
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.modalities = dict(modalities)
         # The arguments that rebuild this module (JSON-able): save_weights stores them, create_model_from_weights
-        # builds RSVHeat(**arch_config) from them. Runtime switches (check_inputs, dct_impl) are not part of it.
+        # builds RSVHeat(**arch_config) from them. Runtime switches (check_inputs, dct_impl,
+        # spectral_precision) are not part of it.
         self.arch_config = dict(
             modalities=self.modalities,
             depths=list(depths),
@@ -421,6 +429,17 @@ class RSVHeat(nn.Module):
             trunc_normal_(stage.freq_embed, std=0.02)
             if stage.heat_capacity is not None:
                 trunc_normal_(stage.heat_capacity, std=0.02)
+        self.set_spectral_precision(spectral_precision)
+
+    def set_spectral_precision(self, precision: SpectralPrecision) -> RSVHeat:
+        """How every HCO transforms half-precision fields (see :func:`~rsvheat.operators.heat.spectral_dtype`):
+        ``"auto"``, ``"float32"`` (the exact path) or ``"bfloat16"``. Returns the model."""
+        if precision not in SPECTRAL_PRECISIONS:
+            raise ValueError(f"unknown spectral precision {precision!r}; expected one of {SPECTRAL_PRECISIONS}")
+        for module in self.modules():
+            if isinstance(module, HeatConduction):
+                module.spectral_precision = precision
+        return self
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -499,7 +518,7 @@ class RSVHeat(nn.Module):
 
     def forward_intermediates(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Mapping[str, torch.Tensor],
         indices: int | Sequence[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,

@@ -63,7 +63,8 @@ def _crop(x: Image, top: int, left: int, h: int, w: int) -> Image:
 
 def _size(x: Image) -> tuple[int, int]:
     first = next(iter(x.values())) if isinstance(x, Mapping) else x
-    return tuple(first.shape[-2:])
+    height, width = first.shape[-2:]
+    return height, width
 
 
 @torch.no_grad()
@@ -77,15 +78,18 @@ def sliding_window(
     if any(_size(x) != (height, width) for x in inputs):
         raise ValueError(f"inputs must share their size, got {[_size(x) for x in inputs]}")
     th, tw, overlap, tops, lefts = window_grid(height, width, tile, overlap)
-    out = norm = None
+    out: torch.Tensor | None = None
+    norm: torch.Tensor | None = None
     for top in tops:
         wy = blend_weights(th, top, height, overlap)
         for left in lefts:
             pred = predict(*(_crop(x, top, left, th, tw) for x in inputs)).float()
-            if out is None:
+            if out is None or norm is None:  # the first window: both are made together
                 out = pred.new_zeros(pred.shape[0], pred.shape[1], height, width)
                 norm = pred.new_zeros(height, width)
             weight = wy.to(pred.device)[:, None] * blend_weights(tw, left, width, overlap, pred.device)[None, :]
             out[..., top : top + th, left : left + tw] += pred * weight
             norm[top : top + th, left : left + tw] += weight
+    if out is None or norm is None:
+        raise ValueError(f"no window to predict in a {height} x {width} image")
     return out / norm

@@ -25,7 +25,8 @@ Image = torch.Tensor | Mapping[str, torch.Tensor]
 
 def _spatial_size(x: Image) -> tuple[int, int]:
     first = next(iter(x.values())) if isinstance(x, Mapping) else x
-    return tuple(first.shape[-2:])
+    height, width = first.shape[-2:]
+    return height, width
 
 
 class UPerNet(nn.Module):
@@ -71,10 +72,13 @@ class ChangeDetectionModel(nn.Module):
     def forward(self, before: Image, after: Image) -> torch.Tensor:
         if _spatial_size(before) != _spatial_size(after):
             raise ValueError(f"the two dates differ in size: {_spatial_size(before)} vs {_spatial_size(after)}")
-        if isinstance(before, Mapping):
+        both: Image
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
             both = {k: torch.cat([before[k], after[k]]) for k in before}
-        else:
+        elif isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor):
             both = torch.cat([before, after])
+        else:
+            raise TypeError("the two dates must both be tensors or both {modality: tensor} mappings")
         features = self.backbone.forward_intermediates(both, intermediates_only=True)
         merged = []
         for merge, f in zip(self.merge, features, strict=True):

@@ -47,6 +47,8 @@ def dct_basis(n: int, device: torch.device | str | None = None, dtype: torch.dty
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "meta":
         return torch.empty(n, n, device=device, dtype=dtype)
+    if torch.compiler.is_compiling():  # a constant of the graph: built once per compiled size, not cached here
+        return _dct_basis_cached.__wrapped__(n, device, dtype)
     return _dct_basis_cached(n, device, dtype)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,29 @@ from torch import nn
 
 from rsvheat.operators.dct import DctImpl, _fft_dct_last, autocast_off, dct2d, dct_basis
 from rsvheat.operators.recompute import corrected_depthwise_conv, gated_projection
+
+SpectralPrecision = Literal["auto", "float32", "bfloat16"]
+SPECTRAL_PRECISIONS: tuple[SpectralPrecision, ...] = ("auto", "float32", "bfloat16")
+
+
+def spectral_dtype(
+    dtype: torch.dtype, device_type: str, precision: SpectralPrecision = "auto", impl: DctImpl = "matmul"
+) -> torch.dtype:
+    """The dtype in which the spectral transforms of a field of ``dtype`` on ``device_type`` run.
+
+    float32/float64 fields: their own. Half-precision fields: float32, except a bfloat16 field with ``precision``
+    ``"bfloat16"``, or ``"auto"`` on CUDA, through the GEMM DCT: then bf16 GEMMs, which accumulate in float32 (each
+    GEMM's output rounded to bf16 adds an error of the order of every other bf16 layer's, ``tests/test_heat.py``) at
+    twice the speed of float32 ones on a GPU; on CPUs without bf16 instructions they are slower than float32
+    (``benchmarks/results/spectral_precision.md``), hence float32 there. float16 always goes to float32: its 5-bit
+    exponent overflows on the DC sums of large maps.
+    """
+    if precision not in SPECTRAL_PRECISIONS:
+        raise ValueError(f"unknown spectral precision {precision!r}; expected one of {SPECTRAL_PRECISIONS}")
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    wants_bf16 = precision == "bfloat16" or (precision == "auto" and device_type == "cuda")
+    return torch.bfloat16 if dtype == torch.bfloat16 and wants_bf16 and impl in ("matmul", "auto") else torch.float32
 
 
 @lru_cache(maxsize=64)
@@ -37,6 +61,8 @@ def _frequency_sq_cached(h: int, w: int, device: torch.device, dtype: torch.dtyp
 def frequency_sq(h: int, w: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
     """``w_n^2 + w_m^2`` on the ``(h, w)`` DCT grid, ``w_n = n pi / h`` (the official discretisation): ``(h, w)``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if torch.compiler.is_compiling():  # a constant of the graph: built once per compiled size, not cached here
+        return _frequency_sq_cached.__wrapped__(h, w, device, dtype)
     return _frequency_sq_cached(h, w, device, dtype)
 
 
@@ -50,7 +76,13 @@ def _fft_axis(x: torch.Tensor, dim: int, inverse: bool) -> torch.Tensor:
     return _fft_dct_last(x.movedim(dim, -1), inverse).movedim(-1, dim)
 
 
-def heat_conduct(x: torch.Tensor, filt: torch.Tensor, impl: DctImpl = "auto", overwrite: bool = False) -> torch.Tensor:
+def heat_conduct(
+    x: torch.Tensor,
+    filt: torch.Tensor,
+    impl: DctImpl = "auto",
+    overwrite: bool = False,
+    precision: SpectralPrecision = "auto",
+) -> torch.Tensor:
     """Apply the HCO spectral filter: ``IDCT2D(DCT2D(x) * filt)``.
 
     Args:
@@ -59,18 +91,19 @@ def heat_conduct(x: torch.Tensor, filt: torch.Tensor, impl: DctImpl = "auto", ov
         impl: ``"matmul"`` (4 batched GEMMs), ``"fft"``, or ``"auto"`` = matmul: on channels-last fields the GEMMs beat
             the FFT at every map size a backbone sees (2.2-4.8x at N = 32-512, ``benchmarks/results/dct.md``).
         overwrite: ``x`` may be used as scratch space (inference: saves two large allocations). Ignored under autograd.
+        precision: ``"auto"``, ``"float32"`` or ``"bfloat16"``: how a half-precision ``x`` is transformed (see
+            :func:`spectral_dtype`).
     Returns:
-        ``(B, H, W, C)``. Computed in float32 when ``x`` is half precision (spectral sums need the mantissa).
+        ``(B, H, W, C)`` in ``x``'s dtype.
     """
     b, h, w, c = x.shape
     if filt.shape != (h, w, c):
         raise ValueError(f"heat filter has shape {tuple(filt.shape)}, expected {(h, w, c)} for input {tuple(x.shape)}")
-    out_dtype = x.dtype
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    filt = filt.to(x.dtype)
     if impl == "auto":
         impl = "matmul"
+    out_dtype = x.dtype
+    x = x.to(spectral_dtype(x.dtype, x.device.type, precision, impl))
+    filt = filt.to(x.dtype)
     with autocast_off(x):
         if impl == "fft":
             y = _fft_axis(_fft_axis(x, 1, False), 2, False) * filt
@@ -129,6 +162,8 @@ class HeatConduction(nn.Module):
         super().__init__()
         self.dim = dim
         self.dct_impl = dct_impl
+        #: how half-precision fields are transformed (see :func:`spectral_dtype`); a runtime switch, not a weight
+        self.spectral_precision: SpectralPrecision = "auto"
         self.sce_norm = nn.LayerNorm(dim) if use_sce else None
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
         self.in_proj = nn.Linear(dim, 2 * dim)
@@ -187,7 +222,7 @@ class HeatConduction(nn.Module):
         u = F.linear(x, self.in_proj.weight[: self.dim], self.in_proj.bias[: self.dim])
         z = F.linear(x, self.in_proj.weight[self.dim :], self.in_proj.bias[self.dim :])
         filt = self.decay_filter(freq_embed)
-        conducted = heat_conduct(u, filt, self.dct_impl, overwrite=not return_states)
+        conducted = heat_conduct(u, filt, self.dct_impl, not return_states, self.spectral_precision)
         if torch.is_grad_enabled():
             # LN, SiLU and their product recomputed in the backward: autograd keeps conducted and z only.
             out = gated_projection(conducted, z, self.out_norm, self.out_proj)

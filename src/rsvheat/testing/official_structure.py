@@ -13,6 +13,8 @@ It is not used by the library itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +78,7 @@ class _Heat2D(nn.Module):
         self.out_norm = nn.LayerNorm(dim)
         self.out_linear = nn.Linear(dim, dim)
         self.to_k = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
-        self.k_exp = None
+        self.k_exp: nn.Parameter | None = None
 
     def fold(self, freq: torch.Tensor) -> None:
         self.k_exp = nn.Parameter(
@@ -176,12 +178,16 @@ class OfficialStructureHeat(nn.Module):
         self.classifier = nn.Sequential(_LayerNorm2d(dims[-1]), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), fc)
         self.folded = False
 
+    def _stages(self) -> Iterable[nn.ModuleList]:
+        """Each stage's blocks then its downsampling (``nn.Identity`` after the last stage)."""
+        return cast(Iterable[nn.ModuleList], self.layers)  # built as a ModuleList of ModuleLists
+
     @torch.no_grad()
     def fold(self) -> OfficialStructureHeat:
         """The official ``infer_init``: precompute ``k_exp`` per block, drop ``to_k`` and the FVE (SCE kept)."""
-        for i, layer in enumerate(self.layers):
-            for block in layer[:-1]:
-                block.op.fold(self.freq_embed[i])
+        for i, layer in enumerate(self._stages()):
+            for block in layer[:-1]:  # the stage's _HeatBlocks
+                cast(_HeatBlock, block).op.fold(self.freq_embed[i])
         self.folded = True
         return self.eval()
 
@@ -192,7 +198,7 @@ class OfficialStructureHeat(nn.Module):
             else (self.patch_embed_opt if modality == "optical" else self.patch_embed_sar)
         )
         x = stem(x)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._stages()):
             freq = None if self.folded else self.freq_embed[i]
             sce = self.heat_capacity[i] if self.use_sce else None
             for block in layer[:-1]:

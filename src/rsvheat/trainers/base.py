@@ -4,7 +4,9 @@ layer-wise learning-rate decay and a warm-up + cosine schedule, the best-checkpo
 from __future__ import annotations
 
 import time
+from collections.abc import Sized
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +18,9 @@ from torchmetrics import MetricCollection
 from rsvheat.models.contract import TaskSpec, modalities_of
 from rsvheat.trainers.checkpoints import IntervalCheckpoint, check_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
 
 
 def check_window(eval_tile: int, eval_overlap: int) -> None:
@@ -57,6 +62,17 @@ class TaskModule(pl.LightningModule):
     #: the task's contract: its network, inputs, outputs and export (set by every task)
     spec: TaskSpec
 
+    if TYPE_CHECKING:  # what the type checker knows of attributes Lightning and configure_models set
+
+        @property
+        def hparams(self) -> AttributeDict:
+            """``save_hyperparameters`` stores the arguments as an ``AttributeDict`` (Lightning types it loosely)."""
+
+        @property
+        def model(self) -> torch.nn.Module:
+            """What ``forward`` and inference run: a submodule (registered by :meth:`configure_models`), or the
+            backbone itself, under a property, in the classification tasks."""
+
     def __init__(
         self,
         backbone: str = "rsvheat_base",
@@ -92,7 +108,7 @@ class TaskModule(pl.LightningModule):
         recipe that inference uses too), the backbone started from ``weights`` and frozen as configured."""
         self.backbone, network = self.spec.build(self.hparams, self.hparams.weights)
         if network is not self.backbone:  # classification's model is its backbone (a property: weights `backbone.*`)
-            self.model = network
+            self.add_module("model", network)  # as `self.model = network` does
         self.configure_backbone()
 
     def configure_losses(self) -> None:
@@ -198,7 +214,7 @@ class TaskModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """What inference needs besides the weights (``rsvheat predict-scene``): the task class, the normalisation
         statistics of the training data, the class names."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self._datamodule()
         checkpoint["rsvheat"] = {
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
             "spec": self.spec.name,
@@ -211,9 +227,14 @@ class TaskModule(pl.LightningModule):
         raised before Lightning loads the weights."""
         check_checkpoint(checkpoint, self)
 
+    def _datamodule(self) -> pl.LightningDataModule | None:
+        """The trainer's data module (``None`` without a trainer or data module)."""
+        # set by Lightning's data connector on every trainer, but not declared on the Trainer class
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def class_names(self) -> list[str]:
         """From the config (``classes``), else from the data module, else ``"0".."K-1"``."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self._datamodule()
         names = self.hparams.get("classes") or getattr(dm, "classes", None)
         return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
 
@@ -237,16 +258,18 @@ class TrainingSpeed(pl.Callback):
     process. Every task module adds one."""
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start, self._end, self._batches = time.perf_counter(), None, 0
+        self._start: float = time.perf_counter()
+        self._end: float | None = None  # the end of the last training batch
+        self._batches = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._end, self._batches = time.perf_counter(), self._batches + 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         loader = trainer.train_dataloader
-        if not self._batches or not isinstance(loader, DataLoader) or loader.batch_size is None:
+        if not self._batches or self._end is None or not isinstance(loader, DataLoader) or loader.batch_size is None:
             return
-        per_epoch = len(loader.sampler)  # this process's share under DDP
+        per_epoch = len(cast(Sized, loader.sampler))  # this process's share under DDP (map-style datasets)
         if loader.drop_last:
             per_epoch -= per_epoch % loader.batch_size
         images = min(self._batches * loader.batch_size, per_epoch)

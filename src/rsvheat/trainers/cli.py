@@ -198,6 +198,8 @@ class RSVHeatCLI(LightningCLI):
 
     def _configured_model_class(self) -> type:
         if not self.subclass_mode_model:
+            if not isinstance(self.model_class, type):
+                raise TypeError(f"the CLI's model must be a LightningModule class, got {self.model_class!r}")
             return self.model_class
         module, _, name = self.config[self.config.subcommand].model.class_path.rpartition(".")
         return getattr(importlib.import_module(module), name)  # the config's class: jsonargparse has imported it

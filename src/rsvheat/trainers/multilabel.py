@@ -7,7 +7,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ class MultiLabelBCE(torch.nn.Module):
     the model: it is kept out of the checkpoint's weights (a non-persistent buffer), so a model trained with one
     loads into a task configured without."""
 
+    pos_weight: torch.Tensor | None  # the buffer
+
     def __init__(self, pos_weight: Sequence[float] | None = None) -> None:
         super().__init__()
         weight = None if pos_weight is None else torch.tensor(list(pos_weight), dtype=torch.float32)
@@ -54,7 +56,8 @@ class PresentClassAP(MultilabelAveragePrecision):
         super().__init__(num_labels, average="none")
         self.reduce = reduce
 
-    def compute(self) -> torch.Tensor:
+    # torchmetrics' own compute overrides the precision-recall curve's tuple the same way (it ignores the error too)
+    def compute(self) -> torch.Tensor:  # type: ignore[override]
         with warnings.catch_warnings():  # the classes it warns about are left out below
             warnings.filterwarnings("ignore", message="No positive samples found in target")
             per_class = super().compute()
@@ -181,7 +184,7 @@ class MultiLabelClassificationTask(TaskModule):
         self.per_class.reset()
         support = self.support.cpu()
         if self.trainer.world_size > 1:  # the metrics are synchronised; the counts are summed here
-            support = self.all_gather(self.support).sum(0).cpu()
+            support = cast(torch.Tensor, self.all_gather(self.support)).sum(0).cpu()  # a tensor gathers as a tensor
         if self.trainer.is_global_zero:
             self.write_test_report(values, support, self.run_dir())
 

@@ -1,0 +1,76 @@
+"""``torch.compile(fullgraph=True)``: every variant's block type (vHeat-T's pre-norm blocks, the post-norm
+layer-scaled blocks with SCE of S/B) in every execution path (training, evaluation computed, evaluation folded)
+traces as one graph, gives eager's outputs and gradients, and does not recompile for new inputs of the compiled
+size. Shapes are static: each input size compiles once (the DCT bases and folded filters are per size).
+
+The graph is checked with the ``aot_eager`` backend (dynamo + AOTAutograd, forward and backward, no code
+generation: seconds on a CPU); one test runs inductor's code generation on a micro model in evaluation (a cold
+compile of the training graph too would take minutes of the suite's CPU time)."""
+
+import pytest
+import torch
+import torch._dynamo
+
+from rsvheat.models.rsvheat import VARIANTS, RSVHeat
+
+MICRO = {"depths": (1, 1, 2, 1), "dims": (8, 16, 32, 64), "drop_path_rate": 0.0}
+
+
+def micro(variant: str, **kwargs) -> RSVHeat:
+    """The variant's block type (norm placement, layer scale, SCE) at micro depth and width."""
+    torch.manual_seed(0)
+    return RSVHeat(**{**VARIANTS[variant], **MICRO, **kwargs}, img_size=64, num_classes=5)
+
+
+def set_path(model: RSVHeat, path: str) -> RSVHeat:
+    model.unfold()
+    model.train(path == "train")
+    if path == "folded":
+        model.fold()
+    return model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", ["train", "eval", "folded"])
+@pytest.mark.parametrize("variant", ["rsvheat_tiny", "rsvheat_base"])
+def test_fullgraph_compiles_every_variant_and_path(variant, path):
+    model = set_path(micro(variant), path)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 64, 64, requires_grad=path == "train")
+    with torch.set_grad_enabled(path == "train"):
+        expected, out = model(x), compiled(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        if path == "train":
+            (grad_eager,) = torch.autograd.grad(expected.square().sum(), x)
+            (grad_compiled,) = torch.autograd.grad(out.square().sum(), x)
+            torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-4, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a new batch of the same size reuses the graph
+            compiled(torch.randn(2, 3, 64, 64, requires_grad=x.requires_grad))
+
+
+def test_other_sizes_compile_once_each_and_match_eager():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = set_path(micro("rsvheat_base"), "eval")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter, dynamic=False)
+    with torch.no_grad():
+        for size in [(64, 64), (96, 80), (64, 64)]:
+            x = torch.randn(1, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 2
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager():
+    model = set_path(micro("rsvheat_base", depths=(1, 1, 1, 1)), "eval")
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
