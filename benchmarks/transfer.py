@@ -162,6 +162,9 @@ ABLATIONS = {
     "zoom": {"zoom_out": [1.0, 8.0]},
     # negatives from a queue of 4,096 keys of a momentum encoder (MoCo) instead of the batch's 22
     "queue": {"negatives": 4096, "momentum": 0.99},
+    # the second view seen whole: downstream images are never low-passed, pre-training saw only low-passed ones
+    "one_masked": {"masked_views": 1},
+    "unmasked": {"masked_views": 0},  # plain SimCLR views, no frequency split: what does the split itself add?
 }
 DATA_OPTIONS = ("zoom_out",)  # ablation keys that are options of the data module, not of the model
 

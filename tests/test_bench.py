@@ -57,7 +57,9 @@ def test_report_states_targets(tmp_path):
         row("swin_base", 1024, "train", 20.0, 4000),
         row("vit_base", 1024, "train", 20.0, 1500),
     ]
-    args = argparse.Namespace(device="cpu", argv=["--test"], batch=1, train_batch=2, warmup=1, long_seconds=60.0)
+    args = argparse.Namespace(
+        device="cpu", compile=False, argv=["--test"], batch=1, train_batch=2, warmup=1, long_seconds=60.0
+    )
     text = write_report(rows, args, tmp_path, {("rsvheat_base", 1024): 336.7})
     assert "RS-vHeat-B inference at 1024², s: 4.00 (target ≤ 4.5) — MET" in text
     assert "speed-up over official_base at 1024²: 2.00 (target ≥ 1.6) — MET" in text
@@ -138,7 +140,9 @@ def test_report_has_bf16_rows_ratios_and_issue_f_targets(tmp_path):
         row("rsvheat_base_gc8", 1024, "train", 33.0, 1800),
         row("swin_base", 1024, "train", 30.0, 4000),
     ]
-    args = argparse.Namespace(device="cpu", argv=["--test"], batch=1, train_batch=2, warmup=1, long_seconds=60.0)
+    args = argparse.Namespace(
+        device="cpu", compile=False, argv=["--test"], batch=1, train_batch=2, warmup=1, long_seconds=60.0
+    )
     text = write_report(rows, args, tmp_path, {})
     assert "| rsvheat_base | 1024² | infer | bf16 | 5.000 | 2.500 | 2.00 | 4.00e-03 |" in text
     assert "| rsvheat_base (bf16) | " in text  # its own row in the latency table

@@ -172,6 +172,29 @@ def test_default_views_hide_the_high_band_from_the_encoder():
     assert not torch.allclose(view, x, atol=1e-2)  # a view is a new crop, not the image
 
 
+@pytest.mark.parametrize("masked_views", [1, 0])
+def test_masked_views_show_the_encoder_whole_views(masked_views):
+    """``masked_views=1``: the first view is low-passed, the second reaches the encoder whole (its outer spectrum
+    carries energy); ``0``: both whole. The reconstruction terms refuse a view that could be copied."""
+    from rsvheat.operators.dct import dct2d
+    from rsvheat.pretraining.masking import normalised_radius
+
+    model = micro_pretrainer(
+        modalities={"optical": 3}, loss_weights={"spa": 0.0, "fre": 0.0}, masked_views=masked_views
+    )
+    seen = []
+    model.encoder.stems["optical"].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    model({"optical": torch.randn(3, 3, 40, 48)})
+    radius = normalised_radius(40, 48)
+    outer_energy = dct2d(seen[0].double())[..., radius >= torch.quantile(radius.flatten(), 0.8)].abs().amax((1, 2))
+    whole = outer_energy > 1e-2
+    assert whole.tolist() == [False] * 3 * masked_views + [True] * 3 * (2 - masked_views)
+    with pytest.raises(ValueError, match="masked_views=2"):
+        micro_pretrainer(masked_views=masked_views)
+    with pytest.raises(ValueError, match="masked_views must be"):
+        micro_pretrainer(loss_weights={"spa": 0.0, "fre": 0.0}, masked_views=3)
+
+
 def test_view_augment_is_a_shared_random_geometry():
     """ViewAugment: one geometry per image for every modality of a pair; the full-scale identity-ratio draw of a
     crop reproduces the image up to flips and 90 degree turns; shapes kept on odd sizes."""

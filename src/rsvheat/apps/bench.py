@@ -599,7 +599,8 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path, gmac: di
         "of the official vHeat computation structure; `vheat_official_*`: the official vHeat code itself "
         "(`--official-source`), folded by its `infer_init()`; `_gc`: gradient checkpointing (each block "
         "recomputed in the backward pass), `_gcN`: the first N blocks recomputed. "
-        + ("Every model compiled with `torch.compile` (`--compile`). " if args.compile else "Eager mode. "),
+        + ("Every model compiled with `torch.compile` (`--compile`). " if args.compile else "Eager mode. ")
+        + ("CPU only here: GPU figures are not measured." if args.device == "cpu" else ""),
         "",
         *_measurement_tables(rows, models, sizes),
         *_precision_table(rows),

@@ -257,6 +257,9 @@ class FrequencyPretrainer(nn.Module):
             alone). ``views="crops"`` always decodes from ``I_low``.
         crop_scale: area share range of :class:`ViewAugment`'s crops (``views="crops"``).
         jitter: strength of :class:`ViewAugment`'s radiometric jitter (``views="crops"``; 0: none).
+        masked_views: how many of the two crop views the encoder sees through their ``I_low`` (``views="crops"``):
+            2 (default) both, 1 the first (the second is seen whole, as downstream images are), 0 neither (plain
+            SimCLR views; for comparison). The reconstruction terms need both views masked.
         decoder_width, decoder_depth, proj_dim, temperature: decoder width and number of 3x3 blocks, contrastive
             head size, InfoNCE temperature.
         negatives: length of the queue of keys the view contrast draws its negatives from (MoCo); 0: the other
@@ -278,6 +281,7 @@ class FrequencyPretrainer(nn.Module):
         reconstruct_from: str = "low",
         crop_scale: tuple[float, float] = (0.25, 1.0),
         jitter: float = 0.0,
+        masked_views: int = 2,
         decoder_width: int = 256,
         decoder_depth: int = 1,
         proj_dim: int = 128,
@@ -303,6 +307,11 @@ class FrequencyPretrainer(nn.Module):
             raise ValueError(f"reconstruct_from must be 'both' or 'low', got {reconstruct_from!r}")
         if views == "crops" and reconstruct_from != "low":
             raise ValueError("views='crops' hides I_high from the encoder: reconstruct_from must be 'low'")
+        if masked_views not in (0, 1, 2):
+            raise ValueError(f"masked_views must be 0, 1 or 2, got {masked_views!r}")
+        if masked_views < 2 and (weights["spa"] or weights["fre"]):
+            raise ValueError("the reconstruction terms need masked_views=2: a view seen whole can be copied")
+        self.masked_views = masked_views
         self.loss_weights = weights
         self.views = views
         self.reconstruct_from = reconstruct_from
@@ -382,13 +391,14 @@ class FrequencyPretrainer(nn.Module):
         loss of each view's query against the other view's key (``first``/``second``: the encoder's inputs)."""
         if self.key_encoder is None:
             return info_nce(z_first, z_second, self.temperature)
-        if self.training and torch.is_grad_enabled():
+        step = self.training and torch.is_grad_enabled()  # a training step moves the key encoder and the queue
+        if step:
             self._momentum_update()
         k_first, k_second = self._keys(first, second, modality)
         queue = getattr(self, f"queue_{modality}").clone()  # the loss reads the queue as it was before this batch
         t = self.temperature
         loss = (queue_nce(z_first, k_second, queue, t) + queue_nce(z_second, k_first, queue, t)) / 2
-        if self.training:
+        if step:
             self._enqueue(modality, torch.cat([k_first, k_second]))
         return loss
 
@@ -429,8 +439,11 @@ class FrequencyPretrainer(nn.Module):
         spa, fre, con, cross, previews, embeddings = [], [], [], {}, {}, {}
         for modality, x in targets.items():
             parts = split[modality] if split is not None else self.masking(x)
-            if self.views == "crops":
-                first, second = parts.low.chunk(2)  # the I_low of each view; I_high stays hidden
+            if self.views == "crops":  # the I_low of each masked view; I_high stays hidden
+                first, second = (
+                    low if i < self.masked_views else whole
+                    for i, (low, whole) in enumerate(zip(parts.low.chunk(2), x.chunk(2), strict=True))
+                )
             else:
                 first, second = parts.low, parts.high
             feats, pooled_first, pooled_second = self.encode(first, second, modality)

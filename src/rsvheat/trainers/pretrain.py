@@ -17,7 +17,7 @@ from rsvheat.data.pretrain import skipped_count
 from rsvheat.evaluation import TransferMonitor
 from rsvheat.files import check_output, refuse_inputs_as_outputs, write_atomic
 from rsvheat.models.checkpoint import save_weights
-from rsvheat.pretraining.model import COLLAPSE_STD, FrequencyPretrainer, embedding_health
+from rsvheat.pretraining.model import COLLAPSE_STD, FrequencyPretrainer, PretrainOutput, embedding_health
 from rsvheat.trainers.checkpoints import check_checkpoint, read_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
 
@@ -38,9 +38,9 @@ class PretrainTask(pl.LightningModule):
     """Frequency-masking pre-training of an RS-vHeat encoder (see :mod:`rsvheat.pretraining.model`).
 
     Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``ratio_part``,
-        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``jitter``, ``decoder_width``,
-        ``decoder_depth``, ``proj_dim``, ``temperature``, ``negatives``, ``momentum``, ``drop_path_rate`` as in
-        :class:`FrequencyPretrainer`.
+        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``jitter``, ``masked_views``,
+        ``decoder_width``, ``decoder_depth``, ``proj_dim``, ``temperature``, ``negatives``, ``momentum``,
+        ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
     Args (optimisation): AdamW with ``weight_decay`` (none on norms, biases, FVE and SCE) and ``betas``. ``lr`` is the
         rate at a batch of 256 images; the rate used follows the batch (:func:`scaled_lr`): ``lr_scaling="sqrt"``
         (default) multiplies it by ``sqrt(B / 256)``, ``"linear"`` by ``B / 256``, ``"none"`` uses ``lr`` as given,
@@ -67,6 +67,7 @@ class PretrainTask(pl.LightningModule):
         reconstruct_from: str = "low",
         crop_scale: tuple[float, float] = (0.25, 1.0),
         jitter: float = 0.0,
+        masked_views: int = 2,
         decoder_width: int = 256,
         decoder_depth: int = 1,
         proj_dim: int = 128,
@@ -100,6 +101,7 @@ class PretrainTask(pl.LightningModule):
             reconstruct_from=reconstruct_from,
             crop_scale=crop_scale,
             jitter=jitter,
+            masked_views=masked_views,
             decoder_width=decoder_width,
             decoder_depth=decoder_depth,
             proj_dim=proj_dim,
@@ -118,11 +120,13 @@ class PretrainTask(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Mapping[str, torch.Tensor]], batch_idx: int):
         # CombinedLoader gives {source: {modality: (B, C, H, W)}}; every source contributes equally.
-        total, previews = 0.0, {}
+        if not batch:
+            raise ValueError("empty pre-training batch: no source gave images")
+        losses, previews = [], {}
         terms: dict[str, list[torch.Tensor]] = {}
         for source, images in batch.items():
             out = self.model(images)
-            total = total + out.loss
+            losses.append(out.loss)
             for name, value in out.terms.items():
                 terms.setdefault(name, []).append(value.detach())
                 self.log(f"train/{source}/{name}", value.detach(), batch_size=_batch_size(images))
@@ -130,15 +134,15 @@ class PretrainTask(pl.LightningModule):
                 self.log(f"train/{source}/{name}", value, batch_size=_batch_size(images))
             self._watch_health(source, out)
             previews[source] = out.previews
-        loss = total / len(batch)
+        loss = torch.stack(losses).mean()
         bs = sum(_batch_size(images) for images in batch.values())
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         for name, values in terms.items():
             self.log(f"train/{name}", torch.stack(values).mean(), prog_bar=True, batch_size=bs)
         return {"loss": loss, "previews": previews}
 
-    def _watch_health(self, source: str, out) -> None:
-        every = self.hparams.health_every_n_steps
+    def _watch_health(self, source: str, out: PretrainOutput) -> None:
+        every = self.hparams["health_every_n_steps"]
         if not every or self.global_step % every or not out.embeddings:
             return
         for modality, (first, second) in out.embeddings.items():
@@ -181,7 +185,8 @@ class PretrainTask(pl.LightningModule):
         check_checkpoint(checkpoint, self)  # another task or model size: a ValueError naming the file
 
     def on_train_end(self) -> None:
-        datasets = getattr(self.trainer.datamodule, "datasets", {}) or {}
+        # set on every trainer by Lightning's data connector, but not declared on the Trainer class
+        datasets = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}) or {}
         skipped = {name: skipped_count(ds) for name, ds in datasets.items()}
         if any(skipped.values()):
             detail = ", ".join(f"{name}: {n}" for name, n in skipped.items() if n)
@@ -254,8 +259,8 @@ class ReconstructionPreviews(pl.Callback):
             return
         self._last_step = step
         for source, by_modality in (outputs or {}).get("previews", {}).items():
-            for modality, parts in by_modality.items():
-                grid = preview_grid(*parts, max_images=self.max_images)
+            for modality, (x, low, high, recon) in by_modality.items():
+                grid = preview_grid(x, low, high, recon, max_images=self.max_images)
                 save_png_atomic(grid, Path(_run_dir(trainer)) / "previews" / f"step_{step:07d}_{source}_{modality}.png")
 
 
@@ -267,7 +272,7 @@ def export_encoder(checkpoint: str | os.PathLike, out: str | os.PathLike, overwr
     refuse_inputs_as_outputs([out], [checkpoint])  # -o last.ckpt would replace the run's resume point
     check_output(out, overwrite, (".safetensors",), "the encoder weights")
     read_checkpoint(checkpoint)  # a refused pickle or a truncated file: a ValueError naming it (cheap: memory-mapped)
-    task = PretrainTask.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    task = PretrainTask.load_from_checkpoint(Path(checkpoint), map_location="cpu", weights_only=True)
     return save_weights(task.model.encoder, out, extra={"source": f"rsvheat pretrain {Path(checkpoint).name}"})
 
 
