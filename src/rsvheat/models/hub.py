@@ -24,6 +24,7 @@ from timm.models._hub import generate_readme
 from torch import nn
 
 from rsvheat.files import write_atomic
+from rsvheat.models.checkpoint import find_backbone
 from rsvheat.models.rsvheat import VARIANTS, RSVHeat
 
 __all__ = ["modality_config", "save_pretrained"]
@@ -42,14 +43,6 @@ CITATIONS = (
 )
 
 
-def _backbone(model: nn.Module) -> RSVHeat:
-    # timm's features_only wrapper holds the RSVHeat as `.model`
-    inner = model if isinstance(model, RSVHeat) else getattr(model, "model", None)
-    if not isinstance(inner, RSVHeat):
-        raise TypeError(f"expected an rsvheat model (RSVHeat or its timm features wrapper), got {type(model).__name__}")
-    return inner
-
-
 def modality_config(
     model: nn.Module, modality_cfg: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -61,7 +54,7 @@ def modality_config(
     ImageNet statistics of a 3-band optical stem). A stem left without statistics is an error: writing ImageNet's
     3-band mean/std for, say, a 4-band stem would mis-normalise every user's input.
     """
-    backbone = _backbone(model)
+    backbone = find_backbone(model)
     given = dict(modality_cfg or {})
     unknown = sorted(set(given) - set(backbone.modalities))
     if unknown:
@@ -131,7 +124,7 @@ def save_pretrained(
     defaults (:data:`REMOTE_SENSING_DATA`: bilinear, no centre crop); vHeat variants keep their ImageNet ones.
     Returns the folder.
     """
-    backbone = _backbone(model)
+    backbone = find_backbone(model)
     modalities = modality_config(model, modality_cfg)
     default = modalities[backbone.default_modality]
     base: dict[str, Any] = getattr(backbone, "pretrained_cfg", None) or {}
