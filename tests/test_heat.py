@@ -113,6 +113,10 @@ def test_spectral_dtype_per_device():
     assert spectral_dtype(f16, "cuda", "bfloat16") == f32
     assert spectral_dtype(f64, "cuda", "bfloat16") == f64
     assert spectral_dtype(f32, "cpu", "bfloat16") == f32
+    from rsvheat.models.rsvheat import RSVHeat
+
+    with pytest.raises(ValueError, match="unknown spectral precision 'half'"):  # refused when the model is built
+        RSVHeat(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), spectral_precision="half")  # type: ignore[arg-type]
 
 
 def test_filter_shape_mismatch_is_reported():

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from rsvheat import STRIDE
 from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
 from rsvheat.operators.dct import DctImpl
-from rsvheat.operators.heat import SPECTRAL_PRECISIONS, HeatConduction, SpectralPrecision, resize_embedding
+from rsvheat.operators.heat import HeatConduction, SpectralPrecision, check_spectral_precision, resize_embedding
 from rsvheat.operators.recompute import gelu_linear, layer_norm_linear
 
 __all__ = ["RSVHeat", "VARIANTS", "create_model", "create_model_from_weights"]
@@ -434,8 +434,7 @@ class RSVHeat(nn.Module):
     def set_spectral_precision(self, precision: SpectralPrecision) -> RSVHeat:
         """How every HCO transforms half-precision fields (see :func:`~rsvheat.operators.heat.spectral_dtype`):
         ``"auto"``, ``"float32"`` (the exact path) or ``"bfloat16"``. Returns the model."""
-        if precision not in SPECTRAL_PRECISIONS:
-            raise ValueError(f"unknown spectral precision {precision!r}; expected one of {SPECTRAL_PRECISIONS}")
+        check_spectral_precision(precision)
         for module in self.modules():
             if isinstance(module, HeatConduction):
                 module.spectral_precision = precision

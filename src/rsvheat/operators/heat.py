@@ -30,6 +30,13 @@ SpectralPrecision = Literal["auto", "float32", "bfloat16"]
 SPECTRAL_PRECISIONS: tuple[SpectralPrecision, ...] = ("auto", "float32", "bfloat16")
 
 
+def check_spectral_precision(precision: str) -> SpectralPrecision:
+    """``precision`` if it is one of :data:`SPECTRAL_PRECISIONS`, else a ValueError naming it."""
+    if precision not in SPECTRAL_PRECISIONS:
+        raise ValueError(f"unknown spectral precision {precision!r}; expected one of {SPECTRAL_PRECISIONS}")
+    return precision
+
+
 def spectral_dtype(
     dtype: torch.dtype, device_type: str, precision: SpectralPrecision = "auto", impl: DctImpl = "matmul"
 ) -> torch.dtype:
@@ -37,13 +44,12 @@ def spectral_dtype(
 
     float32/float64 fields: their own. Half-precision fields: float32, except a bfloat16 field with ``precision``
     ``"bfloat16"``, or ``"auto"`` on CUDA, through the GEMM DCT: then bf16 GEMMs, which accumulate in float32 (each
-    GEMM's output rounded to bf16 adds an error of the order of every other bf16 layer's, ``tests/test_heat.py``) at
-    twice the speed of float32 ones on a GPU; on CPUs without bf16 instructions they are slower than float32
-    (``benchmarks/results/spectral_precision.md``), hence float32 there. float16 always goes to float32: its 5-bit
-    exponent overflows on the DC sums of large maps.
+    GEMM's output rounded to bf16 adds an error of the order of every other bf16 layer's, ``tests/test_heat.py``) on
+    GPUs' bf16 tensor cores (their speed there is not measured yet); on CPUs without bf16 instructions they are slower
+    than float32 (``benchmarks/results/spectral_precision.md``), hence float32 there. float16 always goes to
+    float32: its 5-bit exponent overflows on the DC sums of large maps.
     """
-    if precision not in SPECTRAL_PRECISIONS:
-        raise ValueError(f"unknown spectral precision {precision!r}; expected one of {SPECTRAL_PRECISIONS}")
+    check_spectral_precision(precision)
     if dtype in (torch.float32, torch.float64):
         return dtype
     wants_bf16 = precision == "bfloat16" or (precision == "auto" and device_type == "cuda")
