@@ -165,6 +165,9 @@ ABLATIONS = {
     # the second view seen whole: downstream images are never low-passed, pre-training saw only low-passed ones
     "one_masked": {"masked_views": 1},
     "unmasked": {"masked_views": 0},  # plain SimCLR views, no frequency split: what does the split itself add?
+    # multi-crop: four more views per image at half the side (5-25 % of the area), each matched to both full views
+    "multicrop": {"local_crops": 4},
+    "multicrop_queue": {"local_crops": 4, "negatives": 4096, "momentum": 0.99},  # the same with the MoCo queue
 }
 DATA_OPTIONS = ("zoom_out",)  # ablation keys that are options of the data module, not of the model
 

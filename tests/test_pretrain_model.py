@@ -195,6 +195,42 @@ def test_masked_views_show_the_encoder_whole_views(masked_views):
         micro_pretrainer(loss_weights={"spa": 0.0, "fre": 0.0}, masked_views=3)
 
 
+def test_local_crops_add_small_low_passed_views_matched_to_both_full_views():
+    """Multi-crop: after the two full views the encoder sees ``local_crops`` views per image at half the side (odd
+    sizes floored), low-passed like the full views; the loss is the mean InfoNCE over the full pair and every
+    small-full pair, with and without a queue; options that cannot use small views refuse them."""
+    from rsvheat.operators.dct import dct2d
+    from rsvheat.pretraining.masking import normalised_radius
+
+    torch.manual_seed(0)
+    model = micro_pretrainer(modalities={"optical": 3}, loss_weights={"spa": 0.0, "fre": 0.0}, local_crops=2)
+    seen = []
+    model.encoder.stems["optical"].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    z = {}
+    model.projector.register_forward_hook(lambda module, args, out: z.setdefault(len(z), out))
+    out = model({"optical": torch.randn(3, 3, 67, 80)})
+    assert [tuple(x.shape) for x in seen] == [(6, 3, 67, 80), (6, 3, 33, 40)]
+    radius = normalised_radius(33, 40)
+    outer = dct2d(seen[1].double())[..., radius >= torch.quantile(radius.flatten(), 0.8)]
+    assert outer.abs().max() < 1e-4  # the small views' high band is hidden too
+    full_first, full_second, small = z[0], z[1], z[2].chunk(2)
+    pairs = [(full_first, full_second), *((s, f) for s in small for f in (full_first, full_second))]
+    expected = torch.stack([info_nce(a, b, model.temperature) for a, b in pairs]).mean()
+    torch.testing.assert_close(out.terms["con"], expected)
+    small_loss = torch.stack([info_nce(a, b, model.temperature) for a, b in pairs[1:]]).sum()
+    (stem_grad,) = torch.autograd.grad(small_loss, next(model.encoder.stems["optical"].parameters()))
+    assert stem_grad.abs().sum() > 0  # the small views train the encoder
+    queued = micro_pretrainer(
+        modalities={"optical": 3}, loss_weights={"spa": 0.0, "fre": 0.0}, local_crops=2, negatives=8
+    )
+    assert torch.isfinite(queued({"optical": torch.randn(3, 3, 64, 64)}).loss)
+    assert queued.queue_next.tolist() == [6]  # only the full views' keys are queued
+    with pytest.raises(ValueError, match="local_crops"):
+        micro_pretrainer(views="low_high", local_crops=2)
+    with pytest.raises(ValueError, match="local_crops"):
+        micro_pretrainer(loss_weights={"spa": 1.0, "fre": 1.0, "con": 0.0}, local_crops=2)
+
+
 def test_view_augment_is_a_shared_random_geometry():
     """ViewAugment: one geometry per image for every modality of a pair; the full-scale identity-ratio draw of a
     crop reproduces the image up to flips and 90 degree turns; shapes kept on odd sizes."""

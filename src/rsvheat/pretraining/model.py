@@ -17,7 +17,10 @@ modality (or a co-registered optical+SAR pair, cropped alike):
    SAR features of the same view. With ``negatives=K`` (MoCo, He et al. 2020) each view's query is matched to the
    other view's key from a momentum copy of encoder and projector, against a queue of the ``K`` latest keys: a
    batch of 12 on a CPU offers 22 negatives, which the views tell apart within a few hundred steps (the InfoNCE
-   falls to a few % of ``ln B`` and stops teaching); thousands of queued keys keep the task hard.
+   falls to a few % of ``ln B`` and stops teaching); thousands of queued keys keep the task hard. With
+   ``local_crops=N`` (multi-crop, Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
+   Assignments", NeurIPS 2020) each image also gives N small views at half the side, each matched to both full-size
+   views: more positive pairs per step for a fraction of a view's cost, and parts matched to the whole scene.
 
 ``views="low_high"`` (the paper's reading, kept for comparison): the encoder sees ``I_low`` and ``I_high`` of the
 image itself, the two streams are fused per stage (``concat -> 1x1 conv``, the official ``fuse_frequency``) and decoded
@@ -142,9 +145,9 @@ class ViewAugment(nn.Module):
     count (SimCLR's colour distortion, generalised): per band a gain in ``1 ± jitter`` about the image's band mean and
     a shift of ``± jitter`` band std, and with probability ``jitter / 2`` every band replaced by the band mean.
 
-    ``forward({modality: (B, C_m, H, W)})`` draws one geometry per image and applies it to every modality, so a
+    ``forward({modality: (B, C_m, H, W)}, size)`` draws one geometry per image and applies it to every modality, so a
     co-registered optical+SAR pair stays co-registered (the jitter is drawn per modality); returns the same dict of
-    views.
+    views of ``size`` ``(H, W)`` (default: the input's size).
     """
 
     def __init__(
@@ -186,12 +189,15 @@ class ViewAugment(nn.Module):
         scale = torch.diag_embed(torch.stack([half_w, half_h], 1) * flip)
         return torch.cat([scale @ rotation, centre[..., None]], dim=2)
 
-    def forward(self, images: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: Mapping[str, torch.Tensor], size: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
         first = next(iter(images.values()))
         theta = self.geometry(first.shape[0], first.device)
         views = {}
         for modality, x in images.items():
-            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+            shape = [*x.shape[:2], *size] if size else list(x.shape)
+            grid = F.affine_grid(theta.to(x.dtype), shape, align_corners=False)
             view = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
             views[modality] = self.radiometric(view)
         return views
@@ -256,6 +262,9 @@ class FrequencyPretrainer(nn.Module):
             ``I_high`` streams are decoded, so nothing is hidden from the decoder) or ``"low"`` (the ``I_low`` stream
             alone). ``views="crops"`` always decodes from ``I_low``.
         crop_scale: area share range of :class:`ViewAugment`'s crops (``views="crops"``).
+        local_crops: number of extra small views per image (multi-crop; ``views="crops"`` and the contrast only), each
+            ``local_scale`` of the input's area resampled to half its side, seen through ``I_low`` when both full
+            views are (``masked_views=2``), and matched to both full views; 0 (default): none.
         jitter: strength of :class:`ViewAugment`'s radiometric jitter (``views="crops"``; 0: none).
         masked_views: how many of the two crop views the encoder sees through their ``I_low`` (``views="crops"``):
             2 (default) both, 1 the first (the second is seen whole, as downstream images are), 0 neither (plain
@@ -280,6 +289,8 @@ class FrequencyPretrainer(nn.Module):
         views: str = "crops",
         reconstruct_from: str = "low",
         crop_scale: tuple[float, float] = (0.25, 1.0),
+        local_crops: int = 0,
+        local_scale: tuple[float, float] = (0.05, 0.25),
         jitter: float = 0.0,
         masked_views: int = 2,
         decoder_width: int = 256,
@@ -311,7 +322,10 @@ class FrequencyPretrainer(nn.Module):
             raise ValueError(f"masked_views must be 0, 1 or 2, got {masked_views!r}")
         if masked_views < 2 and (weights["spa"] or weights["fre"]):
             raise ValueError("the reconstruction terms need masked_views=2: a view seen whole can be copied")
+        if local_crops < 0 or (local_crops and (views != "crops" or not weights["con"])):
+            raise ValueError(f"local_crops needs views='crops' and the contrastive term, got {local_crops}")
         self.masked_views = masked_views
+        self.local_crops = local_crops
         self.loss_weights = weights
         self.views = views
         self.reconstruct_from = reconstruct_from
@@ -327,6 +341,7 @@ class FrequencyPretrainer(nn.Module):
         dims = self.encoder.dims
         self.masking = FrequencyMasking(ratio_range, sector_degrees, ratio_part)
         self.augment = ViewAugment(crop_scale, jitter=jitter) if views == "crops" else None
+        self.local_augment = ViewAugment(local_scale, jitter=jitter) if local_crops else None
         # Only the paper reading with both streams decoded fuses: a module outside the loss would leave DDP unused
         # parameters.
         self.fuse_frequency = (
@@ -385,22 +400,44 @@ class FrequencyPretrainer(nn.Module):
         next_row[slot] = (next_row[slot] + keys.shape[0]) % queue.shape[0]
 
     def view_contrast(
-        self, z_first: torch.Tensor, z_second: torch.Tensor, first: torch.Tensor, second: torch.Tensor, modality: str
+        self,
+        z_first: torch.Tensor,
+        z_second: torch.Tensor,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        modality: str,
+        z_local: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``L_con`` of the two views' projected embeddings ``(B, D)``: in-batch InfoNCE, or with a queue the MoCo
-        loss of each view's query against the other view's key (``first``/``second``: the encoder's inputs)."""
+        loss of each view's query against the other view's key (``first``/``second``: the encoder's inputs). The
+        small views' embeddings ``z_local`` ``(N * B, D)`` (multi-crop) are each matched to both full views; the
+        loss is the mean over all pairs."""
+        locals_ = [] if z_local is None else list(z_local.chunk(self.local_crops))
         if self.key_encoder is None:
-            return info_nce(z_first, z_second, self.temperature)
+            pairs = [(z_first, z_second), *((z, g) for z in locals_ for g in (z_first, z_second))]
+            return torch.stack([info_nce(a, b, self.temperature) for a, b in pairs]).mean()
         step = self.training and torch.is_grad_enabled()  # a training step moves the key encoder and the queue
         if step:
             self._momentum_update()
         k_first, k_second = self._keys(first, second, modality)
         queue = getattr(self, f"queue_{modality}").clone()  # the loss reads the queue as it was before this batch
-        t = self.temperature
-        loss = (queue_nce(z_first, k_second, queue, t) + queue_nce(z_second, k_first, queue, t)) / 2
+        pairs = [(z_first, k_second), (z_second, k_first), *((z, k) for z in locals_ for k in (k_first, k_second))]
+        loss = torch.stack([queue_nce(q, k, queue, self.temperature) for q, k in pairs]).mean()
         if step:
             self._enqueue(modality, torch.cat([k_first, k_second]))
         return loss
+
+    def local_views(self, images: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``local_crops`` small views of each image ``{modality: (N * B, C_m, H / 2, W / 2)}`` (view-major), seen
+        through their ``I_low`` when every full view is."""
+        assert self.local_augment is not None
+        height, width = next(iter(images.values())).shape[-2:]
+        size = (height // 2, width // 2)
+        views = [self.local_augment(images, size) for _ in range(self.local_crops)]
+        out = {m: torch.cat([v[m] for v in views]) for m in images}
+        if self.masked_views == 2:
+            out = {m: self.masking(x).low for m, x in out.items()}
+        return out
 
     def encode(self, first: torch.Tensor, second: torch.Tensor, modality: str):
         """Both streams ``(B, C, H, W)`` through the shared encoder in one pass. Returns the stage-3/4 maps of each
@@ -436,6 +473,7 @@ class FrequencyPretrainer(nn.Module):
             targets = {m: torch.cat([pairs[0][m], pairs[1][m]]) for m in batch}
         else:
             targets = dict(batch)
+        small = self.local_views(batch) if self.local_augment is not None else {}
         spa, fre, con, cross, previews, embeddings = [], [], [], {}, {}, {}
         for modality, x in targets.items():
             parts = split[modality] if split is not None else self.masking(x)
@@ -458,7 +496,13 @@ class FrequencyPretrainer(nn.Module):
                     fre.append(frequency_loss(recon, x, hidden))
             if self.projector is not None:
                 z_first, z_second = self.projector(pooled_first), self.projector(pooled_second)
-                con.append(self.view_contrast(z_first, z_second, first, second, modality))
+                z_local = None
+                if modality in small:
+                    (local_map,) = self.encoder.forward_intermediates(
+                        small[modality], indices=(3,), intermediates_only=True, modality=modality
+                    )
+                    z_local = self.projector(local_map.mean((2, 3)))
+                con.append(self.view_contrast(z_first, z_second, first, second, modality, z_local))
                 embeddings[modality] = (z_first.detach(), z_second.detach())
                 # the cross-modal term: the same view (crops) or the fused streams (low_high) of each modality
                 cross[modality] = z_first if self.views == "crops" else self.projector(decoded[-1].mean((2, 3)))

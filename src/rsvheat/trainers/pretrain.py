@@ -38,9 +38,9 @@ class PretrainTask(pl.LightningModule):
     """Frequency-masking pre-training of an RS-vHeat encoder (see :mod:`rsvheat.pretraining.model`).
 
     Args (model): ``variant``, ``modalities``, ``img_size``, ``ratio_range``, ``sector_degrees``, ``ratio_part``,
-        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``jitter``, ``masked_views``,
-        ``decoder_width``, ``decoder_depth``, ``proj_dim``, ``temperature``, ``negatives``, ``momentum``,
-        ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
+        ``loss_weights``, ``views``, ``reconstruct_from``, ``crop_scale``, ``local_crops``, ``local_scale``,
+        ``jitter``, ``masked_views``, ``decoder_width``, ``decoder_depth``, ``proj_dim``, ``temperature``,
+        ``negatives``, ``momentum``, ``drop_path_rate`` as in :class:`FrequencyPretrainer`.
     Args (optimisation): AdamW with ``weight_decay`` (none on norms, biases, FVE and SCE) and ``betas``. ``lr`` is the
         rate at a batch of 256 images; the rate used follows the batch (:func:`scaled_lr`): ``lr_scaling="sqrt"``
         (default) multiplies it by ``sqrt(B / 256)``, ``"linear"`` by ``B / 256``, ``"none"`` uses ``lr`` as given,
@@ -66,6 +66,8 @@ class PretrainTask(pl.LightningModule):
         views: str = "crops",
         reconstruct_from: str = "low",
         crop_scale: tuple[float, float] = (0.25, 1.0),
+        local_crops: int = 0,
+        local_scale: tuple[float, float] = (0.05, 0.25),
         jitter: float = 0.0,
         masked_views: int = 2,
         decoder_width: int = 256,
@@ -100,6 +102,8 @@ class PretrainTask(pl.LightningModule):
             views=views,
             reconstruct_from=reconstruct_from,
             crop_scale=crop_scale,
+            local_crops=local_crops,
+            local_scale=local_scale,
             jitter=jitter,
             masked_views=masked_views,
             decoder_width=decoder_width,
