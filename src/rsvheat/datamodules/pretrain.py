@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
@@ -24,6 +25,9 @@ from rsvheat.data.pretrain import (
     SarScale,
 )
 
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
+
 #: a source cycled this many times per pass over the largest one is flagged: its images get memorised
 MEMORISED_REUSE = 20
 
@@ -32,7 +36,7 @@ def warn_if_memorised(datasets: Mapping[str, Dataset]) -> None:
     """Every step takes one batch of every source, so a small source is cycled ``len(largest) / len(small)`` times
     per epoch. Measured: 6 BigEarthNet pairs beside 9,400 AID images were each seen ~1,200 times in a 620-step run,
     and the shared encoder spent half its gradient memorising them."""
-    sizes = {name: len(ds) for name, ds in datasets.items()}  # type: ignore[arg-type]
+    sizes = {name: len(ds) for name, ds in datasets.items()}  # type: ignore[arg-type]  # map-style datasets
     largest = max(sizes, key=sizes.__getitem__)
     for name, size in sizes.items():
         if size and sizes[largest] / size >= MEMORISED_REUSE:
@@ -95,6 +99,12 @@ class PretrainDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.modalities = dict(modalities or {"optical": 3, "sar": 1})
         self.datasets: dict[str, Dataset] = {}
+
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> AttributeDict:
+            """``save_hyperparameters`` stores the arguments as an ``AttributeDict`` (Lightning types it loosely)."""
 
     def _common(self) -> dict:
         h = self.hparams
@@ -164,7 +174,7 @@ class PretrainDataModule(pl.LightningDataModule):
                 num_workers=h.num_workers,
                 persistent_workers=h.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
-                drop_last=len(ds) > h.batch_size,  # a ragged last batch of 1 would break BatchNorm and InfoNCE
+                drop_last=len(ds) > h.batch_size,  # type: ignore[arg-type]  # a ragged last batch of 1 would break BatchNorm and InfoNCE
             )
             for name, ds in self.datasets.items()
         }

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -131,6 +131,8 @@ class HeatConductionKt(HeatConduction):
     ``kt_override`` sets it on load; one without it clears it.
     """
 
+    kt_override: torch.Tensor | None
+
     def __init__(self, dim: int, use_sce: bool = False, dct_impl: DctImpl = "auto") -> None:
         super().__init__(dim, use_sce=use_sce, dct_impl=dct_impl)
         self.register_buffer("kt_override", None)
@@ -139,7 +141,8 @@ class HeatConductionKt(HeatConduction):
         if self.kt_override is None:
             return super().kt(freq_embed)
         # bilinear interpolation of a non-negative field stays non-negative: still a low-pass filter
-        return resize_embedding(self.kt_override, tuple(freq_embed.shape[:2])).to(freq_embed.dtype)
+        size = (freq_embed.shape[0], freq_embed.shape[1])
+        return resize_embedding(self.kt_override, size).to(freq_embed.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         # The buffer exists only when a checkpoint brings one: allocate it (or drop it) before the copy.
@@ -177,6 +180,8 @@ class HeatBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.gamma1: nn.Parameter | None
+        self.gamma2: nn.Parameter | None
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
             self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
@@ -206,6 +211,9 @@ class HeatBlock(nn.Module):
 
 class HeatStage(nn.Module):
     """[downsample] + ``depth`` blocks sharing one FVE (and SCE) of native size ``res``; ``(B, H, W, C)`` in and out."""
+
+    folded_fve: torch.Tensor | None
+    folded_sce: torch.Tensor | None
 
     def __init__(
         self,
@@ -237,6 +245,11 @@ class HeatStage(nn.Module):
         self.folding = False  # folded mode: set by fold(), ended by unfold() and train()
         self.register_load_state_dict_post_hook(_drop_folds_after_load)
 
+    @property
+    def heat_blocks(self) -> Sequence[HeatBlock]:
+        """``blocks`` as the type checker should see them (an ``nn.ModuleList`` types its items as ``Module``)."""
+        return cast("Sequence[HeatBlock]", self.blocks)
+
     def _resized(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         sce = resize_embedding(self.heat_capacity, size) if self.heat_capacity is not None else None
         return resize_embedding(self.freq_embed, size), sce
@@ -250,17 +263,17 @@ class HeatStage(nn.Module):
         fve, sce = self._resized(size)
         # at the stored size resize_embedding returns the parameter itself: a buffer must not alias it
         fve = fve.clone() if fve is self.freq_embed else fve
-        sce = sce.clone() if sce is not None and sce is self.heat_capacity else sce
+        sce = sce.clone() if sce is self.heat_capacity and sce is not None else sce
         self.folded_fve, self.folded_sce = fve, sce
         self.folding = True
-        for block in self.blocks:
+        for block in self.heat_blocks:
             block.hco.fold(fve)
 
     def drop_folds(self) -> None:
         """Drop the folded tensors, staying in folded mode (the next forward folds again, from the current
         weights)."""
         self.folded_fve, self.folded_sce = None, None
-        for block in self.blocks:
+        for block in self.heat_blocks:
             block.hco.unfold()
 
     def unfold(self) -> None:
@@ -276,7 +289,7 @@ class HeatStage(nn.Module):
             return self._resized(size)
         if self.folded_fve is None or tuple(self.folded_fve.shape[:2]) != tuple(size):
             self.fold(size)
-        return self.folded_fve, self.folded_sce
+        return cast(torch.Tensor, self.folded_fve), self.folded_sce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -491,7 +504,7 @@ class RSVHeat(nn.Module):
             sizes = {name: tuple(image.shape[-2:]) for name, image in x.items()}
             if len(set(sizes.values())) > 1:
                 raise ValueError(f"fused inputs must be co-registered (same H, W), got {sizes}")
-            return sum(self.stem(image, name) for name, image in x.items())
+            return cast(torch.Tensor, sum(self.stem(image, name) for name, image in x.items()))
         if x.ndim != 4:
             raise ValueError(f"expected a 4-D (B, C, H, W) tensor, got {x.ndim}-D with shape {tuple(x.shape)}")
         modality = self._resolve_modality(x, modality)
@@ -515,6 +528,11 @@ class RSVHeat(nn.Module):
     def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, modality))
 
+    @property
+    def heat_stages(self) -> Sequence[HeatStage]:
+        """``stages`` as the type checker should see them (an ``nn.ModuleList`` types its items as ``Module``)."""
+        return cast("Sequence[HeatStage]", self.stages)
+
     def forward_intermediates(
         self,
         x: torch.Tensor | Mapping[str, torch.Tensor],
@@ -532,26 +550,26 @@ class RSVHeat(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if norm and any(stage.out_norm is None for stage in self.stages):
+        if norm and any(stage.out_norm is None for stage in self.heat_stages):
             raise ValueError("norm=True needs per-stage output norms: build the model with feature_norms=True")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.stem(x, modality)
-        stages = self.stages if not (stop_early or intermediates_only) else self.stages[: max_index + 1]
+        take, max_index = feature_take_indices(len(self.stages), _index_list(indices))
+        h = self.stem(x, modality)
+        stages = self.heat_stages if not (stop_early or intermediates_only) else self.heat_stages[: max_index + 1]
         intermediates = []
         for i, stage in enumerate(stages):
-            x = stage(x)
+            h = stage(h)
             if i in take:
-                feat = stage.out_norm(x) if norm else x
+                feat = stage.out_norm(h) if norm and stage.out_norm is not None else h
                 intermediates.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
         if intermediates_only:
             return intermediates
-        return x.permute(0, 3, 1, 2), intermediates
+        return h.permute(0, 3, 1, 2), intermediates
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop stages after the last requested one (and the head); returns the absolute indices kept."""
-        take, max_index = feature_take_indices(len(self.stages), indices)
+        take, max_index = feature_take_indices(len(self.stages), _index_list(indices))
         self.stages = self.stages[: max_index + 1]
         self.feature_info = self.feature_info[: max_index + 1]
         if prune_head:
@@ -604,10 +622,11 @@ class RSVHeat(nn.Module):
         element-wise operators, was measured and removed: on rsvheat_tiny at 512², batch 2, it saved 15 % of the
         training memory for 16 % more CPU time per step; :mod:`rsvheat.operators.recompute` does that part now
         without recomputing any GEMM.)"""
-        remaining = (sum(len(stage.blocks) for stage in self.stages) if blocks is None else blocks) if enable else 0
+        stages = self.heat_stages
+        remaining = (sum(len(stage.blocks) for stage in stages) if blocks is None else blocks) if enable else 0
         if remaining < 0:
             raise ValueError(f"blocks must be >= 0 or None, got {blocks}")
-        for stage in self.stages:
+        for stage in stages:
             stage.recomputed_blocks = min(remaining, len(stage.blocks))
             remaining -= stage.recomputed_blocks
 
@@ -626,12 +645,12 @@ class RSVHeat(nn.Module):
         again. Returns the model."""
         self.eval()
         if img_size is None:
-            for stage in self.stages:
+            for stage in self.heat_stages:
                 stage.folding = True
             return self
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         h, w = -(-size[0] // 4), -(-size[1] // 4)
-        for i, stage in enumerate(self.stages):
+        for i, stage in enumerate(self.heat_stages):
             if i > 0:
                 h, w = -(-h // 2), -(-w // 2)
             stage.fold((h, w))
@@ -640,9 +659,14 @@ class RSVHeat(nn.Module):
     def unfold(self) -> RSVHeat:
         """Leave folded mode and drop every folded tensor: FVE, SCE and filters are computed from the weights at
         every forward again (as in training). Returns the model."""
-        for stage in self.stages:
+        for stage in self.heat_stages:
             stage.unfold()
         return self
+
+
+def _index_list(indices: int | Sequence[int] | None) -> int | list[int] | None:
+    """timm's ``feature_take_indices`` takes a count or a list."""
+    return indices if indices is None or isinstance(indices, int) else list(indices)
 
 
 def fold_backbones(module: nn.Module) -> nn.Module:
@@ -758,7 +782,7 @@ def _no_weights_message(variant: str) -> str:
     )
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> RSVHeat:
+def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if pretrained:
         # timm's own message ("No pretrained weights exist ... use pretrained=False") says neither what exists nor
         # how to load a file: check the source first. RuntimeError, the type timm raises, for callers that catch it.
@@ -770,7 +794,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RSVHeat:
     # Per-modality data description (bands, mean/std, img_size) written by rsvheat.save_pretrained into the model
     # arguments of a timm config.json: not an RSVHeat argument, kept on the model for the next save.
     modality_cfg = kwargs.pop("modality_cfg", None)
-    model = build_model_with_cfg(
+    model: Any = build_model_with_cfg(
         RSVHeat,
         variant,
         pretrained,
@@ -784,7 +808,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> RSVHeat:
 
 
 def _register(name: str):
-    def entrypoint(pretrained: bool = False, **kwargs) -> RSVHeat:
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         return _create(name, pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
@@ -796,8 +820,9 @@ for _name in VARIANTS:
     globals()[_name] = _register(_name)
 
 
-def create_model(name: str, **kwargs) -> RSVHeat:
-    """``timm.create_model`` restricted to our variants.
+def create_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` restricted to our variants: an :class:`RSVHeat`, or with ``features_only=True`` timm's
+    feature wrapper around one.
 
     Example: ``create_model("rsvheat_base", modalities={"optical": 3, "sar": 1})``.
     """
