@@ -138,6 +138,12 @@ def embedding_health(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2)
     }
 
 
+def _embed(encoder: RSVHeat, projector: nn.Module, x: torch.Tensor, modality: str) -> torch.Tensor:
+    """The projected, pooled stage-4 features ``(B, D)`` of images ``(B, C, H, W)``."""
+    (stage4,) = encoder.forward_intermediates(x, indices=(3,), intermediates_only=True, modality=modality)
+    return projector(stage4.mean((2, 3)))
+
+
 class ViewAugment(nn.Module):
     """Random views of images: a random resized crop (area share in ``scale``, aspect ratio in ``ratio``), horizontal
     and vertical flips and a random multiple of 90 degrees (remote-sensing scenes have no upright), resampled
@@ -383,10 +389,8 @@ class FrequencyPretrainer(nn.Module):
     def _keys(self, first: torch.Tensor, second: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The momentum encoder's normalised embeddings of both views ``(B, D)`` each."""
         assert self.key_encoder is not None and self.key_projector is not None
-        feats = self.key_encoder.forward_intermediates(
-            torch.cat([first, second]), indices=(3,), intermediates_only=True, modality=modality
-        )
-        k_first, k_second = F.normalize(self.key_projector(feats[-1].mean((2, 3))), dim=-1).chunk(2)
+        keys = _embed(self.key_encoder, self.key_projector, torch.cat([first, second]), modality)
+        k_first, k_second = F.normalize(keys, dim=-1).chunk(2)
         return k_first, k_second
 
     @torch.no_grad()
@@ -496,12 +500,7 @@ class FrequencyPretrainer(nn.Module):
                     fre.append(frequency_loss(recon, x, hidden))
             if self.projector is not None:
                 z_first, z_second = self.projector(pooled_first), self.projector(pooled_second)
-                z_local = None
-                if modality in small:
-                    (local_map,) = self.encoder.forward_intermediates(
-                        small[modality], indices=(3,), intermediates_only=True, modality=modality
-                    )
-                    z_local = self.projector(local_map.mean((2, 3)))
+                z_local = _embed(self.encoder, self.projector, small[modality], modality) if small else None
                 con.append(self.view_contrast(z_first, z_second, first, second, modality, z_local))
                 embeddings[modality] = (z_first.detach(), z_second.detach())
                 # the cross-modal term: the same view (crops) or the fused streams (low_high) of each modality
