@@ -427,7 +427,11 @@ def test_detection_across_tiles_merges_duplicates_and_drops_nodata(tmp_path):
 
 @pytest.mark.slow
 def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
-    """``rsvheat fit`` (one epoch, micro model) then ``rsvheat predict-scene`` over the whole Landsat scene."""
+    """``rsvheat fit`` (one epoch, micro model) then ``rsvheat predict-scene`` over the whole Landsat scene; the
+    segmentation model trained and served through ``torch.compile`` too (the ``eager`` backend: dynamo's capture
+    without code generation), with the eager model's checkpoint and outputs."""
+    from torch._dynamo.utils import counters
+
     from rsvheat.apps import samples
     from rsvheat.cli import main
     from rsvheat.trainers.cli import task_cli
@@ -440,7 +444,10 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
     det = {"images": str(tmp_path / "det/JPEGImages"), "annotations": str(tmp_path / "det/Annotations")}
     runs = {
         "seg": (
-            {"class_path": "rsvheat.trainers.SegmentationTask", "init_args": {"num_classes": 3, "img_size": 64}},
+            {
+                "class_path": "rsvheat.trainers.SegmentationTask",
+                "init_args": {"num_classes": 3, "img_size": 64, "compile": "eager"},
+            },
             {
                 "class_path": "rsvheat.datamodules.SegmentationDataModule",
                 "init_args": {
@@ -477,10 +484,13 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
             {"class_path": "rsvheat.datamodules.DetectionDataModule", "init_args": {"train": det, "val": det}},
         ),
     }
+    counters.clear()
     for name, (model, data) in runs.items():
         model["init_args"].update(COMMON)
         data["init_args"].update(batch_size=4, num_workers=0)
         task_cli(["fit", "--config", write_config(tmp_path / f"{name}.yaml", model, data, tmp_path / name)])
+        if name == "seg":
+            assert counters["stats"]["unique_graphs"] > 0  # the network ran compiled
     ckpt = {name: str(tmp_path / name / "checkpoints/last.ckpt") for name in runs}
 
     out = tmp_path / "out"
@@ -506,6 +516,14 @@ def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
         np.testing.assert_allclose(p.read()[:, ~nodata].sum(0), 1.0, atol=1e-4)  # probabilities per pixel
         assert p.descriptions == ("0", "1", "2")  # no class names configured: the ids
         assert json.loads(pred.tags(1)["CLASS_NAMES"]) == ["0", "1", "2"] and len(pred.colormap(1)) >= 3
+    counters.clear()
+    main(
+        ["predict-scene", ckpt["seg"], str(scene), "-o", str(out / "compiled.tif"), "--tile", "128", "--overlap", "32"]
+        + ["--compile", "eager"]
+    )
+    assert counters["stats"]["unique_graphs"] > 0
+    with rasterio.open(out / "classes.tif") as eager, rasterio.open(out / "compiled.tif") as compiled:
+        np.testing.assert_array_equal(compiled.read(), eager.read())
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         main(["predict-scene", ckpt["seg"], str(scene), "-o", str(out / "classes.tif")])

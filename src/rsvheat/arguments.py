@@ -104,6 +104,14 @@ def add_mapping(parser: argparse.ArgumentParser, device_help: str) -> None:
     add_precision(parser)
     add_score_threshold(parser)
     parser.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BACKEND",
+        help="run the network through torch.compile (default backend inductor), compiled on the first tiles",
+    )
 
 
 def add_precision(parser: argparse.ArgumentParser) -> None:

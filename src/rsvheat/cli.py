@@ -189,6 +189,7 @@ def _predict_scene(args: argparse.Namespace) -> None:
         cog=not args.no_cog,
         precision=args.precision,
         score_threshold=args.score_threshold,
+        compile=args.compile,
     )
     print("written:", *written, sep="\n  ")
 

@@ -38,7 +38,7 @@ from rsvheat.data.io import image_header
 from rsvheat.files import write_atomic
 from rsvheat.inference.scene import check_tile
 from rsvheat.inference.tasks import load_task, map_scene, resolve_device, set_score_threshold
-from rsvheat.models.precision import check_precision
+from rsvheat.models.precision import check_precision, compile_in_place
 
 #: The summary's name in the output folder.
 SUMMARY = "summary.json"
@@ -317,6 +317,7 @@ def predict_scenes(
     progress: bool = True,
     timeout_hours: float = DEFAULT_TIMEOUT_HOURS,
     score_threshold: float | None = None,
+    compile: bool | str = False,
 ) -> dict:
     """Map every scene of ``scenes`` (paths, ``before|after`` pairs, globs) and ``list_file`` into ``out_dir`` with
     ``checkpoint``, spread over the processes of ``torchrun`` (or in this one), and return the summary written to
@@ -364,6 +365,7 @@ def predict_scenes(
         if detection and probabilities:
             raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
         set_score_threshold(task, score_threshold, checkpoint)  # a request error: before any scene is mapped
+        compile_in_place(task.model, compile)  # once per process, for every scene
 
         def run(images, outputs):
             map_scene(
@@ -512,6 +514,7 @@ def main(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         timeout_hours=args.timeout,
         score_threshold=args.score_threshold,
+        compile=args.compile,
     )
     if summary["counts"]["failed"]:
         raise SystemExit(1)

@@ -30,7 +30,7 @@ from rsvheat.inference.scene import (
     write_geojson,
 )
 from rsvheat.models.contract import ServedTask, load_task
-from rsvheat.models.precision import autocast, check_precision, low_precision_weights
+from rsvheat.models.precision import autocast, check_precision, compile_in_place, low_precision_weights
 
 #: Output names by format: the model decides the format, the name must agree.
 TIFF, GEOJSON = (".tif", ".tiff"), (".geojson", ".json")
@@ -73,6 +73,7 @@ def predict_scene(
     progress: bool = True,
     precision: str = "fp32",
     score_threshold: float | None = None,
+    compile: bool | str = False,
 ) -> list[Path]:
     """Run a fine-tuned task over whole rasters and write georeferenced results.
 
@@ -89,6 +90,8 @@ def predict_scene(
 
     ``precision``: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the model's forward passes on ``device``, spectral
     transforms in float32; :mod:`rsvheat.models.precision`). Probabilities are written as float32 either way.
+    ``compile``: the network through ``torch.compile`` (``True``: inductor, or a backend's name), compiled on the
+    first batch of tiles; worth it for large scenes.
     """
     paths = [Path(p) for p in images]
     band_lists = list(bands) if bands is not None else [None] * len(paths)
@@ -96,6 +99,7 @@ def predict_scene(
     _check_request(checkpoint, paths, band_lists, output, probabilities, tile, overlap, batch_size, overwrite)
     target = resolve_device(device)
     task, meta = load_task(checkpoint, target)
+    compile_in_place(task.model, compile)
     return map_scene(
         task,
         meta,

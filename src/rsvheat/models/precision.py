@@ -20,6 +20,16 @@ Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
+def compile_in_place(module: nn.Module, backend: str | bool = "inductor") -> nn.Module:
+    """``module``'s forward run through ``torch.compile`` from now on (``nn.Module.compile``: in place, so that
+    state-dict keys, hooks and ``isinstance`` are unchanged), with ``backend`` (``True``: inductor); ``False`` leaves
+    it eager. Graphs are built at the first forward of each input shape (tile and batch sizes: keep them fixed).
+    Returns ``module``."""
+    if backend is not False:
+        module.compile(backend="inductor" if backend is True else backend)
+    return module
+
+
 def check_precision(precision: str) -> Precision:
     """``precision`` itself when it is one of :data:`PRECISIONS`; otherwise a ``ValueError`` naming them."""
     if precision not in PRECISIONS:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 
 from rsvheat.models.contract import TaskSpec, modalities_of
+from rsvheat.models.precision import compile_in_place
 from rsvheat.trainers.checkpoints import IntervalCheckpoint, check_checkpoint
 from rsvheat.trainers.optim import warmup_cosine
 
@@ -56,6 +57,9 @@ class TaskModule(pl.LightningModule):
         grad_checkpointing: trade compute for activation memory: ``true`` recomputes every backbone block in the
             backward pass, an integer N the first N blocks (the high-resolution ones: most of the memory for little
             time; see :meth:`RSVHeat.set_grad_checkpointing`).
+        compile: run the task's network through ``torch.compile`` (``true``: inductor, or a backend's name) in
+            training, validation and Lightning's prediction (:func:`~rsvheat.models.precision.compile_in_place`);
+            the weights and checkpoints are those of the eager network.
     """
 
     monitor: tuple[str, str] = ("val/loss", "min")
@@ -89,6 +93,7 @@ class TaskModule(pl.LightningModule):
         min_lr_ratio: float = 0.01,
         encoder_kwargs: dict | None = None,
         grad_checkpointing: bool | int = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # with the subclass's arguments: Lightning collects every __init__ frame
@@ -110,6 +115,7 @@ class TaskModule(pl.LightningModule):
         if network is not self.backbone:  # classification's model is its backbone (a property: weights `backbone.*`)
             self.add_module("model", network)  # as `self.model = network` does
         self.configure_backbone()
+        compile_in_place(network, self.hparams.get("compile", False))
 
     def configure_losses(self) -> None:
         """Build the loss (``self.criterion``); none for models that compute their own (detection)."""
