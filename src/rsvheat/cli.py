@@ -247,6 +247,8 @@ def run_external_cli(tool: str, argv: list[str]) -> None:
         if (err.name or "").split(".")[0] != tool:
             raise
         raise ValueError(f"{tool} is not installed in this environment ({hint})") from None
+    if tool == "torchgeo":  # a config may then name rsvheat's weights: weights: RSVHeatWeights.VHEAT_TINY_IN1K
+        importlib.import_module("rsvheat.models.torchgeo_weights")
     if not argv or any(a in ("-h", "--help") for a in argv):
         print(f"rsvheat {tool}: {tool}'s own command line, with rsvheat's models registered.\nexamples:")
         print(_EXTERNAL_EXAMPLES[tool] + "\n", flush=True)

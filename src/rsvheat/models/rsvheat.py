@@ -323,6 +323,12 @@ class ClassifierHead(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
+    @property
+    def out_features(self) -> int:
+        """Outputs per image (classes, or channels without a classifier): TorchGeo's weight loader reads it from a
+        model's last module."""
+        return self.fc.out_features if isinstance(self.fc, nn.Linear) else self.norm.normalized_shape[0]
+
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.norm(x)
         if self.global_pool == "avg":
@@ -740,7 +746,7 @@ _VHEAT_IN1K = dict(
     paper_ids="arXiv:2405.16555",
     notes=("Official vHeat ImageNet-1k weights (MzeroMiko/vHeat release files), converted on load.",),
 )
-_VHEAT_URLS = {
+VHEAT_RELEASE_URLS = {
     "vheat_tiny": "https://github.com/MzeroMiko/vHeat/releases/download/vheatcls/vHeat_tiny.pth",
     "vheat_small": "https://github.com/MzeroMiko/vHeat/releases/download/vheatcls/vHeat_small.pth",
     "vheat_base": "https://github.com/MzeroMiko/vHeat/releases/download/vheatcls/vHeat_base.pth",
@@ -751,17 +757,17 @@ _RS_NOTE = (
 )
 default_cfgs = generate_default_cfgs(
     {
-        **{f"{name}.in1k": _cfg(url=url, **_VHEAT_IN1K) for name, url in _VHEAT_URLS.items()},
+        **{f"{name}.in1k": _cfg(url=url, **_VHEAT_IN1K) for name, url in VHEAT_RELEASE_URLS.items()},
         # No RS-vHeat weights are published: the default tag has no source (pretrained=True explains, see _create);
         # `.vheat_in1k` starts an RS-vHeat model from the vHeat weights of its size.
-        **{f"rs{name}.untrained": _cfg() for name in _VHEAT_URLS},
+        **{f"rs{name}.untrained": _cfg() for name in VHEAT_RELEASE_URLS},
         **{
             f"rs{name}.vheat_in1k": _cfg(url=url, **dict(_VHEAT_IN1K, notes=(_RS_NOTE,)))
-            for name, url in _VHEAT_URLS.items()
+            for name, url in VHEAT_RELEASE_URLS.items()
         },
     }
 )
-for _name in _VHEAT_URLS:
+for _name in VHEAT_RELEASE_URLS:
     # timm makes the first tag with weights the default even after an explicit one: put "untrained" first again, so
     # that pretrained=True without a tag explains instead of downloading vHeat weights into an RS-vHeat model
     _tags = default_cfgs[f"rs{_name}"].tags
