@@ -104,6 +104,14 @@ def add_mapping(parser: argparse.ArgumentParser, device_help: str) -> None:
     add_precision(parser)
     add_score_threshold(parser)
     parser.add_argument("--no-cog", action="store_true", help="plain tiled GeoTIFF instead of Cloud Optimized")
+    for name in ("mean", "std"):
+        parser.add_argument(
+            f"--{name}",
+            type=float,
+            nargs="+",
+            default=None,
+            help=f"input {name} per band, or one for all (required for a TorchGeo checkpoint, which stores none)",
+        )
     parser.add_argument(
         "--compile",
         nargs="?",
@@ -126,6 +134,13 @@ def add_precision(parser: argparse.ArgumentParser) -> None:
 
 #: The suffix of the probability map written beside a class or change map (``--probabilities`` without a path).
 PROBABILITIES = ".probabilities.tif"
+
+
+def normalisation(args: argparse.Namespace) -> tuple[list[float], list[float]] | None:
+    """``(mean, std)`` of :func:`add_mapping`'s ``--mean``/``--std`` (both or neither), or ``None``."""
+    if (args.mean is None) != (args.std is None):
+        raise ValueError("give --mean and --std together")
+    return None if args.mean is None else (args.mean, args.std)
 
 
 def probabilities_beside(output: Path) -> Path:

@@ -190,6 +190,7 @@ def _predict_scene(args: argparse.Namespace) -> None:
         precision=args.precision,
         score_threshold=args.score_threshold,
         compile=args.compile,
+        normalisation=arguments.normalisation(args),
     )
     print("written:", *written, sep="\n  ")
 

@@ -318,6 +318,7 @@ def predict_scenes(
     timeout_hours: float = DEFAULT_TIMEOUT_HOURS,
     score_threshold: float | None = None,
     compile: bool | str = False,
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> dict:
     """Map every scene of ``scenes`` (paths, ``before|after`` pairs, globs) and ``list_file`` into ``out_dir`` with
     ``checkpoint``, spread over the processes of ``torchrun`` (or in this one), and return the summary written to
@@ -353,7 +354,7 @@ def predict_scenes(
         jobs, groups = plan
         # the checkpoint, once per process; a process that cannot read it stops them all (none waits forever)
         try:
-            task, meta, problem = *load_task(checkpoint, torch_device), None
+            task, meta, problem = *load_task(checkpoint, torch_device, normalisation), None
         except (ValueError, OSError) as err:
             task, meta, problem = None, None, arguments.one_line(err)
         problems = [p for p in world.gather(problem) if p]
@@ -515,6 +516,7 @@ def main(args: argparse.Namespace) -> None:
         timeout_hours=args.timeout,
         score_threshold=args.score_threshold,
         compile=args.compile,
+        normalisation=arguments.normalisation(args),
     )
     if summary["counts"]["failed"]:
         raise SystemExit(1)

@@ -74,6 +74,7 @@ def predict_scene(
     precision: str = "fp32",
     score_threshold: float | None = None,
     compile: bool | str = False,
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> list[Path]:
     """Run a fine-tuned task over whole rasters and write georeferenced results.
 
@@ -92,13 +93,15 @@ def predict_scene(
     transforms in float32; :mod:`rsvheat.models.precision`). Probabilities are written as float32 either way.
     ``compile``: the network through ``torch.compile`` (``True``: inductor, or a backend's name), compiled on the
     first batch of tiles; worth it for large scenes.
+    ``normalisation``: ``(mean, std)`` of the input bands, required for a TorchGeo checkpoint (which stores none, see
+    :func:`~rsvheat.models.contract.load_task`), replacing the stored statistics of a one-stem rsvheat checkpoint.
     """
     paths = [Path(p) for p in images]
     band_lists = list(bands) if bands is not None else [None] * len(paths)
     check_precision(precision)
     _check_request(checkpoint, paths, band_lists, output, probabilities, tile, overlap, batch_size, overwrite)
     target = resolve_device(device)
-    task, meta = load_task(checkpoint, target)
+    task, meta = load_task(checkpoint, target, normalisation)
     compile_in_place(task.model, compile)
     return map_scene(
         task,
@@ -161,6 +164,11 @@ def map_scene(
     if detection and probabilities is not None:
         raise ValueError(f"{source} is a detection model: it writes boxes only, drop --probabilities")
     set_score_threshold(task, score_threshold, source)
+    if not meta.get("stats"):
+        raise ValueError(
+            f"{source} stores no input normalisation (a TorchGeo checkpoint: its data module normalised the "
+            "images): give the mean and std it applied, e.g. --mean 0 --std 255"
+        )
     inputs = _scene_inputs(task, paths, band_lists)
     with (
         rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB),

@@ -11,7 +11,7 @@ a trainer whose ``spec`` is that spec, a config (see the developer guide).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from torch import nn
 
 import rsvheat
 from rsvheat.models.checkpoint import CheckpointError, read_torch_file
+from rsvheat.models.foreign import is_torchgeo_checkpoint, torchgeo_network
 from rsvheat.models.rsvheat import RSVHeat, fold_backbones
 from rsvheat.models.tasks import ChangeDetectionModel, SegmentationModel, faster_rcnn
 from rsvheat.models.weights import load_weights
@@ -224,20 +225,35 @@ def spec_of(meta: Mapping[str, Any]) -> TaskSpec | None:
     return next((s for s in SPECS.values() if s.task == meta.get("task")), None)
 
 
-def load_task(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[ServedTask, dict]:
+def load_task(
+    checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> tuple[ServedTask, dict]:
     """The task of a ``rsvheat fit`` checkpoint in eval mode on ``device``, and its ``rsvheat`` metadata (task, spec,
     normalisation statistics, class names). The network is rebuilt from the stored hyper-parameters through the
     task's spec, without reading the original ``weights`` and without Lightning.
 
+    A TorchGeo classification or segmentation checkpoint on an RS-vHeat/vHeat backbone is served too
+    (:mod:`rsvheat.models.foreign`); TorchGeo stores no normalisation, so ``normalisation`` (``(mean, std)`` per band,
+    or one value for every band: what its data module applied, e.g. ``([0], [255])``) gives the statistics (``None``:
+    the caller must not need them). Given for a one-stem rsvheat checkpoint, it replaces the stored statistics.
+
     The file is untrusted: it is read with ``weights_only=True`` (tensors and plain data, never code), its task must
-    be one of rsvheat's (no module named by the file is imported), and anything that does not fit raises
-    :class:`CheckpointError` naming the file."""
+    be one of rsvheat's or TorchGeo's (no module named by the file is imported), and anything that does not fit
+    raises :class:`CheckpointError` naming the file."""
     path = Path(checkpoint)
     ckpt = read_torch_file(path)
+    if isinstance(ckpt, dict) and is_torchgeo_checkpoint(ckpt):
+        name, model, backbone, hparams = torchgeo_network(ckpt, path)
+        served = ServedTask(SPECS[name], fold_backbones(model).to(device), backbone, hparams)
+        foreign: dict[str, Any] = {"task": "torchgeo", "spec": name, "stats": None, "classes": None}
+        return served, _with_normalisation(foreign, served, normalisation, path)
     meta = ckpt.get("rsvheat") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or not meta.get("stats"):
         raise CheckpointError(
-            f"{path} is not a task checkpoint of `rsvheat fit` with normalisation statistics (no 'rsvheat' entry)"
+            f"{path} is not a task checkpoint of `rsvheat fit` with normalisation statistics (no 'rsvheat' entry), "
+            "nor a TorchGeo classification/segmentation checkpoint"
         )
     spec = spec_of(meta)
     if spec is None:
@@ -255,4 +271,24 @@ def load_task(checkpoint: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(
             f"{path} does not rebuild a {spec.class_name}: {str(err).strip().splitlines()[0]}"
         ) from err
-    return ServedTask(spec, fold_backbones(model).to(device), backbone, hparams), meta
+    served = ServedTask(spec, fold_backbones(model).to(device), backbone, hparams)
+    return served, _with_normalisation(meta, served, normalisation, path)
+
+
+def _with_normalisation(
+    meta: dict, task: ServedTask, normalisation: tuple[Sequence[float], Sequence[float]] | None, path: Path
+) -> dict:
+    if normalisation is None:
+        return meta
+    if len(task.modalities) != 1:
+        raise ValueError(f"{path} has {len(task.modalities)} stems: one mean/std cannot normalise them all")
+    ((modality, bands),) = task.modalities.items()
+    stats = {}
+    for name, values in zip(("mean", "std"), normalisation, strict=True):
+        values = [float(v) for v in values]
+        if len(values) not in (1, bands):
+            raise ValueError(f"{path} takes {bands} bands: give one {name} or {bands}, not {len(values)}")
+        if name == "std" and min(values) <= 0:
+            raise ValueError(f"std must be positive, got {values}")
+        stats[name] = values * bands if len(values) == 1 else values
+    return {**meta, "stats": {modality: stats}}
