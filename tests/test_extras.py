@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from rsvheat.arguments import EXTRA_OF
 
 HIDE = textwrap.dedent(
@@ -26,6 +28,7 @@ def _run(code: str, hidden, tmp_path):
     )
 
 
+@pytest.mark.smoke
 def test_the_backbone_needs_no_extra(tmp_path):
     result = _run(
         """

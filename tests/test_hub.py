@@ -19,6 +19,7 @@ def _timm_micro(**kwargs):
     return timm.create_model("rsvheat_tiny", **{**arch, **kwargs}).eval()
 
 
+@pytest.mark.smoke
 def test_config_carries_each_stems_bands_statistics_and_size_and_timm_rebuilds_the_model(tmp_path):
     model = _timm_micro(modalities={"s2": 4, "sar": 1}, num_classes=7)
     folder = rsvheat.save_pretrained(model, tmp_path / "enc", modality_cfg={"s2": S2, "sar": SAR})
@@ -76,6 +77,7 @@ def test_statistics_are_never_guessed_for_stems_imagenet_does_not_describe(tmp_p
     assert tuple(cfg["mean"]) == timm.data.IMAGENET_DEFAULT_MEAN
 
 
+@pytest.mark.smoke
 def test_models_built_outside_timm_and_folded_official_weights_round_trip(tmp_path):
     """A model rebuilt from our weights file has no timm config; one with a stored k·t keeps it."""
     model = micro_model(modalities={"optical": 3}).eval()

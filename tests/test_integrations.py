@@ -4,9 +4,9 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
-from torchgeo import trainers
 
 
+@pytest.mark.smoke
 def test_timm_features_only_gives_normalised_nchw_stages():
     model = timm.create_model("rsvheat_tiny", features_only=True, img_size=64, out_indices=(1, 2, 3))
     assert model.feature_info.channels() == [192, 384, 768]
@@ -24,6 +24,7 @@ def test_timm_features_only_with_sar_and_multispectral_inputs():
         assert model(torch.randn(1, in_chans, 64, 64))[-1].shape == (1, 768, 2, 2)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("arch", ["UPerNet", "Unet", "FPN", "Segformer"])
 def test_smp_decoders_on_the_timm_universal_encoder(arch):
     model = getattr(smp, arch)("tu-rsvheat_tiny", encoder_weights=None, in_channels=4, classes=3, img_size=64)
@@ -45,6 +46,8 @@ def test_smp_deeplab_fails_loudly_instead_of_silently_wrong():
 
 
 def test_torchgeo_classification_task_trains_a_step():
+    from torchgeo import trainers
+
     task = trainers.ClassificationTask(model="rsvheat_tiny", weights=None, in_channels=5, num_classes=4)
     batch = {"image": torch.randn(2, 5, 64, 64), "label": torch.tensor([0, 3])}
     loss = task.training_step(batch, 0)
@@ -54,6 +57,8 @@ def test_torchgeo_classification_task_trains_a_step():
 
 
 def test_torchgeo_segmentation_and_change_detection_tasks():
+    from torchgeo import trainers
+
     seg = trainers.SemanticSegmentationTask(
         model="upernet", backbone="tu-rsvheat_tiny", weights=None, in_channels=3, num_classes=3
     )

@@ -8,6 +8,7 @@ from rsvheat.models.rsvheat import resize_embedding
 from tests.conftest import micro_model
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("size", [(64, 64), (65, 97), (32, 200), (100, 33)])
 def test_any_input_size_including_non_multiples_of_32(size):
     model = micro_model().eval()
@@ -93,6 +94,7 @@ def test_each_mode_follows_the_weights_it_promises_to():
     assert all(stage.folding for stage in model.stages)  # still folded mode, folded from the loaded weights
 
 
+@pytest.mark.smoke
 def test_gradients_reach_fve_sce_to_k_and_stems():
     model = micro_model(modalities={"optical": 3, "sar": 1})
     loss = (
@@ -174,6 +176,7 @@ def test_pre_norm_and_post_norm_blocks_differ():
     assert not torch.allclose(pre(x), post(x))
 
 
+@pytest.mark.smoke
 def test_tiny_model_overfits_a_tiny_set():
     torch.manual_seed(0)
     model = micro_model(num_classes=4, drop_path_rate=0.1)

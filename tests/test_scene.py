@@ -425,6 +425,7 @@ def test_detection_across_tiles_merges_duplicates_and_drops_nodata(tmp_path):
     assert sorted(found["boxes"].tolist()) == [[100.0, 60.0, 130.0, 90.0], [115.0, 10.0, 145.0, 40.0]]
 
 
+@pytest.mark.smoke
 @pytest.mark.slow
 def test_predict_scene_cli_with_fine_tuned_checkpoints(tmp_path, capsys):
     """``rsvheat fit`` (one epoch, micro model) then ``rsvheat predict-scene`` over the whole Landsat scene; the
