@@ -62,6 +62,20 @@ def test_torchgeo_classification_checkpoint_loads_and_others_are_refused(tmp_pat
     x = torch.rand(2, 4, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(served.model(x), network(x), atol=1e-4, rtol=1e-4)
+    image = write(tmp_path / "four_bands.tif", ramp(4, 64, 64))
+    main(
+        [
+            "explain",
+            str(image),
+            "--checkpoint",
+            str(tmp_path / "cls.ckpt"),
+            "--bands",
+            "1,2,3,4",
+            "-o",
+            str(tmp_path / "heat"),
+        ]
+    )
+    assert any((tmp_path / "heat").glob("*.png"))  # heat maps of the TorchGeo-trained backbone
     with pytest.raises(ValueError, match="takes 4 bands: give one std or 4, not 2"):
         load_task(tmp_path / "cls.ckpt", normalisation=([0], [1, 2]))
     other = trainers.ClassificationTask(model="resnet18", weights=None, in_channels=3, num_classes=2)

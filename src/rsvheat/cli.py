@@ -53,7 +53,7 @@ def _explain(args: argparse.Namespace) -> None:
         from rsvheat.inference.tasks import load_task
 
         task, meta = load_task(args.checkpoint)
-        model, stats = task.backbone, meta["stats"].get(args.modality)
+        model, stats = task.backbone, (meta["stats"] or {}).get(args.modality)  # TorchGeo stores none
         weights = f"weights: checkpoint {args.checkpoint.name}"
     else:
         channels = args.channels or (len(bands) if bands else image_header(args.image)[0])
