@@ -36,14 +36,7 @@ import timm
 import torch
 from torchvision.models._api import Weights, WeightsEnum  # where TorchGeo's own weights come from
 
-from rsvheat.models.checkpoint import (
-    adapt_to_model,
-    convert_official,
-    find_backbone,
-    is_official,
-    read_weights_file,
-    unwrap_checkpoint,
-)
+from rsvheat.models.checkpoint import checkpoint_filter_fn, find_backbone, read_weights_file
 from rsvheat.models.rsvheat import VARIANTS, VHEAT_RELEASE_URLS
 
 __all__ = ["RSVHeatWeights", "torchgeo_weights"]
@@ -58,10 +51,7 @@ def backbone_state_dict(path: str | os.PathLike, model: str, in_chans: int, img_
     lacks are left out (the model keeps its initialisation)."""
     with torch.device("meta"):  # the target's key names and shapes only
         target = find_backbone(timm.create_model(model, num_classes=0, in_chans=in_chans, img_size=img_size))
-    state_dict = unwrap_checkpoint(read_weights_file(path))
-    if is_official(state_dict):
-        state_dict = convert_official(state_dict)
-    adapted = adapt_to_model(state_dict, target)
+    adapted = checkpoint_filter_fn(read_weights_file(path), target)  # the rules load_checkpoint applies
     return {key: value for key, value in adapted.items() if not value.is_meta}
 
 
