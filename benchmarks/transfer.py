@@ -16,6 +16,9 @@ Stages, each cached under ``--out`` (default ``runs/transfer``) so that a killed
 3. evaluations: for ``init`` in {pretrained, random} × ``--seeds`` × ``--fractions`` × {knn, linear, finetune}; each
    finished unit is one JSON line of ``results.jsonl`` and is skipped when the script runs again. The seed draws the
    label subset (and, for random init and fine-tuning, the weights and batches); the pre-trained encoder is one run.
+   Fine-tuning's learning rate is chosen per start and label fraction from ``--ft-lrs`` by the first seed's
+   validation accuracy (each start gets the rate that suits it; the test split is not looked at); the other seeds
+   run at the chosen rate.
 4. diagnose (only when asked, ``--stage diagnose``): fine-tuning pairs with every label under other settings
    (``--diagnose-layer-decays``), scored on validation and test, to find why a pre-trained start loses.
 5. report: ``transfer.{md,csv,png}`` in ``--results-dir`` (default ``benchmarks/results``): mean ± std over seeds,
@@ -64,6 +67,7 @@ from rsvheat.evaluation import (  # noqa: E402
 MICRO = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
 SPLIT = {"train_ratio": 0.5, "val_ratio": 0.2, "seed": 0}  # the data module's base split (seed fixed: one test set)
 PROTOCOLS = ("knn", "linear", "finetune")
+FROZEN = ("knn", "linear")
 ABLATION_FRACTIONS = (0.1, 1.0)
 
 
@@ -282,13 +286,23 @@ def pretrain(
 
 # stage 3: evaluations ---------------------------------------------------------------------------------------------
 def done_units(path: Path) -> dict[tuple, dict]:
+    """Recorded units by ``(init, seed, protocol, fraction, lr)``; ``lr`` is None but for fine-tuning rows."""
     units = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                units[(r["init"], r["seed"], r["protocol"], r["fraction"])] = r
+                units[(r["init"], r["seed"], r["protocol"], r["fraction"], r.get("lr"))] = r
     return units
+
+
+def chosen_lr(units: dict[tuple, dict], init: str, fraction: float, lrs: list[float], seed: int) -> float | None:
+    """The fine-tuning rate of one start and label fraction: the best validation accuracy of ``seed``'s runs over
+    ``lrs`` (ties: the first listed); None until every rate has run."""
+    rows = [units.get((init, seed, "finetune", fraction, lr)) for lr in lrs]
+    if any(r is None for r in rows):
+        return None
+    return max(zip(lrs, rows, strict=True), key=lambda pair: pair[1]["val_accuracy"])[0]
 
 
 def record(path: Path, row: dict) -> None:
@@ -407,16 +421,19 @@ def finetune_unit(
     results: Path,
     layer_decay: float = 0.9,
     protocol: str = "finetune",
+    lr: float | None = None,
 ) -> None:
     """Fine-tune the whole model (:class:`ClassificationTask`) on a stratified ``fraction`` of the training labels
-    for ``--ft-steps`` optimiser steps; the final model is scored on the test split (no selection on it) and on the
-    validation split (recorded as ``val_accuracy``, what a choice between settings may look at)."""
+    for ``--ft-steps`` optimiser steps at ``lr`` (default ``--ft-lr``); the final model is scored on the test split
+    (no selection on it) and on the validation split (recorded as ``val_accuracy``, what a choice between settings
+    may look at)."""
     import lightning.pytorch as pl
 
     from rsvheat.trainers import ClassificationTask
 
     start = time.perf_counter()
-    work = args.out / protocol / f"{init}_s{seed}_f{fraction:g}"
+    lr = lr or args.ft_lr
+    work = args.out / protocol / f"{init}_s{seed}_f{fraction:g}_lr{lr:g}"
     split = fraction_split_file(state["split_file"], fraction, seed, work / "split.json")
     dm = data_module(args, state, split, batch_size=args.ft_batch)
     pl.seed_everything(seed, verbose=False)
@@ -428,7 +445,7 @@ def finetune_unit(
         modalities={"optical": 3},
         img_size=args.img_size,
         drop_path_rate=0.1,
-        lr=args.ft_lr,
+        lr=lr,
         weight_decay=0.05,
         layer_decay=layer_decay,
         warmup_fraction=0.1,
@@ -441,9 +458,9 @@ def finetune_unit(
     val = scorer.validate(task, datamodule=dm, verbose=False)[0]["val/OA"]
     n_train = len(json.loads(split.read_text())["train"])
     seconds = time.perf_counter() - start
-    extra = {"val_accuracy": round(float(val), 4), "layer_decay": layer_decay}
+    extra = {"val_accuracy": round(float(val), 4), "layer_decay": layer_decay, "lr": lr}
     record(results, unit(init, seed, protocol, fraction, metrics["test/OA"], n_train, seconds, extra))
-    log(f"{init} seed {seed} fraction {fraction}: {protocol} test {metrics['test/OA']:.3f}, val {val:.3f}")
+    log(f"{init} seed {seed} fraction {fraction} lr {lr:g}: {protocol} test {metrics['test/OA']:.3f}, val {val:.3f}")
 
 
 def evaluate(args: argparse.Namespace, state: dict, encoder: Path) -> Path:
@@ -452,16 +469,22 @@ def evaluate(args: argparse.Namespace, state: dict, encoder: Path) -> Path:
         for init in ("pretrained", "random"):
             weights = encoder if init == "pretrained" else None
             done = done_units(results)
-            todo = [f for f in args.fractions if any((init, seed, p, f) not in done for p in ("knn", "linear"))]
+            todo = [f for f in args.fractions if any((init, seed, p, f, None) not in done for p in FROZEN)]
             frozen_units(args, state, init, weights, seed, todo, results)
     if "finetune" not in args.protocols:
         return results
     # fine-tuning after every frozen unit: the cheap protocols finish first in a session cut short
+    first, others = args.seeds[0], args.seeds[1:]
     for fraction in sorted(args.fractions, reverse=True):  # the most telling units first in a session cut short
-        for seed in args.seeds:
-            for init in ("pretrained", "random"):
-                if (init, seed, "finetune", fraction) not in done_units(results):
-                    finetune_unit(args, state, init, encoder if init == "pretrained" else None, seed, fraction, results)
+        for init in ("pretrained", "random"):
+            weights = encoder if init == "pretrained" else None
+            for lr in args.ft_lrs:  # the first seed at every rate: the choice, on validation accuracy
+                if (init, first, "finetune", fraction, lr) not in done_units(results):
+                    finetune_unit(args, state, init, weights, first, fraction, results, lr=lr)
+            lr = chosen_lr(done_units(results), init, fraction, args.ft_lrs, first)
+            for seed in others:
+                if (init, seed, "finetune", fraction, lr) not in done_units(results):
+                    finetune_unit(args, state, init, weights, seed, fraction, results, lr=lr)
     return results
 
 
@@ -520,7 +543,7 @@ def dense(args: argparse.Namespace, encoder: Path) -> None:
     results = args.out / "results.jsonl"
     for seed in args.dense_seeds:
         for init in ("pretrained", "random"):
-            if (init, seed, "dubai_miou", 1.0) not in done_units(results):
+            if (init, seed, "dubai_miou", 1.0, None) not in done_units(results):
                 dense_unit(args, init, encoder if init == "pretrained" else None, seed, results)
 
 
@@ -560,7 +583,7 @@ def diagnose(args: argparse.Namespace, state: dict, encoder: Path) -> None:
     for layer_decay in args.diagnose_layer_decays:
         protocol = f"diag_ld{layer_decay:g}"
         for init in ("pretrained", "random"):
-            if (init, seed, protocol, 1.0) not in done_units(results):
+            if (init, seed, protocol, 1.0, args.ft_lr) not in done_units(results):
                 weights = encoder if init == "pretrained" else None
                 finetune_unit(args, state, init, weights, seed, 1.0, results, layer_decay, protocol)
 
@@ -596,7 +619,7 @@ def ablate(args: argparse.Namespace, state: dict) -> Path:
         encoder = pretrain(args, state, root, args.ablation_steps, ABLATIONS[name], args.ablation_monitor_points)
         for seed in args.seeds:
             done = done_units(results)
-            todo = [f for f in ABLATION_FRACTIONS if any((name, seed, p, f) not in done for p in ("knn", "linear"))]
+            todo = [f for f in ABLATION_FRACTIONS if any((name, seed, p, f, None) not in done for p in FROZEN)]
             frozen_units(args, state, name, encoder, seed, todo, results)
     return results
 
@@ -643,14 +666,16 @@ def health_curve(out: Path, rows: int = 12) -> tuple[list[str], list[tuple[int, 
 
 
 def report(args: argparse.Namespace, state: dict, results: Path, commands: list[str]) -> None:
-    units = list(done_units(results).values())
-    table = []
+    done = done_units(results)
+    table, units = [], []  # units: the rows of the main table (fine-tuning: at the chosen rate only)
     for protocol in PROTOCOLS:
         for fraction in sorted(args.fractions):
             cell = {"protocol": protocol, "fraction": fraction}
             for init in ("pretrained", "random"):
-                key = (protocol, fraction, init)
-                accs = [u["accuracy"] for u in units if (u["protocol"], u["fraction"], u["init"]) == key]
+                lr = chosen_lr(done, init, fraction, args.ft_lrs, args.seeds[0]) if protocol == "finetune" else None
+                rows = [u for (i, _, p, f, r), u in done.items() if (i, p, f, r) == (init, protocol, fraction, lr)]
+                units += rows
+                accs = [u["accuracy"] for u in rows]
                 cell[init] = (mean_std(accs), len(accs)) if accs else None
             table.append(cell)
     out = args.results_dir
@@ -668,7 +693,6 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
     method = plan.get("method") or args.method
     recipe = json.dumps(ABLATIONS[method]) if ABLATIONS[method] else "the trainer's defaults"
     expected = len(args.seeds) * 2 * len(PROTOCOLS) * len(args.fractions)
-    units = [u for u in units if u["protocol"] in PROTOCOLS]  # the main table's (diagnosis rows apart)
     device = "cuda" if args.accelerator in ("gpu", "cuda") else "cpu"
     lines = [
         "# Does the pre-training transfer? (AID scene classification)",
@@ -689,8 +713,10 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
         f" (seed 0); images at {args.img_size}². Label fractions of the training split are stratified and seeded "
         "(at least one image per class). k-NN: cosine, weighted vote, "
         f"k = {args.knn_k}. Linear probe: logistic regression (L-BFGS) on standardised pooled stage-4 features, "
-        "decay chosen on the validation split. Fine-tuning: whole model, AdamW lr "
-        f"{args.ft_lr}, layer decay 0.9, {args.ft_steps} steps of batch {args.ft_batch}, final model scored.",
+        "decay chosen on the validation split. Fine-tuning: whole model, AdamW, layer decay 0.9, "
+        f"{args.ft_steps} steps of batch {args.ft_batch}, final model scored; learning rate chosen per start and "
+        f"label fraction from {', '.join(f'{lr:g}' for lr in args.ft_lrs)} by the first seed's validation accuracy "
+        "(table below).",
         "Seeds: the label subset (all protocols), the random weights and the batches (random init, fine-tuning); "
         "the pre-trained encoder is one pre-training run, so its frozen 100 % cells have no spread.",
         "",
@@ -737,12 +763,38 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
             "|---:|" + "---:|" * len(names),
             *[f"| {st} | " + " | ".join(f"{v:.3f}" for v in values) + " |" for st, values in health],
         ]
-    lines += dense_lines(list(done_units(results).values()))
-    lines += diagnosis_lines(list(done_units(results).values()))
+    lines += lr_choice_lines(args, done)
+    lines += dense_lines(list(done.values()))
+    lines += diagnosis_lines(list(done.values()))
     lines += ablation_lines(args, units)
     lines += ["", "Commands:", "", "```", *commands, "```", ""]
     (out / "transfer.md").write_text("\n".join(lines))
     plot(table, curve, out / "transfer.png")
+
+
+def lr_choice_lines(args: argparse.Namespace, done: dict[tuple, dict]) -> list[str]:
+    """The fine-tuning rate choice (markdown lines; none with a single rate): the first seed's validation and test
+    accuracy at every rate, the chosen one in bold."""
+    if len(args.ft_lrs) < 2:
+        return []
+    seed = args.seeds[0]
+    lines = [
+        "",
+        f"## Fine-tuning rate, chosen on validation (seed {seed})",
+        "",
+        "| init | labels | " + " | ".join(f"lr {lr:g} (val / test)" for lr in args.ft_lrs) + " |",
+        "|---|---:|" + "---:|" * len(args.ft_lrs),
+    ]
+    for fraction in sorted(args.fractions, reverse=True):
+        for init in ("pretrained", "random"):
+            best = chosen_lr(done, init, fraction, args.ft_lrs, seed)
+            cells = []
+            for lr in args.ft_lrs:
+                u = done.get((init, seed, "finetune", fraction, lr))
+                text = f"{u['val_accuracy']:.3f} / {u['accuracy']:.3f}" if u else "not run"
+                cells.append(f"**{text}**" if lr == best else text)
+            lines.append(f"| {init} | {100 * fraction:g} % | " + " | ".join(cells) + " |")
+    return lines
 
 
 def ablation_lines(args: argparse.Namespace, main_units: list[dict]) -> list[str]:
@@ -853,7 +905,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--ft-steps", type=int, default=150)
     parser.add_argument("--ft-batch", type=int, default=32)
-    parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning rate of the dense and diagnosis runs")
+    parser.add_argument(
+        "--ft-lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="fine-tuning rates to choose from per start on validation (default: --ft-lr alone)",
+    )
     parser.add_argument(
         "--method", choices=list(ABLATIONS), default="default", help="the pre-training of the main run (an ablation's)"
     )
@@ -881,6 +940,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="seconds-long miniature for the tests")
     args = parser.parse_args(argv)
+    args.ft_lrs = args.ft_lrs or [args.ft_lr]
     if args.smoke:
         args.variant, args.img_size, args.crop, args.per_class = "rsvheat_tiny", 32, 32, min(args.per_class, 6)
         args.pretrain_steps, args.pretrain_batch, args.ft_steps, args.ft_batch = 2, 2, 2, 4

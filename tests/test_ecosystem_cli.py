@@ -142,10 +142,9 @@ def test_terratorch_registry_builds_rsvheat_under_upernet_and_trains_a_step():
     assert any("stems.optical" in n for n in changed)  # the step reached the rsvheat encoder's first layer
 
 
-@pytest.mark.slow
-def test_terratorch_fit_through_rsvheat_terratorch(tmp_path):
+def _love_da(root: Path) -> Path:
+    """A tiny LoveDA in its on-disk layout: <Train|Val>/<Urban|Rural>/{images_png,masks_png}/N.png (8 classes)."""
     rng = np.random.default_rng(0)
-    root = tmp_path / "loveda"
     for split in ("Train", "Val"):
         for scene in ("Urban", "Rural"):
             for i in range(2):
@@ -156,6 +155,12 @@ def test_terratorch_fit_through_rsvheat_terratorch(tmp_path):
                     path = root / split / scene / folder / f"{i}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(array.astype(np.uint8)).save(path)
+    return root
+
+
+@pytest.mark.slow
+def test_terratorch_fit_through_rsvheat_terratorch(tmp_path):
+    root = _love_da(tmp_path / "loveda")
     config = {
         "model": {
             "class_path": "terratorch.tasks.SemanticSegmentationTask",
@@ -177,3 +182,68 @@ def test_terratorch_fit_through_rsvheat_terratorch(tmp_path):
     main(["terratorch", "fit", "--config", str(tmp_path / "config.yaml")])
     (metrics,) = (tmp_path / "run").glob("lightning_logs/version_*/metrics.csv")
     assert "train/loss" in metrics.read_text().splitlines()[0].split(",")
+
+
+@pytest.mark.slow
+def test_rsvheat_fit_with_a_torchgeo_data_module(tmp_path):
+    """An rsvheat task on TorchGeo's LoveDA data module through ``rsvheat fit``: TorchGeo's samples are the same dicts
+    (``image``, ``mask``), its ``aug`` normalises them after the transfer; the class count comes from the config."""
+    from rsvheat.trainers.checkpoints import read_checkpoint
+
+    root = _love_da(tmp_path / "loveda")
+    config = {
+        "model": {
+            "class_path": "rsvheat.trainers.SegmentationTask",
+            "init_args": {"backbone": "rsvheat_tiny", "num_classes": 8, "img_size": 64, "ignore_index": 0},
+        },
+        "data": {
+            "class_path": "torchgeo.datamodules.LoveDADataModule",
+            "init_args": {"batch_size": 2},
+            "dict_kwargs": {"root": str(root), "download": False, "checksum": False},
+        },
+        "trainer": _one_step_trainer(tmp_path / "run"),
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(tmp_path / "config.yaml")])
+    (metrics,) = (tmp_path / "run").glob("lightning_logs/version_*/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert "train/loss" in header and "val/mIoU" in header
+    checkpoint = read_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
+    assert checkpoint["rsvheat"]["stats"] is None  # TorchGeo keeps its normalisation in `aug`: none to record
+    assert checkpoint["hyper_parameters"]["num_classes"] == 8
+
+
+@pytest.mark.slow
+def test_rsvheat_data_module_under_rsvheat_torchgeo_fit(tmp_path):
+    """TorchGeo's ClassificationTask on rsvheat's ClassificationDataModule through ``rsvheat torchgeo fit`` (TorchGeo's
+    own command line only takes its BaseDataModule subclasses; the wrapper takes any Lightning data module)."""
+    from tests.test_evaluation import make_classes
+
+    make_classes(tmp_path / "data", n=6, size=32)
+    config = {
+        "model": {
+            "class_path": "torchgeo.trainers.ClassificationTask",
+            "init_args": {"model": "rsvheat_tiny", "weights": None, "in_channels": 3, "num_classes": 3},
+        },
+        "data": {
+            "class_path": "rsvheat.datamodules.ClassificationDataModule",
+            "init_args": {
+                "root": str(tmp_path / "data"),
+                "train_ratio": 0.5,
+                "val_ratio": 0.2,
+                "img_size": 32,
+                "batch_size": 2,
+                "num_workers": 0,
+            },
+        },
+        "trainer": _one_step_trainer(tmp_path / "run"),
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    main(["torchgeo", "fit", "--config", str(tmp_path / "config.yaml")])
+    (metrics,) = (tmp_path / "run").glob("lightning_logs/version_*/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert "train_loss" in header and "val_loss" in header
+    import torchgeo.main
+    from torchgeo.datamodules import BaseDataModule
+
+    assert torchgeo.main.BaseDataModule is BaseDataModule  # TorchGeo's own module is left as it was

@@ -169,15 +169,25 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     make_classes(tmp_path / "AID", n=6, size=40)
     args = ["--aid", str(tmp_path / "AID"), "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "res")]
     args += ["--smoke", "--seeds", "0", "1", "--fractions", "0.5", "1.0", "--ablations", "paper"]
+    args += ["--ft-lrs", "5e-4", "1e-3"]
     bench.main(args)
     results = tmp_path / "out/results.jsonl"
     lines = results.read_text().splitlines()
-    assert len(lines) == 2 * 2 * 3 * 2  # seeds × inits × protocols × fractions
+    # seeds × inits × frozen protocols × fractions, then fine-tuning: the first seed at both rates, the second at one
+    assert len(lines) == 2 * 2 * 2 * 2 + 2 * 2 * 2 + 2 * 2
     rows = [json.loads(line) for line in lines]
     assert {r["protocol"] for r in rows} == {"knn", "linear", "finetune"} and all(0 <= r["accuracy"] <= 1 for r in rows)
+    for init in ("pretrained", "random"):
+        for fraction in (0.5, 1.0):
+            tuned = [r for r in rows if (r["protocol"], r["init"], r["fraction"]) == ("finetune", init, fraction)]
+            first = {r["lr"]: r["val_accuracy"] for r in tuned if r["seed"] == 0}
+            best = max(first, key=lambda lr: (first[lr], lr == 5e-4))  # ties: the rate listed first
+            assert [r["lr"] for r in tuned if r["seed"] == 1] == [best]
     assert (tmp_path / "out/pretrain/encoder.safetensors").is_file()
     md = (tmp_path / "res/transfer.md").read_text()
     assert "| finetune | 50 % |" in md and "(**partial**)" not in md and "Monitor during pre-training" in md
+    assert "## Fine-tuning rate, chosen on validation (seed 0)" in md and md.count("**") >= 2 * 2 * 2
+    assert all("(2)" in line for line in md.splitlines() if line.startswith("| finetune |"))
     assert (tmp_path / "res/transfer.png").stat().st_size > 0
     # the ablation stage: its own pre-training, frozen probes at 10 % and 100 % for each seed, a table row
     ablation = [json.loads(line) for line in (tmp_path / "out/ablation/results.jsonl").read_text().splitlines()]

@@ -255,12 +255,20 @@ def run_external_cli(tool: str, argv: list[str]) -> None:
         print(_EXTERNAL_EXAMPLES[tool] + "\n", flush=True)
     # The tool reads sys.argv itself (passing argv as LightningCLI's args would make it warn); its usage lines then
     # show the command as typed.
-    saved = sys.argv
+    saved_argv, data_base = sys.argv, getattr(module, "BaseDataModule", None)
     sys.argv = [f"rsvheat {tool}", *argv]
+    if data_base is not None:
+        # TorchGeo's main builds its LightningCLI with BaseDataModule as the data base class, read from its module at
+        # call time: widened to any Lightning data module, rsvheat's (same sample dicts) are accepted too
+        from lightning.pytorch import LightningDataModule
+
+        module.BaseDataModule = LightningDataModule
     try:
         getattr(module, function)()
     finally:
-        sys.argv = saved
+        sys.argv = saved_argv
+        if data_base is not None:
+            module.BaseDataModule = data_base
 
 
 def _add_demo(sub) -> None:

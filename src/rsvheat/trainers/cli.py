@@ -222,9 +222,11 @@ def task_cli(argv: list[str] | None = None) -> None:
     """``rsvheat fit|validate|test|predict --config configs/<task>/<name>.yaml [--section.option value ...]``.
 
     The config names the task (``model.class_path: rsvheat.trainers.SegmentationTask``) and its data module
-    (``data.class_path: rsvheat.datamodules.SegmentationDataModule``); see ``configs/``.
+    (``data.class_path: rsvheat.datamodules.SegmentationDataModule``, or any Lightning data module that yields the
+    task's sample dicts, e.g. ``torchgeo.datamodules.LoveDADataModule``); see ``configs/``.
     """
-    from rsvheat.datamodules.base import TaskDataModule
+    from lightning.pytorch import LightningDataModule
+
     from rsvheat.trainers.base import PredictionWriter, TaskModule
 
     class TaskCLI(RSVHeatCLI):
@@ -252,7 +254,7 @@ def task_cli(argv: list[str] | None = None) -> None:
 
     TaskCLI(
         TaskModule,
-        TaskDataModule,
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
