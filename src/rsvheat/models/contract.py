@@ -21,7 +21,7 @@ from torch import nn
 
 import rsvheat
 from rsvheat.models.checkpoint import CheckpointError, read_torch_file
-from rsvheat.models.foreign import is_torchgeo_checkpoint, torchgeo_network
+from rsvheat.models.foreign import foreign_network
 from rsvheat.models.rsvheat import RSVHeat, fold_backbones
 from rsvheat.models.tasks import ChangeDetectionModel, SegmentationModel, faster_rcnn
 from rsvheat.models.weights import load_weights
@@ -234,26 +234,29 @@ def load_task(
     normalisation statistics, class names). The network is rebuilt from the stored hyper-parameters through the
     task's spec, without reading the original ``weights`` and without Lightning.
 
-    A TorchGeo classification or segmentation checkpoint on an RS-vHeat/vHeat backbone is served too
-    (:mod:`rsvheat.models.foreign`); TorchGeo stores no normalisation, so ``normalisation`` (``(mean, std)`` per band,
-    or one value for every band: what its data module applied, e.g. ``([0], [255])``) gives the statistics (``None``:
-    the caller must not need them). Given for a one-stem rsvheat checkpoint, it replaces the stored statistics.
+    A TorchGeo or TerraTorch classification or segmentation checkpoint on an RS-vHeat/vHeat backbone is served too
+    (:mod:`rsvheat.models.foreign`); neither tool stores the normalisation, so ``normalisation`` (``(mean, std)``
+    per band, or one value for every band: what its data module applied, e.g. ``([0], [255])``) gives the statistics
+    (``None``: the caller must not need them). Given for a one-stem rsvheat checkpoint, it replaces the stored
+    statistics.
 
     The file is untrusted: it is read with ``weights_only=True`` (tensors and plain data, never code), its task must
-    be one of rsvheat's or TorchGeo's (no module named by the file is imported), and anything that does not fit
+    be one of rsvheat's, TorchGeo's or TerraTorch's (no module named by the file is imported), and anything that does
+    not fit
     raises :class:`CheckpointError` naming the file."""
     path = Path(checkpoint)
     ckpt = read_torch_file(path)
-    if isinstance(ckpt, dict) and is_torchgeo_checkpoint(ckpt):
-        name, model, backbone, hparams = torchgeo_network(ckpt, path)
+    found = foreign_network(ckpt, path) if isinstance(ckpt, dict) else None
+    if found is not None:
+        name, model, backbone, hparams = found
         served = ServedTask(SPECS[name], fold_backbones(model).to(device), backbone, hparams)
-        foreign: dict[str, Any] = {"task": "torchgeo", "spec": name, "stats": None, "classes": None}
+        foreign: dict[str, Any] = {"task": hparams["source"], "spec": name, "stats": None, "classes": None}
         return served, _with_normalisation(foreign, served, normalisation, path)
     meta = ckpt.get("rsvheat") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or not meta.get("stats"):
         raise CheckpointError(
             f"{path} is not a task checkpoint of `rsvheat fit` with normalisation statistics (no 'rsvheat' entry), "
-            "nor a TorchGeo classification/segmentation checkpoint"
+            "nor a TorchGeo/TerraTorch classification or segmentation checkpoint"
         )
     spec = spec_of(meta)
     if spec is None:
