@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -241,3 +243,23 @@ def test_the_checkpoint_is_spelled_checkpoint_in_every_command(monkeypatch, tmp_
     assert written["probabilities"] == tmp_path / "map.probabilities.tif"
     cli.main(["predict-scene", "m.ckpt", "s.tif", "-o", "map.tif", "--probabilities", str(tmp_path / "p.tif")])
     assert written["probabilities"] == tmp_path / "p.tif"
+
+
+def test_a_typo_in_a_lightning_command_is_one_line(tmp_path, capsys):
+    """A misspelt option of the task in a YAML, and an unknown option on the command line: one line naming it (with the
+    option's section), where jsonargparse prints its usage and the whole config it was given."""
+    config = (Path(__file__).resolve().parents[1] / "configs/segmentation/landsat_tiny_cpu.yaml").read_text()
+    (tmp_path / "typo.yaml").write_text(config.replace("    backbone:", "    backbon:"))
+    for argv, problem in (
+        (
+            ["fit", "--config", str(tmp_path / "typo.yaml")],
+            "model: Problem with given class_path 'rsvheat.trainers.SegmentationTask': Option 'backbon' is not "
+            "accepted",
+        ),
+        (["pretrain", "--model.variantt", "x"], "unrecognized arguments: --model.variantt x"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rsvheat {argv[0]}: error: ") and problem in err and len(err.splitlines()) == 2

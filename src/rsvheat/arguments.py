@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -160,13 +161,25 @@ def one_line(err: BaseException | str) -> str:
 
 
 def the_problem(message: str) -> str:
-    """jsonargparse wraps an error raised while building a class in a "Union subtypes" report (each subtype tried,
-    the given Namespace dumped): the problem is the first listed error that is not the ``None`` alternative."""
+    """jsonargparse reports a wrong value of a class-typed option (a typo in ``model.init_args``, an error raised
+    while building the class) as a "Union subtypes" report: each subtype tried, the given values dumped. The problem is
+    the first listed error that is not the ``None`` alternative (with its indented detail), after the option's key."""
     if "Union subtypes" not in message or "Errors:" not in message:
         return message
-    errors = [line.strip()[2:] for line in message.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")]
+    key = re.match(r'\s*Parser key "([^"]+)":', message)
+    errors: list[str] = []
+    for line in message.split("Errors:", 1)[1].splitlines():
+        text = line.strip()
+        if text.startswith("Given value"):
+            break
+        if text.startswith("- "):
+            errors.append(text[2:])
+        elif text and errors:
+            errors[-1] += " " + text
     errors = [e for e in errors if "NoneType" not in e]
-    return errors[0] if errors else message
+    if not errors:
+        return message
+    return (f"{key.group(1)}: " if key else "") + errors[0]
 
 
 #: The optional packages, by the pyproject.toml extra that installs them (``pip install "rsvheat[train]"``); the core

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from rsvheat.arguments import DEBUG_ENV, one_line
 from rsvheat.trainers.checkpoints import (
     IntervalCheckpoint,
     SameFolderCheckpointIO,
@@ -64,6 +66,19 @@ class _ExampleHelpFormatter(DefaultHelpFormatter):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """Lightning's parser whose usage errors end the process with ``rsvheat fit: error: <problem>`` and a pointer to
+    ``--help`` (status 2), where jsonargparse prints the whole usage (a hundred lines) and, for a typo in a class's
+    options, every type it tried with the given values dumped. ``RSVHEAT_DEBUG`` keeps jsonargparse's report."""
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            return super().error(message, ex)  # inside jsonargparse's own attempts it raises, as it expects
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {one_line(message)}\n(the options: {prog} --help)\n")
+        self.exit(2)
+
+
 def with_examples(examples: dict[str, str], backbone: str = "model.backbone") -> dict[str, Any]:
     """LightningCLI ``parser_kwargs`` that end each subcommand's ``--help`` with its examples (one per line) and the
     option that names the backbone (``backbone``: the tasks' ``model.backbone``, pre-training's ``model.variant``)."""
@@ -71,6 +86,7 @@ def with_examples(examples: dict[str, str], backbone: str = "model.backbone") ->
     return {
         # jsonargparse gives a subcommand its parent's formatter: it is set on the main parser
         "formatter_class": _ExampleHelpFormatter,
+        "prog": "rsvheat",  # not the script's name (`__main__.py` under `python -m`): errors say `rsvheat fit`
         **{subcommand: {"epilog": "examples:\n" + text + epilog} for subcommand, text in examples.items()},
     }
 
@@ -99,6 +115,7 @@ class RSVHeatCLI(LightningCLI):
         _quiet_lightning()
         self._new_log_dir: Path | None = None
         self._new_folders: list[Path] = []
+        kwargs.setdefault("parser_class", OneLineErrorParser)
         try:
             super().__init__(*args, **kwargs)
         except BaseException:
