@@ -76,6 +76,10 @@ def test_torchgeo_classification_checkpoint_loads_and_others_are_refused(tmp_pat
         ]
     )
     assert any((tmp_path / "heat").glob("*.png"))  # heat maps of the TorchGeo-trained backbone
+    main(["export", "-o", str(tmp_path / "cls.onnx"), "--checkpoint", str(tmp_path / "cls.ckpt"), "--size", "64"])
+    onnx = pytest.importorskip("onnx")
+    metadata = {p.key: p.value for p in onnx.load(tmp_path / "cls.onnx").metadata_props}
+    assert metadata["bands"] == "4" and "not stored in the torchgeo checkpoint" in metadata["normalisation"]
     with pytest.raises(ValueError, match="takes 4 bands: give one std or 4, not 2"):
         load_task(tmp_path / "cls.ckpt", normalisation=([0], [1, 2]))
     other = trainers.ClassificationTask(model="resnet18", weights=None, in_channels=3, num_classes=2)

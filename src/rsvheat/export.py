@@ -273,6 +273,8 @@ def export_checkpoint(
         band_stats = stats.get(modality) or (next(iter(stats.values())) if len(stats) == 1 else None)
         if band_stats:
             metadata.update(mean=list(band_stats["mean"]), std=list(band_stats["std"]))
+        else:  # TorchGeo and TerraTorch keep the normalisation in their data modules
+            metadata["normalisation"] = f"not stored in the {meta['task']} checkpoint: use its data module's"
         if meta.get("classes"):
             metadata["classes"] = list(meta["classes"])
         output_name = "logits"
