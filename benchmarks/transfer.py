@@ -66,8 +66,9 @@ from rsvheat.evaluation import (  # noqa: E402
 
 MICRO = {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64]}
 SPLIT = {"train_ratio": 0.5, "val_ratio": 0.2, "seed": 0}  # the data module's base split (seed fixed: one test set)
-PROTOCOLS = ("knn", "linear", "finetune")
+PROTOCOLS = ("knn", "linear", "finetune", "lpft")  # lpft (head first, then the whole model) only when asked
 FROZEN = ("knn", "linear")
+TUNED = ("finetune", "lpft")
 ABLATION_FRACTIONS = (0.1, 1.0)
 
 
@@ -296,13 +297,15 @@ def done_units(path: Path) -> dict[tuple, dict]:
     return units
 
 
-def chosen_lr(units: dict[tuple, dict], init: str, fraction: float, lrs: list[float], seed: int) -> float | None:
-    """The fine-tuning rate of one start and label fraction: the best validation accuracy of ``seed``'s runs over
-    ``lrs`` (ties: the first listed); None until every rate has run."""
-    rows = [units.get((init, seed, "finetune", fraction, lr)) for lr in lrs]
-    if any(r is None for r in rows):
-        return None
-    return max(zip(lrs, rows, strict=True), key=lambda pair: pair[1]["val_accuracy"])[0]
+def chosen_lr(
+    units: dict[tuple, dict], init: str, fraction: float, lrs: list[float], seed: int, protocol: str = "finetune"
+) -> float | None:
+    """The fine-tuning rate of one start, label fraction and fine-tuning protocol: the best validation accuracy of
+    ``seed``'s runs over ``lrs`` (ties: the first listed; a rate not run is not a candidate, and the report's table
+    says which ran); None when none has run."""
+    rows = [(lr, units.get((init, seed, protocol, fraction, lr))) for lr in lrs]
+    rows = [(lr, r) for lr, r in rows if r is not None]
+    return max(rows, key=lambda pair: pair[1]["val_accuracy"])[0] if rows else None
 
 
 def record(path: Path, row: dict) -> None:
@@ -436,21 +439,30 @@ def finetune_unit(
     work = args.out / protocol / f"{init}_s{seed}_f{fraction:g}_lr{lr:g}"
     split = fraction_split_file(state["split_file"], fraction, seed, work / "split.json")
     dm = data_module(args, state, split, batch_size=args.ft_batch)
+
+    def classifier(**options) -> ClassificationTask:
+        return ClassificationTask(
+            num_classes=len(state["classes"]),
+            classes=state["classes"],
+            backbone=args.variant,
+            weights=str(weights) if weights else None,
+            modalities={"optical": 3},
+            img_size=args.img_size,
+            drop_path_rate=0.1,
+            weight_decay=0.05,
+            warmup_fraction=0.1,
+            encoder_kwargs=MICRO if args.smoke else None,
+            **options,
+        )
+
     pl.seed_everything(seed, verbose=False)
-    task = ClassificationTask(
-        num_classes=len(state["classes"]),
-        classes=state["classes"],
-        backbone=args.variant,
-        weights=str(weights) if weights else None,
-        modalities={"optical": 3},
-        img_size=args.img_size,
-        drop_path_rate=0.1,
-        lr=lr,
-        weight_decay=0.05,
-        layer_decay=layer_decay,
-        warmup_fraction=0.1,
-        encoder_kwargs=MICRO if args.smoke else None,
-    )
+    task = classifier(lr=lr, layer_decay=layer_decay)
+    if protocol == "lpft":
+        # LP-FT (Kumar et al., ICLR 2022): the head first learns alone on the frozen backbone, so that the first
+        # full-model steps do not send a random head's gradients into the pre-trained features
+        probe = classifier(lr=args.ft_head_lr, layer_decay=1.0, freeze_backbone=True)
+        fine_tuning_trainer(args, args.ft_head_steps, work / "head").fit(probe, datamodule=dm)
+        task.load_state_dict(probe.state_dict())
     trainer = fine_tuning_trainer(args, args.ft_steps, work)
     trainer.fit(task, datamodule=dm)
     metrics = trainer.test(task, datamodule=dm, verbose=False)[0]
@@ -471,20 +483,19 @@ def evaluate(args: argparse.Namespace, state: dict, encoder: Path) -> Path:
             done = done_units(results)
             todo = [f for f in args.fractions if any((init, seed, p, f, None) not in done for p in FROZEN)]
             frozen_units(args, state, init, weights, seed, todo, results)
-    if "finetune" not in args.protocols:
-        return results
     # fine-tuning after every frozen unit: the cheap protocols finish first in a session cut short
     first, others = args.seeds[0], args.seeds[1:]
-    for fraction in sorted(args.fractions, reverse=True):  # the most telling units first in a session cut short
-        for init in ("pretrained", "random"):
-            weights = encoder if init == "pretrained" else None
-            for lr in args.ft_lrs:  # the first seed at every rate: the choice, on validation accuracy
-                if (init, first, "finetune", fraction, lr) not in done_units(results):
-                    finetune_unit(args, state, init, weights, first, fraction, results, lr=lr)
-            lr = chosen_lr(done_units(results), init, fraction, args.ft_lrs, first)
-            for seed in others:
-                if (init, seed, "finetune", fraction, lr) not in done_units(results):
-                    finetune_unit(args, state, init, weights, seed, fraction, results, lr=lr)
+    for protocol in (p for p in args.protocols if p in TUNED):
+        for fraction in sorted(args.fractions, reverse=True):  # the most telling units first in a session cut short
+            for init in ("pretrained", "random"):
+                weights = encoder if init == "pretrained" else None
+                for lr in args.ft_lrs:  # the first seed at every rate: the choice, on validation accuracy
+                    if (init, first, protocol, fraction, lr) not in done_units(results):
+                        finetune_unit(args, state, init, weights, first, fraction, results, protocol=protocol, lr=lr)
+                lr = chosen_lr(done_units(results), init, fraction, args.ft_lrs, first, protocol)
+                for seed in others:
+                    if (init, seed, protocol, fraction, lr) not in done_units(results):
+                        finetune_unit(args, state, init, weights, seed, fraction, results, protocol=protocol, lr=lr)
     return results
 
 
@@ -668,11 +679,12 @@ def health_curve(out: Path, rows: int = 12) -> tuple[list[str], list[tuple[int, 
 def report(args: argparse.Namespace, state: dict, results: Path, commands: list[str]) -> None:
     done = done_units(results)
     table, units = [], []  # units: the rows of the main table (fine-tuning: at the chosen rate only)
-    for protocol in PROTOCOLS:
+    for protocol in (p for p in PROTOCOLS if p in args.protocols):
         for fraction in sorted(args.fractions):
             cell = {"protocol": protocol, "fraction": fraction}
             for init in ("pretrained", "random"):
-                lr = chosen_lr(done, init, fraction, args.ft_lrs, args.seeds[0]) if protocol == "finetune" else None
+                tuned = protocol in TUNED
+                lr = chosen_lr(done, init, fraction, args.ft_lrs, args.seeds[0], protocol) if tuned else None
                 rows = [u for (i, _, p, f, r), u in done.items() if (i, p, f, r) == (init, protocol, fraction, lr)]
                 units += rows
                 accs = [u["accuracy"] for u in rows]
@@ -692,7 +704,7 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
     method = plan.get("method") or args.method
     recipe = json.dumps(ABLATIONS[method]) if ABLATIONS[method] else "the trainer's defaults"
-    expected = len(args.seeds) * 2 * len(PROTOCOLS) * len(args.fractions)
+    expected = len(args.seeds) * 2 * len(args.protocols) * len(args.fractions)
     device = "cuda" if args.accelerator in ("gpu", "cuda") else "cpu"
     lines = [
         "# Does the pre-training transfer? (AID scene classification)",
@@ -716,7 +728,13 @@ def report(args: argparse.Namespace, state: dict, results: Path, commands: list[
         "decay chosen on the validation split. Fine-tuning: whole model, AdamW, layer decay 0.9, "
         f"{args.ft_steps} steps of batch {args.ft_batch}, final model scored; learning rate chosen per start and "
         f"label fraction from {', '.join(f'{lr:g}' for lr in args.ft_lrs)} by the first seed's validation accuracy "
-        "(table below).",
+        "(table below)."
+        + (
+            f" lpft: the same after {args.ft_head_steps} steps of the head alone on the frozen backbone (AdamW lr "
+            f"{args.ft_head_lr:g}; LP-FT, Kumar et al., ICLR 2022)."
+            if "lpft" in args.protocols
+            else ""
+        ),
         "Seeds: the label subset (all protocols), the random weights and the batches (random init, fine-tuning); "
         "the pre-trained encoder is one pre-training run, so its frozen 100 % cells have no spread.",
         "",
@@ -782,18 +800,19 @@ def lr_choice_lines(args: argparse.Namespace, done: dict[tuple, dict]) -> list[s
         "",
         f"## Fine-tuning rate, chosen on validation (seed {seed})",
         "",
-        "| init | labels | " + " | ".join(f"lr {lr:g} (val / test)" for lr in args.ft_lrs) + " |",
-        "|---|---:|" + "---:|" * len(args.ft_lrs),
+        "| init | protocol | labels | " + " | ".join(f"lr {lr:g} (val / test)" for lr in args.ft_lrs) + " |",
+        "|---|---|---:|" + "---:|" * len(args.ft_lrs),
     ]
-    for fraction in sorted(args.fractions, reverse=True):
-        for init in ("pretrained", "random"):
-            best = chosen_lr(done, init, fraction, args.ft_lrs, seed)
-            cells = []
-            for lr in args.ft_lrs:
-                u = done.get((init, seed, "finetune", fraction, lr))
-                text = f"{u['val_accuracy']:.3f} / {u['accuracy']:.3f}" if u else "not run"
-                cells.append(f"**{text}**" if lr == best else text)
-            lines.append(f"| {init} | {100 * fraction:g} % | " + " | ".join(cells) + " |")
+    for protocol in (p for p in TUNED if p in args.protocols):
+        for fraction in sorted(args.fractions, reverse=True):
+            for init in ("pretrained", "random"):
+                best = chosen_lr(done, init, fraction, args.ft_lrs, seed, protocol)
+                cells = []
+                for lr in args.ft_lrs:
+                    u = done.get((init, seed, protocol, fraction, lr))
+                    text = f"{u['val_accuracy']:.3f} / {u['accuracy']:.3f}" if u else "not run"
+                    cells.append(f"**{text}**" if lr == best else text)
+                lines.append(f"| {init} | {protocol} | {100 * fraction:g} % | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -900,12 +919,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument(
-        "--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS), help="what --stage evaluate runs"
+        "--protocols",
+        nargs="+",
+        choices=PROTOCOLS,
+        default=["knn", "linear", "finetune"],
+        help="what --stage evaluate runs (lpft: LP-FT, the head trained alone first)",
     )
     parser.add_argument("--knn-k", type=int, default=20)
     parser.add_argument("--ft-steps", type=int, default=150)
     parser.add_argument("--ft-batch", type=int, default=32)
     parser.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning rate of the dense and diagnosis runs")
+    parser.add_argument("--ft-head-steps", type=int, default=50, help="lpft: steps of the head alone")
+    parser.add_argument("--ft-head-lr", type=float, default=1e-3, help="lpft: learning rate of the head alone")
     parser.add_argument(
         "--ft-lrs",
         type=float,

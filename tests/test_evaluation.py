@@ -2,6 +2,7 @@
 fraction split file read by the classification data module, and the TransferMonitor in a tiny pre-training run."""
 
 import csv
+import itertools
 import json
 
 import numpy as np
@@ -169,32 +170,34 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     make_classes(tmp_path / "AID", n=6, size=40)
     args = ["--aid", str(tmp_path / "AID"), "--out", str(tmp_path / "out"), "--results-dir", str(tmp_path / "res")]
     args += ["--smoke", "--seeds", "0", "1", "--fractions", "0.5", "1.0", "--ablations", "paper"]
-    args += ["--ft-lrs", "5e-4", "1e-3"]
+    args += ["--ft-lrs", "5e-4", "1e-3", "--protocols", "knn", "linear", "finetune", "lpft", "--ft-head-steps", "2"]
     bench.main(args)
     results = tmp_path / "out/results.jsonl"
     lines = results.read_text().splitlines()
-    # seeds × inits × frozen protocols × fractions, then fine-tuning: the first seed at both rates, the second at one
-    assert len(lines) == 2 * 2 * 2 * 2 + 2 * 2 * 2 + 2 * 2
+    # seeds × inits × frozen protocols × fractions, then each fine-tuning protocol (plain, LP-FT) × inits × fractions:
+    # the first seed at both rates, the second at the one chosen
+    assert len(lines) == 2 * 2 * 2 * 2 + 2 * 2 * 2 * (2 + 1)
     rows = [json.loads(line) for line in lines]
-    assert {r["protocol"] for r in rows} == {"knn", "linear", "finetune"} and all(0 <= r["accuracy"] <= 1 for r in rows)
-    for init in ("pretrained", "random"):
-        for fraction in (0.5, 1.0):
-            tuned = [r for r in rows if (r["protocol"], r["init"], r["fraction"]) == ("finetune", init, fraction)]
-            first = {r["lr"]: r["val_accuracy"] for r in tuned if r["seed"] == 0}
-            best = max(first, key=lambda lr: (first[lr], lr == 5e-4))  # ties: the rate listed first
-            assert [r["lr"] for r in tuned if r["seed"] == 1] == [best]
+    assert {r["protocol"] for r in rows} == {"knn", "linear", "finetune", "lpft"}
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    for key in itertools.product(("finetune", "lpft"), ("pretrained", "random"), (0.5, 1.0)):
+        tuned = [r for r in rows if (r["protocol"], r["init"], r["fraction"]) == key]
+        first = {r["lr"]: r["val_accuracy"] for r in tuned if r["seed"] == 0}
+        best = max(first, key=lambda lr: (first[lr], lr == 5e-4))  # ties: the rate listed first
+        assert [r["lr"] for r in tuned if r["seed"] == 1] == [best]
     assert (tmp_path / "out/pretrain/encoder.safetensors").is_file()
     md = (tmp_path / "res/transfer.md").read_text()
     assert "| finetune | 50 % |" in md and "(**partial**)" not in md and "Monitor during pre-training" in md
-    assert "## Fine-tuning rate, chosen on validation (seed 0)" in md and md.count("**") >= 2 * 2 * 2
-    assert all("(2)" in line for line in md.splitlines() if line.startswith("| finetune |"))
+    assert "## Fine-tuning rate, chosen on validation (seed 0)" in md and md.count("**") >= 2 * 2 * 2 * 2
+    assert all("(2)" in line for line in md.splitlines() if line.startswith(("| finetune |", "| lpft |")))
+    assert "| lpft | 100 % |" in md and "steps of the head alone" in md
     assert (tmp_path / "res/transfer.png").stat().st_size > 0
     # the ablation stage: its own pre-training, frozen probes at 10 % and 100 % for each seed, a table row
     ablation = [json.loads(line) for line in (tmp_path / "out/ablation/results.jsonl").read_text().splitlines()]
     assert len(ablation) == 2 * 2 * 2 and {r["init"] for r in ablation} == {"paper"}
     assert "| paper | " in md and "| con_only | not run |" in md
     assert "Collapse monitors during pre-training" in md and "optical/optical InfoNCE/ln B" in md
-    assert len(list(csv.DictReader((tmp_path / "res/transfer.csv").open()))) == 3 * 2 * 2
+    assert len(list(csv.DictReader((tmp_path / "res/transfer.csv").open()))) == 4 * 2 * 2
     bench.main(args)  # resumed: nothing re-measured
     assert results.read_text().splitlines() == lines
     assert len((tmp_path / "out/ablation/results.jsonl").read_text().splitlines()) == len(ablation)
@@ -204,7 +207,7 @@ def test_transfer_benchmark_smoke_run_resumes(tmp_path):
     assert {(r["init"], r["protocol"]) for r in diag} == {("pretrained", "diag_ld1"), ("random", "diag_ld1")}
     assert all(0 <= r["val_accuracy"] <= 1 and r["layer_decay"] == 1.0 for r in diag)
     md = (tmp_path / "res/transfer.md").read_text()
-    assert "## Diagnosis" in md and "| 1 | pretrained |" in md and "Status: 24 of 24 units" in md
+    assert "## Diagnosis" in md and "| 1 | pretrained |" in md and "Status: 32 of 32 units" in md
     # the dense protocol: Dubai segmentation (split by tile), one fine-tuning per init, its own table
     make_dubai(tmp_path / "dubai")
     bench.main([*args, "--stage", "dense", "--dubai", str(tmp_path / "dubai")])
