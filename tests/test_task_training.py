@@ -168,6 +168,21 @@ def test_detection_learns_pasted_objects(tmp_path):
     assert fit_and_score(tmp_path, task, dm, 60, "val/mAP50") > 0.5
 
 
+def test_a_linear_probe_checkpoint_starts_fine_tuning_with_its_head(tmp_path):
+    """Head first (LP-FT): a classifier trained with ``freeze_backbone`` hands backbone and head to the fine-tuning
+    run through ``weights`` (its checkpoint's ``backbone.*`` keys), so the whole model starts from the trained head."""
+    probe = ClassificationTask(num_classes=5, img_size=32, freeze_backbone=True, **COMMON)
+    assert not any(p.requires_grad for n, p in probe.backbone.named_parameters() if not n.startswith("head."))
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.add_(torch.randn_like(p))  # stands for training: weights no initialisation gives
+    torch.save({"state_dict": probe.state_dict(), "hyper_parameters": dict(probe.hparams)}, tmp_path / "probe.ckpt")
+    tuned = ClassificationTask(num_classes=5, img_size=32, weights=str(tmp_path / "probe.ckpt"), **COMMON)
+    for name, value in probe.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert all(p.requires_grad for p in tuned.parameters())
+
+
 def test_detection_on_sar_and_empty_images():
     backbone = build_backbone("rsvheat_tiny", {"sar": 1}, 64, encoder_kwargs=MICRO)
     model = faster_rcnn(backbone, 2, min_size=64, max_size=96).train()
