@@ -71,7 +71,7 @@ class OneLineErrorParser(LightningArgumentParser):
     ``--help`` (status 2), where jsonargparse prints the whole usage (a hundred lines) and, for a typo in a class's
     options, every type it tried with the given values dumped. ``RSVHEAT_DEBUG`` keeps jsonargparse's report."""
 
-    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+    def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             return super().error(message, ex)  # inside jsonargparse's own attempts it raises, as it expects
         prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
