@@ -57,27 +57,31 @@ def _one_step_trainer(root: Path) -> dict:
     }
 
 
+def _fit_one_step(tmp_path: Path, command: list[str], model: dict, data: dict) -> list[str]:
+    """``rsvheat <command> --config`` with ``model``, ``data`` and :func:`_one_step_trainer` (under ``run/``); the
+    metric names the run logged (its metrics.csv header)."""
+    config = {"model": model, "data": data, "trainer": _one_step_trainer(tmp_path / "run")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    main([*command, "--config", str(tmp_path / "config.yaml")])
+    (metrics,) = (tmp_path / "run").glob("lightning_logs/version_*/metrics.csv")
+    return metrics.read_text().splitlines()[0].split(",")
+
+
 @pytest.mark.slow
 def test_torchgeo_fit_with_an_rsvheat_model_through_rsvheat_torchgeo(tmp_path):
     _uc_merced(tmp_path / "data")
-    config = {
-        "model": {
-            "class_path": "torchgeo.trainers.ClassificationTask",
-            "init_args": {"model": "rsvheat_tiny", "weights": None, "in_channels": 3, "num_classes": 2},
-        },
-        "data": {
-            "class_path": "torchgeo.datamodules.UCMercedDataModule",
-            "init_args": {"batch_size": 2},
-            # the dataset's own arguments, passed on through the data module's **kwargs
-            "dict_kwargs": {"root": str(tmp_path / "data"), "download": False, "checksum": False},
-        },
-        "trainer": _one_step_trainer(tmp_path / "run"),
+    model = {
+        "class_path": "torchgeo.trainers.ClassificationTask",
+        "init_args": {"model": "rsvheat_tiny", "weights": None, "in_channels": 3, "num_classes": 2},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    main(["torchgeo", "fit", "--config", str(tmp_path / "config.yaml")])
+    data = {
+        "class_path": "torchgeo.datamodules.UCMercedDataModule",
+        "init_args": {"batch_size": 2},
+        # the dataset's own arguments, passed on through the data module's **kwargs
+        "dict_kwargs": {"root": str(tmp_path / "data"), "download": False, "checksum": False},
+    }
+    header = _fit_one_step(tmp_path, ["torchgeo", "fit"], model, data)
     # TorchGeo's task built rsvheat_tiny through timm, trained one step and scored the validation batch
-    (metrics,) = (tmp_path / "run").glob("lightning_logs/version_*/metrics.csv")
-    header = metrics.read_text().splitlines()[0].split(",")
     assert "train_loss" in header and "val_loss" in header
     assert list((tmp_path / "run").glob("lightning_logs/version_*/checkpoints/epoch=0-step=1.ckpt"))
 
@@ -142,8 +146,9 @@ def test_terratorch_registry_builds_rsvheat_under_upernet_and_trains_a_step():
     assert any("stems.optical" in n for n in changed)  # the step reached the rsvheat encoder's first layer
 
 
-def _love_da(root: Path) -> Path:
-    """A tiny LoveDA in its on-disk layout: <Train|Val>/<Urban|Rural>/{images_png,masks_png}/N.png (8 classes)."""
+def _love_da(root: Path) -> dict:
+    """A tiny LoveDA in its on-disk layout (<Train|Val>/<Urban|Rural>/{images_png,masks_png}/N.png, 8 classes) and
+    the config section of TorchGeo's data module reading it."""
     rng = np.random.default_rng(0)
     for split in ("Train", "Val"):
         for scene in ("Urban", "Rural"):
@@ -155,33 +160,26 @@ def _love_da(root: Path) -> Path:
                     path = root / split / scene / folder / f"{i}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(array.astype(np.uint8)).save(path)
-    return root
+    return {
+        "class_path": "torchgeo.datamodules.LoveDADataModule",
+        "init_args": {"batch_size": 2},
+        "dict_kwargs": {"root": str(root), "download": False, "checksum": False},
+    }
 
 
 @pytest.mark.slow
 def test_terratorch_fit_through_rsvheat_terratorch(tmp_path):
-    root = _love_da(tmp_path / "loveda")
-    config = {
-        "model": {
-            "class_path": "terratorch.tasks.SemanticSegmentationTask",
-            "init_args": {
-                "model_factory": "EncoderDecoderFactory",
-                "model_args": _uperNet_args(8, 3),
-                "loss": "ce",
-                "ignore_index": 0,
-            },
+    model = {
+        "class_path": "terratorch.tasks.SemanticSegmentationTask",
+        "init_args": {
+            "model_factory": "EncoderDecoderFactory",
+            "model_args": _uperNet_args(8, 3),
+            "loss": "ce",
+            "ignore_index": 0,
         },
-        "data": {
-            "class_path": "torchgeo.datamodules.LoveDADataModule",
-            "init_args": {"batch_size": 2},
-            "dict_kwargs": {"root": str(root), "download": False, "checksum": False},
-        },
-        "trainer": _one_step_trainer(tmp_path / "run"),
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    main(["terratorch", "fit", "--config", str(tmp_path / "config.yaml")])
-    (metrics,) = (tmp_path / "run").glob("lightning_logs/version_*/metrics.csv")
-    assert "train/loss" in metrics.read_text().splitlines()[0].split(",")
+    header = _fit_one_step(tmp_path, ["terratorch", "fit"], model, _love_da(tmp_path / "loveda"))
+    assert "train/loss" in header
 
 
 @pytest.mark.slow
@@ -190,23 +188,11 @@ def test_rsvheat_fit_with_a_torchgeo_data_module(tmp_path):
     (``image``, ``mask``), its ``aug`` normalises them after the transfer; the class count comes from the config."""
     from rsvheat.trainers.checkpoints import read_checkpoint
 
-    root = _love_da(tmp_path / "loveda")
-    config = {
-        "model": {
-            "class_path": "rsvheat.trainers.SegmentationTask",
-            "init_args": {"backbone": "rsvheat_tiny", "num_classes": 8, "img_size": 64, "ignore_index": 0},
-        },
-        "data": {
-            "class_path": "torchgeo.datamodules.LoveDADataModule",
-            "init_args": {"batch_size": 2},
-            "dict_kwargs": {"root": str(root), "download": False, "checksum": False},
-        },
-        "trainer": _one_step_trainer(tmp_path / "run"),
+    model = {
+        "class_path": "rsvheat.trainers.SegmentationTask",
+        "init_args": {"backbone": "rsvheat_tiny", "num_classes": 8, "img_size": 64, "ignore_index": 0},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(tmp_path / "config.yaml")])
-    (metrics,) = (tmp_path / "run").glob("lightning_logs/version_*/metrics.csv")
-    header = metrics.read_text().splitlines()[0].split(",")
+    header = _fit_one_step(tmp_path, ["fit"], model, _love_da(tmp_path / "loveda"))
     assert "train/loss" in header and "val/mIoU" in header
     checkpoint = read_checkpoint(tmp_path / "run/checkpoints/last.ckpt")
     assert checkpoint["rsvheat"]["stats"] is None  # TorchGeo keeps its normalisation in `aug`: none to record
@@ -220,28 +206,22 @@ def test_rsvheat_data_module_under_rsvheat_torchgeo_fit(tmp_path):
     from tests.test_evaluation import make_classes
 
     make_classes(tmp_path / "data", n=6, size=32)
-    config = {
-        "model": {
-            "class_path": "torchgeo.trainers.ClassificationTask",
-            "init_args": {"model": "rsvheat_tiny", "weights": None, "in_channels": 3, "num_classes": 3},
-        },
-        "data": {
-            "class_path": "rsvheat.datamodules.ClassificationDataModule",
-            "init_args": {
-                "root": str(tmp_path / "data"),
-                "train_ratio": 0.5,
-                "val_ratio": 0.2,
-                "img_size": 32,
-                "batch_size": 2,
-                "num_workers": 0,
-            },
-        },
-        "trainer": _one_step_trainer(tmp_path / "run"),
+    model = {
+        "class_path": "torchgeo.trainers.ClassificationTask",
+        "init_args": {"model": "rsvheat_tiny", "weights": None, "in_channels": 3, "num_classes": 3},
     }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    main(["torchgeo", "fit", "--config", str(tmp_path / "config.yaml")])
-    (metrics,) = (tmp_path / "run").glob("lightning_logs/version_*/metrics.csv")
-    header = metrics.read_text().splitlines()[0].split(",")
+    data = {
+        "class_path": "rsvheat.datamodules.ClassificationDataModule",
+        "init_args": {
+            "root": str(tmp_path / "data"),
+            "train_ratio": 0.5,
+            "val_ratio": 0.2,
+            "img_size": 32,
+            "batch_size": 2,
+            "num_workers": 0,
+        },
+    }
+    header = _fit_one_step(tmp_path, ["torchgeo", "fit"], model, data)
     assert "train_loss" in header and "val_loss" in header
     import torchgeo.main
     from torchgeo.datamodules import BaseDataModule

@@ -242,8 +242,7 @@ def load_task(
 
     The file is untrusted: it is read with ``weights_only=True`` (tensors and plain data, never code), its task must
     be one of rsvheat's, TorchGeo's or TerraTorch's (no module named by the file is imported), and anything that does
-    not fit
-    raises :class:`CheckpointError` naming the file."""
+    not fit raises :class:`CheckpointError` naming the file."""
     path = Path(checkpoint)
     ckpt = read_torch_file(path)
     found = foreign_network(ckpt, path) if isinstance(ckpt, dict) else None

@@ -28,8 +28,8 @@ __all__ = ["SMP_ARCHITECTURES", "foreign_network"]
 
 #: TorchGeo's segmentation ``model`` names -> the SMP class it builds (those an RS-vHeat encoder supports)
 SMP_ARCHITECTURES = {"unet": "Unet", "upernet": "UPerNet", "segformer": "Segformer", "dpt": "DPT"}
-#: TerraTorch's ``task`` hyper-parameter -> rsvheat's task spec served for it
-_TERRATORCH_TASKS = {"segmentation": "segmentation", "classification": "classification"}
+#: TerraTorch's ``task`` hyper-parameters served, each by rsvheat's task spec of the same name
+_TERRATORCH_TASKS = ("segmentation", "classification")
 
 
 def foreign_network(checkpoint: Mapping[str, Any], path: Path) -> tuple[str, nn.Module, RSVHeat, dict[str, Any]] | None:
@@ -125,8 +125,8 @@ class _TerraTorchLogits(nn.Module):
 
 
 def _terratorch_network(checkpoint: Mapping[str, Any], h: dict[str, Any], path: Path):
-    spec = _TERRATORCH_TASKS.get(str(h["task"]))
-    if spec is None:
+    spec = str(h["task"])
+    if spec not in _TERRATORCH_TASKS:
         raise CheckpointError(
             f"{path} is a TerraTorch {h['task']!r} checkpoint: rsvheat serves TerraTorch's "
             f"{' and '.join(_TERRATORCH_TASKS)} tasks"
