@@ -74,3 +74,25 @@ def test_inductor_matches_eager():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_serving_graphs_stay_static_after_another_shape_was_compiled():
+    """Dynamo turns a frame's graphs symbolic once it has seen a second shape, and every module's call shares one
+    frame. So a model served after a compiled training (other shapes, same process) would trace symbolic graphs
+    (slower) unless compiled with ``dynamic=False``, as the serving commands do."""
+    from rsvheat.models.precision import compile_in_place
+
+    symbolic = []
+
+    def backend(graph, inputs):
+        shapes = [s for x in inputs if isinstance(x, torch.Tensor) for s in x.shape]
+        symbolic.append(any(isinstance(v, torch.SymInt) for v in [*inputs, *shapes]))
+        return graph.forward
+
+    trained = compile_in_place(torch.nn.Linear(4, 3), backend)
+    trained(torch.randn(2, 4))
+    trained(torch.randn(5, 4))
+    served = compile_in_place(torch.nn.Linear(4, 3), backend, dynamic=False)
+    served(torch.randn(7, 4))
+    served(torch.randn(3, 4))
+    assert symbolic == [False, True, False, False]
