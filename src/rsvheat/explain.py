@@ -24,7 +24,7 @@ display size of at most ``max_side`` pixels, so a 10 000² scene costs one tile'
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -245,28 +245,46 @@ def _draw(
     names = dict(TITLES)
     if not learned:
         names["kt"] = "k·t (random init, not learned)"
+    grey = rgb.mean(-1)
 
-    def draw(fig, axes_row, key) -> None:
+    def panel(key, name) -> tuple[np.ndarray, float, float]:
+        """What ``name``'s panel shows for block ``key``, and its colour limits (the 1st and 99th percentiles)."""
+        if name in SPATIAL:
+            field = canvases[(key, name)]
+            lo, hi = np.percentile(field[valid], (1, 99)) if valid.any() else (0, 1)
+            # drawn in the field's own values (clipped at the percentiles) so that the colour bar reads them
+            return np.where(valid, field, np.nan), lo, max(hi, lo + 1e-9)
+        spectrum = spectra[(key, name)]
+        lo, hi = np.percentile(spectrum, (1, 99))
+        return spectrum, lo, max(hi, lo + 1e-9)
+
+    def draw(fig, axes_row, key) -> Callable[[tuple], None]:
+        """Block ``key``'s panels, each with its colour bar, on ``axes_row``; returns what redraws them for another
+        block (new data and limits in the same artists: building a figure costs more than drawing it)."""
         axes = list(axes_row)
         axes.pop(0).imshow(rgb)
+        images = {}
         for ax, name in zip(axes, SPATIAL + SPECTRAL, strict=True):
+            data, lo, hi = panel(key, name)
             if name in SPATIAL:
-                field = canvases[(key, name)]
-                lo, hi = np.percentile(field[valid], (1, 99)) if valid.any() else (0, 1)
-                ax.imshow(rgb.mean(-1), cmap="gray", vmin=0, vmax=1)
-                # drawn in the field's own values (clipped at the percentiles) so that the colour bar reads them
-                shown = ax.imshow(
-                    np.where(valid, field, np.nan), cmap="inferno", alpha=0.7, vmin=lo, vmax=max(hi, lo + 1e-9)
-                )
+                ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
+                images[name] = ax.imshow(data, cmap="inferno", alpha=0.7, vmin=lo, vmax=hi)
             else:
-                spectrum = spectra[(key, name)]
-                lo, hi = np.percentile(spectrum, (1, 99))
-                shown = ax.imshow(spectrum, cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-9))
-            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+                images[name] = ax.imshow(data, cmap="viridis", vmin=lo, vmax=hi)
+            bar = fig.colorbar(images[name], ax=ax, fraction=0.046, pad=0.03)
             bar.ax.tick_params(labelsize=6)
         for ax in axes_row:
             ax.set_xticks([])
             ax.set_yticks([])
+
+        def redraw(key) -> None:
+            for name, image in images.items():
+                data, lo, hi = panel(key, name)
+                image.set_data(data)
+                image.set_extent((-0.5, data.shape[1] - 0.5, data.shape[0] - 0.5, -0.5))  # spectra differ per stage
+                image.set_clim(lo, hi)
+
+        return redraw
 
     def titles(axes_row) -> None:
         for ax, name in zip(axes_row, ("input", *SPATIAL, *SPECTRAL), strict=True):
@@ -284,14 +302,18 @@ def _draw(
     fig.tight_layout()
     written = {"summary": _save_png(fig, out_dir / "summary.png", dpi=90)}
     plt.close(fig)
+
+    # one figure for every block, redrawn
     heading = title.split("\n", 1)[1] if "\n" in title else ""
+    fig, axes = plt.subplots(1, columns, figsize=(3.0 * columns, 3.2), squeeze=False)
+    redraw = draw(fig, axes[0], blocks[0])
+    titles(axes[0])
+    suptitle = fig.suptitle("", fontsize=10)
     for key in progress_bar(blocks, desc="figures", unit="block", progress=progress):
-        fig, axes = plt.subplots(1, columns, figsize=(3.0 * columns, 3.2), squeeze=False)
-        draw(fig, axes[0], key)
-        titles(axes[0])
-        fig.suptitle(f"stage {key[0] + 1}, block {key[1] + 1}" + (f"\n{heading}" if heading else ""), fontsize=10)
-        fig.tight_layout()
+        redraw(key)
+        suptitle.set_text(f"stage {key[0] + 1}, block {key[1] + 1}" + (f"\n{heading}" if heading else ""))
+        fig.tight_layout()  # again: the colour bars' tick labels change width
         path = _save_png(fig, out_dir / f"stage{key[0] + 1}_block{key[1] + 1}.png", dpi=80)
-        plt.close(fig)
         written[path.stem] = path
+    plt.close(fig)
     return written
