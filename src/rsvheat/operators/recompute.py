@@ -72,11 +72,16 @@ class _GeluLinear(torch.autograd.Function):
         h, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         with autocast_off(grad):
-            act = F.gelu(h)
-            grad_act, grad_w, grad_b = _linear_backward(
-                grad, act, weight, (needs[0], needs[1], needs[2] and ctx.has_bias)
-            )
-            grad_h = torch.ops.aten.gelu_backward(grad_act.to(h.dtype), h) if grad_act is not None else None
+            # the weight's gradient first, so that GELU(h) is freed before the input's gradient is made: two hidden
+            # (4C) fields alive at once, not three
+            _, grad_w, grad_b = _linear_backward(grad, F.gelu(h), weight, (False, needs[1], needs[2] and ctx.has_bias))
+            grad_h = None
+            if needs[0]:
+                grad_act = (grad @ weight.to(grad.dtype)).to(h.dtype)
+                if torch.is_grad_enabled():  # a graph of the backward is recorded: no in-place
+                    grad_h = torch.ops.aten.gelu_backward(grad_act, h)
+                else:
+                    grad_h = torch.ops.aten.gelu_backward.grad_input(grad_act, h, grad_input=grad_act)
         return grad_h, grad_w, grad_b
 
 
