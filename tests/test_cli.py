@@ -89,8 +89,10 @@ def test_demo_labels_a_large_scene_on_a_decimated_overview(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path):
-    """The README's main job as a user runs it (``rsvheat demo``, default settings, ~4 min on 2 cores): pre-train,
+    """The README's main job as a user runs it (``rsvheat demo``), with half its 120 pre-training steps to keep the
+    suite short (the same code; the default method's learning at scale: test_pretrain_training.py): pre-train,
     fine-tune, whole-scene map, heat maps, efficiency, report."""
+    import csv
     import re
     import subprocess
     import sys
@@ -98,16 +100,21 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     import rasterio
 
     done = subprocess.run(
-        [sys.executable, "-m", "rsvheat.cli", "demo", "--out", str(tmp_path)], capture_output=True, text=True
+        [sys.executable, "-m", "rsvheat.cli", "demo", "--pretrain-steps", "60", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     for section in ("Pre-training", "Fine-tuning", "Whole-scene inference", "Heat maps", "Efficiency"):
         assert f". {section}" in report
-    assert "120 steps of the view contrast on two augmented views" in report and "12 epochs" in report
+    assert "60 steps of the view contrast on two augmented views" in report and "12 epochs" in report
     assert "compared with fine-tuning from random weights: too short to tell" in report
-    # the contrastive term learned: a collapsed embedding sits at ln(batch of 6) = 1.79; below half of it here
-    assert float(re.search(r"last logged losses: con (\d\.\d+)", report).group(1)) < 0.9
+    # the contrastive term learned: a collapsed embedding sits at ln(batch of 6) = 1.79; below half of it at the end
+    # (the mean of the last four logged steps: one batch of 6 is noisy)
+    (metrics,) = (tmp_path / "pretrain").rglob("metrics.csv")
+    con = [float(row["train/con"]) for row in csv.DictReader(metrics.open()) if row["train/con"]]
+    assert len(con) == 12 and sum(con[-4:]) / 4 < 0.9, con
     assert float(re.search(r"test on its `val` tiles: OA (\d\.\d+)", report).group(1)) > 0.8  # it learned
     assert "max |difference| = 0.0e+00" in report
     assert "| rsvheat_base | 1024² | 148.40 | 148.4 |" in report

@@ -10,7 +10,7 @@ from torch import nn
 
 from rsvheat.export import ExportMismatchError, export_checkpoint, export_model
 from rsvheat.inference.tasks import load_task
-from rsvheat.models.tasks import ChangeDetectionModel, SegmentationModel
+from rsvheat.models.tasks import ChangeDetectionModel
 from rsvheat.trainers import SegmentationTask
 from tests.conftest import micro_model
 
@@ -31,11 +31,8 @@ def test_backbone_to_onnx_and_torch_export_at_an_odd_size(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx", "backbone.pt2"]  # no temporary file
 
 
-@pytest.mark.slow
-def test_segmentation_and_change_models_export(tmp_path):
-    backbone = micro_model(num_classes=0, feature_norms=True)
-    seg = export_model(SegmentationModel(backbone, 4, 32), tmp_path / "seg.onnx", [torch.randn(1, 3, 64, 96)])
-    assert seg["max_abs_diff"] < 1e-4 * max(1.0, seg["reference_max_abs"])
+def test_change_model_exports_to_torch_export(tmp_path):
+    # (segmentation models export from checkpoints below, to both formats; the change model to ONNX further down)
     change = ChangeDetectionModel(micro_model(num_classes=0, feature_norms=True), 32)
     pair = [torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)]
     result = export_model(change, tmp_path / "change.pt2", pair, kind="change")

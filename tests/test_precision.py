@@ -110,7 +110,9 @@ def test_low_precision_weights_give_autocasts_results_and_restore_the_weights():
 
     torch.manual_seed(0)
     classifier = rsvheat.create_model("rsvheat_tiny", num_classes=5, img_size=64, **MICRO).eval()
-    detector = DetectionTask(num_classes=2, backbone="rsvheat_tiny", img_size=64, encoder_kwargs=MICRO).model.eval()
+    detector = DetectionTask(  # at the image's size: torchvision's default resizes to 800 px
+        num_classes=2, backbone="rsvheat_tiny", img_size=64, encoder_kwargs=MICRO, min_size=97, max_size=97
+    ).model.eval()
     x = torch.rand(1, 3, 97, 83)
     for model in (classifier, detector):  # the detector: torchvision's heads run with them too
         before = {name: (p.data_ptr(), p.clone()) for name, p in model.named_parameters()}

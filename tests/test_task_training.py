@@ -165,7 +165,7 @@ def test_detection_learns_pasted_objects(tmp_path):
     task = DetectionTask(
         num_classes=2, classes=classes, img_size=96, min_size=96, max_size=96, lr=5e-4, detector_kwargs=LIGHT, **COMMON
     )
-    assert fit_and_score(tmp_path, task, dm, 60, "val/mAP50") > 0.5
+    assert fit_and_score(tmp_path, task, dm, 30, "val/mAP50") > 0.8
 
 
 def test_a_linear_probe_checkpoint_starts_fine_tuning_with_its_head(tmp_path):
