@@ -156,3 +156,25 @@ def test_explain_rgba_reads_alpha_as_the_mask_and_figures_name_the_weights(tmp_p
     # the user's band selection wins: the alpha band is then an ordinary band
     main(["explain", str(path), "--out", str(tmp_path / "all"), "--bands", "1,2,3,4"])
     assert seen["modalities"] == {"optical": 4}
+
+
+def test_a_failed_figure_leaves_no_figure_open(tmp_path, monkeypatch):
+    """pyplot keeps every open figure for the life of the process: a run that fails while writing closes its own."""
+    import matplotlib.pyplot as plt
+
+    import rsvheat.explain
+
+    path = write(tmp_path / "scene.tif", ramp(3, 64, 64, np.float32, 0.1))
+    real_save, saved = rsvheat.explain._save_png, []
+
+    def save_twice(fig, out, dpi):
+        if len(saved) == 2:
+            raise OSError("disk full")
+        saved.append(out)
+        return real_save(fig, out, dpi)
+
+    monkeypatch.setattr(rsvheat.explain, "_save_png", save_twice)
+    plt.close("all")
+    with pytest.raises(OSError, match="disk full"):
+        explain_scene(micro_model(), path, tmp_path / "heat")
+    assert plt.get_fignums() == [] and [p.name for p in saved] == ["summary.png", "stage1_block1.png"]

@@ -294,26 +294,30 @@ def _draw(
     columns = 1 + len(SPATIAL) + len(SPECTRAL)
     last = [max(k for k in blocks if k[0] == s) for s in sorted({s for s, _ in blocks})]
     fig, axes = plt.subplots(len(last), columns, figsize=(3.0 * columns, 2.6 * len(last) + 0.3), squeeze=False)
-    for row, key in zip(axes, last, strict=True):
-        draw(fig, row, key)
-        row[0].set_ylabel(f"stage {key[0] + 1}, block {key[1] + 1}")
-    titles(axes[0])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    written = {"summary": _save_png(fig, out_dir / "summary.png", dpi=90)}
-    plt.close(fig)
+    try:  # closed on failure too: pyplot keeps every open figure for the life of the process
+        for row, key in zip(axes, last, strict=True):
+            draw(fig, row, key)
+            row[0].set_ylabel(f"stage {key[0] + 1}, block {key[1] + 1}")
+        titles(axes[0])
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        written = {"summary": _save_png(fig, out_dir / "summary.png", dpi=90)}
+    finally:
+        plt.close(fig)
 
     # one figure for every block, redrawn
     heading = title.split("\n", 1)[1] if "\n" in title else ""
     fig, axes = plt.subplots(1, columns, figsize=(3.0 * columns, 3.2), squeeze=False)
-    redraw = draw(fig, axes[0], blocks[0])
-    titles(axes[0])
-    suptitle = fig.suptitle("", fontsize=10)
-    for key in progress_bar(blocks, desc="figures", unit="block", progress=progress):
-        redraw(key)
-        suptitle.set_text(f"stage {key[0] + 1}, block {key[1] + 1}" + (f"\n{heading}" if heading else ""))
-        fig.tight_layout()  # again: the colour bars' tick labels change width
-        path = _save_png(fig, out_dir / f"stage{key[0] + 1}_block{key[1] + 1}.png", dpi=80)
-        written[path.stem] = path
-    plt.close(fig)
+    try:
+        redraw = draw(fig, axes[0], blocks[0])
+        titles(axes[0])
+        suptitle = fig.suptitle("", fontsize=10)
+        for key in progress_bar(blocks, desc="figures", unit="block", progress=progress):
+            redraw(key)
+            suptitle.set_text(f"stage {key[0] + 1}, block {key[1] + 1}" + (f"\n{heading}" if heading else ""))
+            fig.tight_layout()  # again: the colour bars' tick labels change width
+            path = _save_png(fig, out_dir / f"stage{key[0] + 1}_block{key[1] + 1}.png", dpi=80)
+            written[path.stem] = path
+    finally:
+        plt.close(fig)
     return written
