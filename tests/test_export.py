@@ -31,6 +31,7 @@ def test_backbone_to_onnx_and_torch_export_at_an_odd_size(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.onnx", "backbone.pt2"]  # no temporary file
 
 
+@pytest.mark.slow
 def test_change_model_exports_to_torch_export(tmp_path):
     # (segmentation models export from checkpoints below, to both formats; the change model to ONNX further down)
     change = ChangeDetectionModel(micro_model(num_classes=0, feature_norms=True), 32)
