@@ -175,3 +175,6 @@ def test_machine_description_names_the_cpu_and_its_isa(tmp_path, monkeypatch):
     real_open = builtins.open
     monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
     assert bench.machine_description("cpu").startswith("AMD EPYC 9B14 (AVX-512-BF16, AVX-512, AVX2), ")
+    # a virtual CPU that names no model: its family and model numbers tell it
+    cpuinfo.write_text("cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n")
+    assert bench.machine_description("cpu").startswith("AMD EPYC family 25 model 1 (AVX2), ")

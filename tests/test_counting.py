@@ -5,7 +5,7 @@ import timm
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rsvheat.models.counting import activation_bytes, count, count_gmacs, count_params
+from rsvheat.models.counting import activation_bytes, count, count_gmacs, count_params, kernel_counts
 from rsvheat.operators.dct import _dct_basis_cached
 from rsvheat.operators.heat import _frequency_sq_cached
 from tests.conftest import micro_model
@@ -94,3 +94,29 @@ def test_activation_bytes_of_a_model_equal_autograds_saved_tensors():
     assert held == expected > 0
     model.set_grad_checkpointing(True, blocks=2)  # the first two blocks keep only their inputs
     assert 0 < activation_bytes(lambda: model(x).square().mean())[1] < held
+
+
+def test_kernel_counts_count_compute_not_views():
+    x, w, b = torch.randn(64, 32), torch.randn(32, 16), torch.randn(16)
+    # the transpose is a view, contiguous() then copies; addmm is one kernel whatever the CPU runs inside it
+    counts = kernel_counts(lambda: torch.relu(torch.addmm(b, x, w)).t().contiguous().view(-1))
+    assert counts == {"addmm": 1, "clamp_min": 1, "copy_": 1}
+
+
+def test_folding_takes_the_layer_scale_out_of_the_forward():
+    model = micro_model().eval()  # post-norm with layer scale: 5 blocks
+    x = torch.randn(1, 3, 64, 64)
+
+    def forward():
+        with torch.inference_mode():
+            model(x)
+
+    forward()
+    unfolded = kernel_counts(forward)
+    model.fold((64, 64))
+    forward()
+    folded = kernel_counts(forward)
+    # per block: the filter exp(-kt w²), and the LN affines of both norms stacked and multiplied by the layer scales
+    assert unfolded["mul"] == unfolded["cat"] == 5 * 2 and unfolded["exp"] == 5
+    assert folded["mul"] == folded["cat"] == folded["exp"] == 0
+    assert folded["native_layer_norm"] == unfolded["native_layer_norm"]

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import rsvheat
-from rsvheat.models.rsvheat import resize_embedding
+from rsvheat.models.counting import kernel_counts
+from rsvheat.models.rsvheat import Mlp, resize_embedding
 from tests.conftest import micro_model
 
 
@@ -60,7 +61,8 @@ def test_folded_inference_equals_unfolded_and_is_reused():
 def test_folded_tensors_are_buffers_outside_the_state_dict_and_unfold_drops_them():
     model = micro_model().fold((64, 64))
     buffers = dict(model.named_buffers())
-    assert {"stages.0.folded_fve", "stages.0.folded_sce", "stages.3.blocks.0.hco.folded_filter"} <= buffers.keys()
+    folded = {"stages.0.folded_fve", "stages.0.folded_sce", "stages.3.blocks.0.hco.folded_filter"}
+    assert folded | {"stages.3.blocks.0.folded_affine"} <= buffers.keys()
     # at the stored size the folded FVE is a copy, never the parameter itself
     assert buffers["stages.0.folded_fve"].data_ptr() != model.stages[0].freq_embed.data_ptr()
     assert not any("folded" in key for key in model.state_dict())
@@ -241,3 +243,16 @@ def test_reset_classifier_and_head():
     assert torch.allclose(
         model(x).mean((2, 3)), model.head.fc(model.forward_head(features, pre_logits=True).mean((2, 3)))
     )
+
+
+def test_mlp_chunks_rows_on_cpu_only():
+    mlp = Mlp(8, 32)
+    mlp.chunk_elements = 32 * 10  # 10 rows per chunk: 63 rows make 7 chunks
+    x = torch.randn(1, 7, 9, 8)
+    with torch.inference_mode():
+        whole = mlp.fc2(F.gelu(mlp.fc1(x)))
+        torch.testing.assert_close(mlp(x), whole)
+        assert kernel_counts(lambda: mlp(x))["addmm"] == 2 * 7
+        # elsewhere (a GPU; the meta device here) the caching allocator recycles buffers: two GEMMs, not fourteen
+        meta, x = mlp.to("meta"), x.to("meta")
+        assert kernel_counts(lambda: meta(x))["addmm"] == 2

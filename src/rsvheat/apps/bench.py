@@ -306,12 +306,14 @@ def machine_description(device: str, precisions: list[str] | tuple[str, ...] = (
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
+            fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in f)}
+        cpu = fields["model name"]
+        if not any(ch.isdigit() for ch in cpu) and "cpu family" in fields:  # a virtual CPU that hides its model
+            cpu += f" family {fields['cpu family']} model {fields.get('model', '?')}"
+        flags = set(fields.get("flags", "").split())
         isa = [name for flag, name in ISA_FLAGS.items() if flag in flags]
         cpu += f" ({', '.join(isa) if isa else 'none of AMX, AVX-512, AVX2'})"
-    except (OSError, StopIteration):
+    except (OSError, KeyError):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
     mem = ""

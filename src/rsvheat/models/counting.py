@@ -10,18 +10,22 @@ FLOPs are multiply-accumulates ("G" in the papers = GMACs), measured with :mod:`
 matmul and convolution. ``fvcore=True`` adds what fvcore, the counter the papers used, also counts: 5 per LayerNorm
 element, 1 per pooled element, and half an operation per element of the HCO's filter multiply (fvcore's einsum rule).
 
-Training memory is counted by :func:`activation_bytes`: what a forward pass leaves alive for its backward pass.
+Training memory is counted by :func:`activation_bytes`: what a forward pass leaves alive for its backward pass, and
+kernels by :func:`kernel_counts`: the compute kernels a call launches in eager PyTorch.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import cast
 
 import torch
+from torch.autograd.profiler_util import FunctionEvent
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -173,3 +177,54 @@ def activation_bytes(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor,
     own = {t.untyped_storage().data_ptr() for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
     held = sum(n for ptr, (ref, n) in mode.storages.items() if ptr not in own and not ref.expired())
     return out, held
+
+
+#: ATen operators that launch no kernel of their own: views (found from their schemas), allocations without a fill,
+#: queries, and operators that return their input when there is nothing to do (else they call the ones that work).
+_NO_KERNEL = frozenset(
+    {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided", "resize_"}
+    | {"resolve_conj", "resolve_neg", "_unsafe_view", "lift_fresh", "detach", "promote_types", "result_type"}
+    | {"size", "stride", "dropout", "contiguous", "to", "reshape", "flatten", "alias", "type_as"}
+)
+#: Library calls counted as one kernel whatever the CPU backend runs inside them (its addmm copies the bias into the
+#: output before the GEMM, its sum zero-fills the output first; a GPU's do not).
+_ONE_KERNEL = frozenset(
+    {"addmm", "mm", "bmm", "baddbmm", "convolution", "convolution_backward", "native_layer_norm", "_softmax"}
+    | {"native_layer_norm_backward", "_softmax_backward_data", "sum", "mean"}
+)
+
+
+def _moves_data(name: str) -> bool:
+    if name in _NO_KERNEL:
+        return False
+    packet = getattr(torch.ops.aten, name, None)
+    return packet is None or not any(getattr(packet, overload).is_view for overload in packet.overloads())
+
+
+def kernel_counts(run: Callable[[], object]) -> Counter[str]:
+    """The compute kernels one call of ``run`` launches in eager PyTorch, by ATen operator name.
+
+    Counted with the profiler on the ATen call tree: the outermost operators that move data (views and bare
+    allocations are free) and do not call others that do, with GEMMs, convolutions, LayerNorm, softmax and sums
+    counted as one each. The count depends on the model and the input size, hardly on the device: on a GPU each is
+    about one kernel launch. Run ``run`` once before, so that one-time work (caches, folds) is not counted."""
+    counts: Counter[str] = Counter()
+
+    def count(event: FunctionEvent) -> int:
+        name = event.name.removeprefix("aten::")
+        is_aten = event.name.startswith("aten::")
+        if is_aten and name in _ONE_KERNEL:
+            counts[name] += 1
+            return 1
+        inner = sum(count(child) for child in event.cpu_children)
+        if inner == 0 and is_aten and _moves_data(name):
+            counts[name] += 1
+            return 1
+        return inner
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    for event in prof.events():
+        if event.cpu_parent is None:
+            count(event)
+    return counts

@@ -85,8 +85,9 @@ class Mlp(nn.Module):
     """``[LN ->] Linear -> GELU -> Linear`` on channels-last rows, ``(..., C) -> (..., C)``; under autograd the LN and
     the GELU are recomputed in the backward (:mod:`rsvheat.operators.recompute`)."""
 
-    #: Inference processes rows in chunks whose hidden activations stay below this many elements: the buffer is then
-    #: recycled by the allocator instead of page-faulted in afresh, and stays warm in cache for the second GEMM.
+    #: Inference on CPUs processes rows in chunks whose hidden activations stay below this many elements: the buffer
+    #: is then recycled by the allocator instead of page-faulted in afresh, and stays warm in cache for the second
+    #: GEMM. Other devices run whole: their caching allocators recycle any buffer, and each chunk costs launches.
     chunk_elements = 1 << 21
 
     def __init__(self, dim: int, hidden: int) -> None:
@@ -103,14 +104,13 @@ class Mlp(nn.Module):
             return gelu_linear(h, self.fc2.weight, self.fc2.bias)
         if norm is not None:
             x = norm(x)
-        if not x.is_contiguous():
+        if not x.is_contiguous() or x.device.type != "cpu":
             return self.fc2(self.act(self.fc1(x)))
         rows = x.view(-1, x.shape[-1])
         # `out=` kernels bypass autocast (it casts only in the dispatcher's functional ops): under autocast the second
         # GEMM is called plainly and its output, in autocast's dtype, copied into the chunk.
-        device = x.device.type
-        autocast = device != "meta" and torch.is_autocast_enabled(device)  # the meta device has no autocast
-        out = torch.empty_like(rows, dtype=torch.get_autocast_dtype(device) if autocast else None)
+        autocast = torch.is_autocast_enabled("cpu")
+        out = torch.empty_like(rows, dtype=torch.get_autocast_dtype("cpu") if autocast else None)
         step = max(1, self.chunk_elements // self.fc1.out_features)
         for start in range(0, rows.shape[0], step):
             hidden = F.gelu(self.fc1(rows[start : start + step]))
@@ -187,20 +187,48 @@ class HeatBlock(nn.Module):
             self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
         else:
             self.gamma1 = self.gamma2 = None
+        # Post-norm LN affines with the layer scale multiplied in, kept while folded (see `fold`); not persistent.
+        self.folded_affine: torch.Tensor | None
+        self.register_buffer("folded_affine", None, persistent=False)
 
-    def _norm(self, norm: nn.LayerNorm, gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        if gamma is None:
-            return norm(x)
-        # Layer-scale folded into the LN affine: one pass over the activations instead of two.
-        return F.layer_norm(x, norm.normalized_shape, norm.weight * gamma, norm.bias * gamma, norm.eps)
+    def _scaled_affine(self) -> torch.Tensor:
+        """The post-norm LN affines with the layer scale multiplied in, one pass over the activations instead of two:
+        ``(4, C)`` rows ``norm1.weight * g1, norm1.bias * g1, norm2.weight * g2, norm2.bias * g2`` (one product of
+        stacked tensors: fewer kernels, forward and backward, than four)."""
+        if self.folded_affine is not None:
+            return self.folded_affine
+        g1, g2 = cast(torch.Tensor, self.gamma1), cast(torch.Tensor, self.gamma2)
+        affine = torch.stack([self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias])
+        return affine * torch.stack([g1, g1, g2, g2])
+
+    @torch.inference_mode(False)  # a normal tensor even when folded under inference_mode: exporters can trace it
+    @torch.no_grad()
+    def fold(self, freq_embed: torch.Tensor) -> None:
+        """Fold the heat operator's decay filter for ``freq_embed`` (:meth:`HeatConduction.fold`) and the layer scale
+        into the post-norm LN affines (no layer-scale kernels left in the forward). A fold is a promise that the
+        weights stay as they are."""
+        self.hco.fold(freq_embed)
+        self.folded_affine = None
+        if self.post_norm and self.gamma1 is not None:
+            self.folded_affine = self._scaled_affine()
+
+    def unfold(self) -> None:
+        """Drop the folded tensors: they are computed from the weights again."""
+        self.hco.unfold()
+        self.folded_affine = None
 
     def forward(self, x: torch.Tensor, freq_embed: torch.Tensor, sce: torch.Tensor | None = None) -> torch.Tensor:
         # The first residual add allocates (the caller's x is never written); without autograd the second one
         # accumulates in place into that fresh tensor.
         inplace = not torch.is_grad_enabled()
         if self.post_norm:
-            x = x + self.drop_path(self._norm(self.norm1, self.gamma1, self.hco(x, freq_embed, sce)))
-            ffn = self.drop_path(self._norm(self.norm2, self.gamma2, self.mlp(x)))
+            if self.gamma1 is None:
+                w1, b1, w2, b2 = self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias
+            else:
+                w1, b1, w2, b2 = self._scaled_affine().unbind()
+            shape = self.norm1.normalized_shape
+            x = x + self.drop_path(F.layer_norm(self.hco(x, freq_embed, sce), shape, w1, b1, self.norm1.eps))
+            ffn = self.drop_path(F.layer_norm(self.mlp(x), shape, w2, b2, self.norm2.eps))
             return x.add_(ffn) if inplace else x + ffn
         mixed = self.hco(self.norm1(x), freq_embed, sce)
         x = x + self.drop_path(mixed if self.gamma1 is None else mixed * self.gamma1)
@@ -267,14 +295,14 @@ class HeatStage(nn.Module):
         self.folded_fve, self.folded_sce = fve, sce
         self.folding = True
         for block in self.heat_blocks:
-            block.hco.fold(fve)
+            block.fold(fve)
 
     def drop_folds(self) -> None:
         """Drop the folded tensors, staying in folded mode (the next forward folds again, from the current
         weights)."""
         self.folded_fve, self.folded_sce = None, None
         for block in self.heat_blocks:
-            block.hco.unfold()
+            block.unfold()
 
     def unfold(self) -> None:
         """Leave folded mode: FVE, SCE and filters are computed from the weights at every forward."""

@@ -224,9 +224,12 @@ class HeatConduction(nn.Module):
                 x = self.sce_norm(F.relu(x + sce))
             corrected = x
             x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        # Two half-size GEMMs instead of one + chunk: both halves come out contiguous for the DCT.
-        u = F.linear(x, self.in_proj.weight[: self.dim], self.in_proj.bias[: self.dim])
-        z = F.linear(x, self.in_proj.weight[self.dim :], self.in_proj.bias[self.dim :])
+        # Two half-size GEMMs instead of one + chunk: both halves come out contiguous for the DCT. split, not two
+        # slices: its backward is one concatenation, where each slice's zero-fills a full-size gradient.
+        weight_u, weight_z = self.in_proj.weight.split(self.dim)
+        bias_u, bias_z = self.in_proj.bias.split(self.dim)
+        u = F.linear(x, weight_u, bias_u)
+        z = F.linear(x, weight_z, bias_z)
         filt = self.decay_filter(freq_embed)
         conducted = heat_conduct(u, filt, self.dct_impl, not return_states, self.spectral_precision)
         if torch.is_grad_enabled():
