@@ -222,10 +222,12 @@ class HeatBlock(nn.Module):
         # accumulates in place into that fresh tensor.
         inplace = not torch.is_grad_enabled()
         if self.post_norm:
-            if self.gamma1 is None:
-                w1, b1, w2, b2 = self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias
-            else:
-                w1, b1, w2, b2 = self._scaled_affine().unbind()
+            affine: Sequence[torch.Tensor] = (
+                (self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias)
+                if self.gamma1 is None
+                else self._scaled_affine().unbind()
+            )
+            w1, b1, w2, b2 = affine
             shape = self.norm1.normalized_shape
             x = x + self.drop_path(F.layer_norm(self.hco(x, freq_embed, sce), shape, w1, b1, self.norm1.eps))
             ffn = self.drop_path(F.layer_norm(self.mlp(x), shape, w2, b2, self.norm2.eps))
