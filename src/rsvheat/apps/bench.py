@@ -193,6 +193,8 @@ def run_case(
     runs through ``torch.compile`` (``fullgraph`` for rsvheat's own), compiled during the first warm-up run."""
     torch.manual_seed(0)
     dev = torch.device(device)
+    if dev.type == "cuda":  # fp32 means fp32: no TF32 in GEMMs or convolutions (cuDNN's default allows it)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = build(name, size, infer=mode == "infer", official_source=official_source).to(dev)
     if compile:
         model = cast(torch.nn.Module, torch.compile(model, fullgraph=name.startswith("rsvheat")))
