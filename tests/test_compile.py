@@ -96,3 +96,24 @@ def test_serving_graphs_stay_static_after_another_shape_was_compiled():
     served(torch.randn(7, 4))
     served(torch.randn(3, 4))
     assert symbolic == [False, True, False, False]
+
+
+def test_frozen_compilation_folds_the_weights_into_the_graph():
+    """Serving compiles with the weights frozen, constants of the graph (inductor's freezing): same outputs as eager,
+    and the flag stays with that module (a later compile in the process is not frozen)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from rsvheat.models.precision import compile_in_place
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    for frozen in (True, False):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
+        with torch.no_grad():
+            eager = model(x)
+            compile_in_place(model, frozen=frozen, dynamic=False)
+            out, (code,) = run_and_get_code(model, x)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+        assert ("_frozen_param" in code) == frozen
+        assert not inductor_config.freezing

@@ -42,7 +42,7 @@ import torch
 
 from rsvheat.files import write_atomic
 from rsvheat.models.counting import activation_bytes
-from rsvheat.models.precision import PRECISIONS, autocast, low_precision_weights
+from rsvheat.models.precision import PRECISIONS, autocast, compile_in_place, low_precision_weights
 
 if TYPE_CHECKING:
     from rsvheat.models.rsvheat import RSVHeat
@@ -197,7 +197,8 @@ def run_case(
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = build(name, size, infer=mode == "infer", official_source=official_source).to(dev)
     if compile:
-        model = cast(torch.nn.Module, torch.compile(model, fullgraph=name.startswith("rsvheat")))
+        # inference freezes the weights into the graph, as the serving commands do
+        compile_in_place(model, fullgraph=name.startswith("rsvheat"), frozen=mode == "infer")
         warmup = max(warmup, 1)  # the compilation is never timed
     x = torch.randn(batch, 3, size, size, device=dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.0) if mode == "train" else None

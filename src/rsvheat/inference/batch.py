@@ -366,7 +366,7 @@ def predict_scenes(
         if detection and probabilities:
             raise ValueError(f"{checkpoint} is a detection model: it writes boxes only, drop --probabilities")
         set_score_threshold(task, score_threshold, checkpoint)  # a request error: before any scene is mapped
-        compile_in_place(task.model, compile, dynamic=False)  # once per process, for every scene
+        compile_in_place(task.model, compile, dynamic=False, frozen=True)  # once per process, for every scene
 
         def run(images, outputs):
             map_scene(

@@ -102,7 +102,7 @@ def predict_scene(
     _check_request(checkpoint, paths, band_lists, output, probabilities, tile, overlap, batch_size, overwrite)
     target = resolve_device(device)
     task, meta = load_task(checkpoint, target, normalisation)
-    compile_in_place(task.model, compile, dynamic=False)
+    compile_in_place(task.model, compile, dynamic=False, frozen=True)
     return map_scene(
         task,
         meta,

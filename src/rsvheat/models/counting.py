@@ -222,7 +222,7 @@ def kernel_counts(run: Callable[[], object]) -> Counter[str]:
             return 1
         return inner
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], acc_events=True) as prof:
         run()
     for event in prof.events():
         if event.cpu_parent is None:

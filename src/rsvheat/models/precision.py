@@ -20,15 +20,36 @@ Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
-def compile_in_place(module: nn.Module, backend: str | bool = "inductor", dynamic: bool | None = None) -> nn.Module:
+def compile_in_place(
+    module: nn.Module,
+    backend: str | bool = "inductor",
+    dynamic: bool | None = None,
+    frozen: bool = False,
+    fullgraph: bool = False,
+) -> nn.Module:
     """``module``'s forward run through ``torch.compile`` from now on (``nn.Module.compile``: in place, so that
     state-dict keys, hooks and ``isinstance`` are unchanged), with ``backend`` (``True``: inductor); ``False`` leaves
     it eager. Graphs are built at the first forward of each input shape (tile and batch sizes: keep them fixed).
     ``dynamic`` is ``torch.compile``'s: ``False`` for serving, where the shapes are few and fixed, so that a shape
     this process compiled before (in training, say) never turns the graphs symbolic (measured: a 5x slower capture
-    of the scene map's tiles). Returns ``module``."""
-    if backend is not False:
-        module.compile(backend="inductor" if backend is True else backend, dynamic=dynamic)
+    of the scene map's tiles). ``frozen``, for inference that never changes the weights (inductor only): the weights
+    become constants of the graphs (inductor's freezing), folded into the kernels and pre-packed for the GEMMs and
+    convolutions, at the cost of a second copy of them; on an AVX2 CPU it turned compiled RS-vHeat from slower than
+    eager into faster (``docs/efficiency.md``). ``fullgraph``: a graph break is an error. Returns ``module``."""
+    if backend is False:
+        return module
+    name = "inductor" if backend is True else backend
+    module.compile(backend=name, dynamic=dynamic, fullgraph=fullgraph)
+    if frozen and name == "inductor":
+        # Dynamo reads the freezing flag from the global config while it traces (torch.compile's `options` come too
+        # late for it): set it for this module's calls only, not for the rest of the process.
+        compiled = module._compiled_call_impl
+
+        def call_frozen(*args, **kwargs):
+            with torch._inductor.config.patch(freezing=True):
+                return compiled(*args, **kwargs)
+
+        module._compiled_call_impl = call_frozen
     return module
 
 
