@@ -119,7 +119,8 @@ def add_mapping(parser: argparse.ArgumentParser, device_help: str) -> None:
         const=True,
         default=False,
         metavar="BACKEND",
-        help="run the network through torch.compile (default backend inductor), compiled on the first tiles",
+        help="run the network through torch.compile (default backend inductor, weights frozen into the graph), "
+        "compiled on the first tiles",
     )
 
 

@@ -91,8 +91,8 @@ def predict_scene(
 
     ``precision``: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the model's forward passes on ``device``, spectral
     transforms in float32; :mod:`rsvheat.models.precision`). Probabilities are written as float32 either way.
-    ``compile``: the network through ``torch.compile`` (``True``: inductor, or a backend's name), compiled on the
-    first batch of tiles; worth it for large scenes.
+    ``compile``: the network through ``torch.compile`` (``True``: inductor, with the weights frozen into the graph;
+    or a backend's name), compiled on the first batch of tiles; worth it for large scenes.
     ``normalisation``: ``(mean, std)`` of the input bands, required for a TorchGeo checkpoint (which stores none, see
     :func:`~rsvheat.models.contract.load_task`), replacing the stored statistics of a one-stem rsvheat checkpoint.
     """
