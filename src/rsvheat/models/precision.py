@@ -27,7 +27,7 @@ def compile_in_place(
     frozen: bool = False,
     fullgraph: bool = False,
 ) -> nn.Module:
-    """``module``'s forward run through ``torch.compile`` from now on (``nn.Module.compile``: in place, so that
+    """``module``'s forward run through ``torch.compile`` from now on, in place (its ``forward`` replaced, so that
     state-dict keys, hooks and ``isinstance`` are unchanged), with ``backend`` (``True``: inductor); ``False`` leaves
     it eager. Graphs are built at the first forward of each input shape (tile and batch sizes: keep them fixed).
     ``dynamic`` is ``torch.compile``'s: ``False`` for serving, where the shapes are few and fixed, so that a shape
@@ -35,21 +35,23 @@ def compile_in_place(
     of the scene map's tiles). ``frozen``, for inference that never changes the weights (inductor only): the weights
     become constants of the graphs (inductor's freezing), folded into the kernels and pre-packed for the GEMMs and
     convolutions, at the cost of a second copy of them; on an AVX2 CPU it turned compiled RS-vHeat from slower than
-    eager into faster (``docs/efficiency.md``). ``fullgraph``: a graph break is an error. Returns ``module``."""
+    eager into faster (``docs/efficiency.md``). ``fullgraph``: a graph break is an error. Returns ``module``.
+
+    (``nn.Module.compile``, which compiles the module's call instead of its forward, traces nothing on torch 2.11.)"""
     if backend is False:
         return module
     name = "inductor" if backend is True else backend
-    module.compile(backend=name, dynamic=dynamic, fullgraph=fullgraph)
+    compiled = torch.compile(module.forward, backend=name, dynamic=dynamic, fullgraph=fullgraph)
+    forward = compiled
     if frozen and name == "inductor":
-        # Dynamo reads the freezing flag from the global config while it traces (torch.compile's `options` come too
-        # late for it): set it for this module's calls only, not for the rest of the process.
-        compiled = module._compiled_call_impl
 
-        def call_frozen(*args, **kwargs):
+        def forward(*args, **kwargs):
+            # Dynamo reads the freezing flag from the global config while it traces (torch.compile's `options` come
+            # too late for it): set it for this module's calls only, not for the rest of the process.
             with torch._inductor.config.patch(freezing=True):
                 return compiled(*args, **kwargs)
 
-        module._compiled_call_impl = call_frozen
+    module.forward = forward
     return module
 
 
