@@ -76,6 +76,7 @@ def test_inductor_matches_eager():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.smoke
 def test_serving_graphs_stay_static_after_another_shape_was_compiled():
     """Dynamo turns a frame's graphs symbolic once it has seen a second shape, and every module's call shares one
     frame. So a model served after a compiled training (other shapes, same process) would trace symbolic graphs
@@ -98,6 +99,7 @@ def test_serving_graphs_stay_static_after_another_shape_was_compiled():
     assert symbolic == [False, True, False, False]
 
 
+@pytest.mark.smoke
 def test_frozen_compilation_folds_the_weights_into_the_graph():
     """Serving compiles with the weights frozen, constants of the graph (inductor's freezing): same outputs as eager,
     and the flag stays with that module (a later compile in the process is not frozen)."""
