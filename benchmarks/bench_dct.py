@@ -13,13 +13,13 @@ Writes ``benchmarks/results/dct.csv`` and ``dct.md``.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from rsvheat.apps.bench import write_results
 from rsvheat.operators.dct import dct2d
 from rsvheat.operators.heat import heat_conduct, heat_filter
 
@@ -70,11 +70,6 @@ def main() -> None:
                     )
                 )
                 print(f"{workload:6s} N={n:5d}  matmul {matmul:9.2f} ms   fft {fft:9.2f} ms   x{matmul / fft:5.2f}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "dct.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     lines = [
         "# Matmul vs FFT DCT",
         "",
@@ -88,7 +83,7 @@ def main() -> None:
     lines += [
         f"| {r['workload']} | {r['size']} | {r['matmul_ms']} | {r['fft_ms']} | {r['fft_speedup']} |" for r in rows
     ]
-    (args.out_dir / "dct.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out_dir, "dct", rows, lines)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ Writes ``benchmarks/results/pretrain_throughput.{csv,md}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import torch
 
-from rsvheat.apps.bench import machine_description
+from rsvheat.apps.bench import machine_description, write_results
 from rsvheat.pretraining.model import FrequencyPretrainer
 
 
@@ -86,11 +85,6 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with (args.out_dir / "pretrain_throughput.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     lines = [
         f"# Pre-training throughput: {args.variant} at {s}x{s}",
         "",
@@ -107,7 +101,7 @@ def main() -> None:
     ]
     target = all(r["masking_share_of_step_pct"] < 5 for r in rows)
     lines += ["", f"Target (masking < 5 % of a training step): {'MET' if target else 'MISSED'}.", ""]
-    (args.out_dir / "pretrain_throughput.md").write_text("\n".join(lines))
+    write_results(args.out_dir, "pretrain_throughput", rows, lines)
     print("\n".join(lines))
 
 

@@ -17,14 +17,13 @@ Writes ``benchmarks/results/spectral_precision.{csv,md}`` (``--out-dir``) with t
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from rsvheat.apps.bench import machine_description
+from rsvheat.apps.bench import machine_description, write_results
 from rsvheat.models.rsvheat import VARIANTS, RSVHeat
 
 CASES = ("fp32", "tf32", "bf16 exact", "bf16")
@@ -102,11 +101,6 @@ def main() -> None:
         )
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "spectral_precision.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     fp32 = next(r for r in rows if r["case"] == "fp32")
     lines = [
         "# Spectral precision: error against float64 and inference speed",
@@ -128,7 +122,7 @@ def main() -> None:
     for r in rows:
         errors = " | ".join(f"{r[k]:.1e}" for k in ("stage1", "stage2", "stage3", "stage4", "pooled"))
         lines.append(f"| {r['case']} | {errors} | {r['seconds'] * 1e3:.0f} | {fp32['seconds'] / r['seconds']:.2f}× |")
-    (args.out_dir / "spectral_precision.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out_dir, "spectral_precision", rows, lines)
     print(f"wrote {args.out_dir / 'spectral_precision.md'}")
 
 

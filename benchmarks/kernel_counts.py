@@ -13,14 +13,13 @@ Writes ``benchmarks/results/kernel_counts.{csv,md}`` (``--out-dir``) with the ma
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from rsvheat.apps.bench import OFFICIAL_SOURCE, build, machine_description
+from rsvheat.apps.bench import OFFICIAL_SOURCE, build, machine_description, write_results
 from rsvheat.models.counting import kernel_counts
 
 MODELS = ("rsvheat_tiny", "rsvheat_base", "vheat_official_base", "swin_base", "vit_base")
@@ -107,11 +106,6 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "kernel_counts.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     lines = [
         "# Kernels per pass",
         "",
@@ -128,7 +122,7 @@ def main() -> None:
     lines += [
         f"| {r['model']} | {r['size']}² | {r['mode']} | {r['path']} | {r['kernels']} | {r['top']} |" for r in rows
     ]
-    (args.out_dir / "kernel_counts.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out_dir, "kernel_counts", rows, lines)
     print("\n".join(lines))
 
 

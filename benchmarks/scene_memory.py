@@ -12,7 +12,6 @@ Writes ``benchmarks/results/scene_memory.{csv,md}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsvheat.apps.bench import machine_description
+from rsvheat.apps.bench import machine_description, write_results
 
 CHILD = """
 import json, sys, time
@@ -138,11 +137,6 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "scene_memory.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     lines = [
         "# Whole-scene segmentation memory and speed (CPU)",
         "",
@@ -160,7 +154,7 @@ def main() -> None:
             f"| {r['size']}² | {r['megapixels']:.0f} | {r['tile']} / {r['overlap']} | {r['seconds'] / 60:.1f} min | "
             f"{r['pixels_per_s']:,} | {r['peak_rss_mb'] / 1024:.2f} GB |"
         )
-    (args.out_dir / "scene_memory.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out_dir, "scene_memory", rows, lines)
     print("\n".join(lines))
 
 

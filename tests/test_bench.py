@@ -178,3 +178,16 @@ def test_machine_description_names_the_cpu_and_its_isa(tmp_path, monkeypatch):
     # a virtual CPU that names no model: its family and model numbers tell it
     cpuinfo.write_text("cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2\n")
     assert bench.machine_description("cpu").startswith("AMD EPYC family 25 model 1 (AVX2), ")
+
+
+def test_results_round_trip_as_csv_and_markdown(tmp_path):
+    import csv
+
+    from rsvheat.apps.bench import write_results
+
+    rows = [dict(model="a", seconds=1.5), dict(model="b", seconds=2.0)]
+    write_results(tmp_path / "out", "case", rows, ["# Case", "", "| model |"])
+    with open(tmp_path / "out" / "case.csv", newline="") as f:
+        assert [dict(r) for r in csv.DictReader(f)] == [dict(model="a", seconds="1.5"), dict(model="b", seconds="2.0")]
+    assert (tmp_path / "out" / "case.md").read_text() == "# Case\n\n| model |\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["case.csv", "case.md"]  # no temporaries left

@@ -332,6 +332,21 @@ def machine_description(device: str, precisions: list[str] | tuple[str, ...] = (
     )
 
 
+def write_results(out_dir: Path, name: str, rows: list[dict], report: list[str]) -> None:
+    """A benchmark's results in ``out_dir``: ``rows`` as ``name.csv`` (the first row's keys as columns) and the
+    ``report`` lines as ``name.md``, each written atomically."""
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / f"{name}.csv", write_csv)
+    write_atomic(out_dir / f"{name}.md", lambda path: path.write_text("\n".join(report) + "\n"))
+
+
 def _fit_exponent(points: list[tuple[int, float]]) -> float | None:
     if len(points) < 2:
         return None
