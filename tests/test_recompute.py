@@ -1,4 +1,5 @@
-"""Exactness of the training path's recompute-in-backward autograd functions (rsvheat.operators.recompute).
+"""Exactness of the training path's autograd functions: recompute-in-backward (rsvheat.operators.recompute) and the
+strided convolutions' GEMM backward (rsvheat.operators.conv).
 
 The reference is the plain autograd composition of the same torch ops, written out here: the functions are patched
 out of the model for the reference pass, so every parameter's gradient is compared with what autograd gives.
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import rsvheat.models.rsvheat as rsvheat_module
 import rsvheat.operators.heat as heat_module
+from rsvheat.operators.conv import strided_conv3x3
 from rsvheat.operators.recompute import (
     _CorrectedDepthwiseConv,
     _GatedProjection,
@@ -38,8 +40,13 @@ def _plain_corrected_depthwise_conv(x, sce, norm, conv):
     return conv(norm(F.relu(x + sce)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+def _plain_strided_conv3x3(x, conv):
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 def _use_plain_autograd(monkeypatch):
-    """Patch the recompute functions out of the model: the reference pass is the plain autograd composition."""
+    """Patch the training path's functions out of the model: the reference pass is the plain autograd composition."""
+    monkeypatch.setattr(rsvheat_module, "strided_conv3x3", _plain_strided_conv3x3)
     monkeypatch.setattr(rsvheat_module, "gelu_linear", _plain_gelu_linear)
     monkeypatch.setattr(rsvheat_module, "layer_norm_linear", _plain_layer_norm_linear)
     monkeypatch.setattr(heat_module, "gated_projection", _plain_gated_projection)
@@ -106,6 +113,37 @@ def test_corrected_depthwise_conv_gradcheck_float64():
     torch.testing.assert_close(
         corrected_depthwise_conv(x, sce, norm, conv), _plain_corrected_depthwise_conv(x, sce, norm, conv)
     )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 10), (9, 5)])
+def test_strided_conv_gemm_backward_gradcheck_float64(size, bias):
+    # odd and even sides, down to one pixel: every tap's border handling, against the library convolution
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1, bias=bias).double()
+    x = torch.randn(2, *size, 3, dtype=torch.float64, requires_grad=True)
+    out = strided_conv3x3(x, conv)
+    assert type(out.grad_fn).__name__ == "_StridedConvGemmBackwardBackward"
+    torch.testing.assert_close(out, _plain_strided_conv3x3(x, conv), rtol=0, atol=1e-13)
+    params = tuple(conv.parameters())
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, *params), grad)
+    expected = torch.autograd.grad(_plain_strided_conv3x3(x, conv), (x, *params), grad)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+    assert got[1].is_contiguous()  # the weight gradient in the weight's layout
+    assert torch.autograd.gradcheck(lambda x: strided_conv3x3(x, conv), (x,))
+
+
+def test_strided_conv_takes_the_library_convolution_elsewhere():
+    conv = torch.nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1)
+    x = torch.randn(1, 6, 6, 3, requires_grad=True)
+    assert type(strided_conv3x3(x, conv).grad_fn).__name__ == "_StridedConvGemmBackwardBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(strided_conv3x3(x, conv).grad_fn).__name__ != "_StridedConvGemmBackwardBackward"
+    assert type(strided_conv3x3(x, conv.eval()).grad_fn).__name__ != "_StridedConvGemmBackwardBackward"
+    with pytest.raises(ValueError, match="stride-2"):
+        strided_conv3x3(x, torch.nn.Conv2d(3, 4, kernel_size=3, stride=1, padding=1))
 
 
 def test_partial_gradients_only_for_what_requires_them():

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rsvheat import STRIDE
 from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
+from rsvheat.operators.conv import strided_conv3x3
 from rsvheat.operators.dct import DctImpl
 from rsvheat.operators.heat import HeatConduction, SpectralPrecision, check_spectral_precision, resize_embedding
 from rsvheat.operators.recompute import gelu_linear, layer_norm_linear
@@ -40,12 +41,6 @@ __all__ = ["RSVHeat", "VARIANTS", "create_model", "create_model_from_weights"]
 
 #: Input-stem name used when a model has a single 3-band stem and no modality is given.
 DEFAULT_MODALITY = "optical"
-
-
-def _channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Run a conv on a channels-last ``(B, H, W, C)`` tensor and return ``(B, H', W', C')`` (no copies: the permuted
-    view is an NCHW tensor in channels_last memory format, which the conv keeps)."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class Stem(nn.Module):
@@ -64,9 +59,9 @@ class Stem(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A channels_last input makes conv1 emit channels_last, so the LayerNorm reads it without a transpose copy.
-        x = self.conv1(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-        return self.norm2(_channels_last_conv(self.conv2, self.act(self.norm1(x))))
+        # A channels-last input makes conv1 emit channels-last, so the LayerNorm reads it without a transpose copy.
+        x = strided_conv3x3(x.permute(0, 2, 3, 1).contiguous(), self.conv1)
+        return self.norm2(strided_conv3x3(self.act(self.norm1(x)), self.conv2))
 
 
 class Downsample(nn.Module):
@@ -78,7 +73,7 @@ class Downsample(nn.Module):
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_channels_last_conv(self.conv, x))
+        return self.norm(strided_conv3x3(x, self.conv))
 
 
 class Mlp(nn.Module):
