@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rsvheat.models.rsvheat as rsvheat_module
+import rsvheat.operators.conv as conv_module
 import rsvheat.operators.heat as heat_module
 from rsvheat.operators.conv import strided_conv3x3
 from rsvheat.operators.recompute import (
@@ -115,10 +116,14 @@ def test_corrected_depthwise_conv_gradcheck_float64():
     )
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 10), (9, 5)])
-def test_strided_conv_gemm_backward_gradcheck_float64(size, bias):
-    # odd and even sides, down to one pixel: every tap's border handling, against the library convolution
+def test_strided_conv_gemm_backward_gradcheck_float64(monkeypatch, size, bias, chunked):
+    # odd and even sides, down to one pixel: every tap's border handling, against the library convolution; chunked:
+    # one output row at a time, so that neighbouring chunks add into the same input rows
+    if chunked:
+        monkeypatch.setattr(conv_module, "_CHUNK_ELEMENTS", 1)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1, bias=bias).double()
     x = torch.randn(2, *size, 3, dtype=torch.float64, requires_grad=True)

@@ -2,8 +2,8 @@
 
 oneDNN runs these convolutions' forward near the GEMM rate on CPUs, but their backward at a third to two thirds of it
 (on AVX2, for the shapes of RS-vHeat-B at 512²). Written as an im2col GEMM, the same backward is two GEMMs over the
-``(B·H'·W', 9·C)`` patch matrix, rebuilt from the saved input, and the patch matrix's adjoint: about a quarter less
-time per convolution. GPUs, autocast and inference keep the library convolution.
+``(B·H'·W', 9·C)`` patch matrix, rebuilt from the saved input in chunks of output rows, and its adjoint: about a third
+less time per convolution. GPUs, autocast and inference keep the library convolution.
 """
 
 from __future__ import annotations
@@ -14,34 +14,25 @@ import torch.nn.functional as F
 __all__ = ["strided_conv3x3"]
 
 
-def _tap_ranges(size: int, out: int) -> list[tuple[int, int, int]]:
-    """For each kernel offset ``d`` of a 3-tap, stride-2, padding-1 axis of ``size`` inputs and ``out`` outputs: the
-    outputs that read a real input (not padding), ``[first, end)``, and the input index the first one reads."""
-    ranges = []
-    for d in range(3):
-        first = 1 if d == 0 else 0
-        end = min(out, (size - d) // 2 + 1)
-        ranges.append((first, end, 2 * first + d - 1))
-    return ranges
+#: The backward builds the patch matrix in chunks of output rows holding at most this many elements (8 MB in float32):
+#: the whole matrix would be 9× the input, allocated and freed at the end of every backward pass.
+_CHUNK_ELEMENTS = 1 << 21
 
 
-def _patches(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """``(B, H, W, C) -> (B, H', W', 9·C)``: each output's 3×3 input patch, ``(kh, kw, C)`` order, zero padded."""
-    padded = F.pad(x, (0, 0, 1, 1, 1, 1))
+def _patches(padded: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """``(B, 2·H' + 1, W + 2, C) -> (B, H', W', 9·C)``: each output's 3×3 patch of the zero-padded input, ``(kh, kw,
+    C)`` order."""
     taps = [padded[:, dy : dy + 2 * out_h - 1 : 2, dx : dx + 2 * out_w - 1 : 2] for dy in range(3) for dx in range(3)]
     return torch.cat(taps, -1)
 
 
-def _patches_adjoint(grad: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The adjoint of :func:`_patches`: ``(B, H', W', 9, C) -> (B, H, W, C)``, each tap added back where it was read."""
-    out = grad.new_zeros(grad.shape[0], height, width, grad.shape[-1])
-    rows, cols = _tap_ranges(height, grad.shape[1]), _tap_ranges(width, grad.shape[2])
-    for dy, (i0, i1, r0) in enumerate(rows):
-        for dx, (j0, j1, c0) in enumerate(cols):
-            out[:, r0 : r0 + 2 * (i1 - i0) - 1 : 2, c0 : c0 + 2 * (j1 - j0) - 1 : 2] += grad[
-                :, i0:i1, j0:j1, 3 * dy + dx
-            ]
-    return out
+def _add_patches_adjoint(padded: torch.Tensor, grad: torch.Tensor) -> None:
+    """The adjoint of :func:`_patches`, added into ``padded``: ``grad`` ``(B, H', W', 9, C)``, each tap added back
+    where it was read."""
+    out_h, out_w = grad.shape[1:3]
+    for tap in range(9):
+        dy, dx = divmod(tap, 3)
+        padded[:, dy : dy + 2 * out_h - 1 : 2, dx : dx + 2 * out_w - 1 : 2] += grad[:, :, :, tap]
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -61,16 +52,26 @@ class _StridedConvGemmBackward(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         batch, height, width, channels = x.shape
         out_h, out_w, out_c = grad.shape[1:]
-        rows = grad.reshape(-1, out_c)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            patches = _patches(x, out_h, out_w).view(-1, 9 * channels)
-            grad_w = (rows.T @ patches).view(out_c, 3, 3, channels).permute(0, 3, 1, 2).contiguous()
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0)
-        if ctx.needs_input_grad[0]:
-            matrix = weight.permute(0, 2, 3, 1).reshape(out_c, 9 * channels)
-            grad_x = _patches_adjoint((rows @ matrix).view(batch, out_h, out_w, 9, channels), height, width)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_b = grad.sum((0, 1, 2)) if ctx.has_bias and need_b else None
+        grad_w = weight.new_zeros(out_c, 9 * channels) if need_w else None  # (kh, kw, C) order
+        padded_x = F.pad(x, (0, 0, 1, 1, 1, 1)) if need_w else None
+        padded_grad_x = x.new_zeros(batch, height + 2, width + 2, channels) if need_x else None
+        matrix = weight.permute(0, 2, 3, 1).reshape(out_c, 9 * channels) if need_x else None
+        step = max(1, _CHUNK_ELEMENTS // (batch * out_w * 9 * channels))
+        for first in range(0, out_h, step):
+            end = min(out_h, first + step)
+            rows = grad[:, first:end].reshape(-1, out_c)
+            window = slice(2 * first, 2 * end + 1)  # the padded input rows these outputs read
+            if grad_w is not None and padded_x is not None:
+                patches = _patches(padded_x[:, window], end - first, out_w)
+                grad_w.addmm_(rows.T, patches.view(-1, 9 * channels))
+            if padded_grad_x is not None and matrix is not None:
+                patches_grad = (rows @ matrix).view(batch, end - first, out_w, 9, channels)
+                _add_patches_adjoint(padded_grad_x[:, window], patches_grad)
+        grad_x = padded_grad_x[:, 1:-1, 1:-1].contiguous() if padded_grad_x is not None else None
+        if grad_w is not None:
+            grad_w = grad_w.view(out_c, 3, 3, channels).permute(0, 3, 1, 2).contiguous()
         return grad_x, grad_w, grad_b
 
 
