@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import rsvheat.models.rsvheat as rsvheat_module
 import rsvheat.operators.conv as conv_module
 import rsvheat.operators.heat as heat_module
-from rsvheat.operators.conv import strided_conv3x3
+from rsvheat.operators.conv import StridedConv3x3
 from rsvheat.operators.recompute import (
     _CorrectedDepthwiseConv,
     _GatedProjection,
@@ -42,12 +42,12 @@ def _plain_corrected_depthwise_conv(x, sce, norm, conv):
 
 
 def _plain_strided_conv3x3(x, conv):
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, stride=2, padding=1).permute(0, 2, 3, 1)
 
 
 def _use_plain_autograd(monkeypatch):
     """Patch the training path's functions out of the model: the reference pass is the plain autograd composition."""
-    monkeypatch.setattr(rsvheat_module, "strided_conv3x3", _plain_strided_conv3x3)
+    monkeypatch.setattr(StridedConv3x3, "gemm_backward_on_cpu", False)
     monkeypatch.setattr(rsvheat_module, "gelu_linear", _plain_gelu_linear)
     monkeypatch.setattr(rsvheat_module, "layer_norm_linear", _plain_layer_norm_linear)
     monkeypatch.setattr(heat_module, "gated_projection", _plain_gated_projection)
@@ -125,9 +125,9 @@ def test_strided_conv_gemm_backward_gradcheck_float64(monkeypatch, size, bias, c
     if chunked:
         monkeypatch.setattr(conv_module, "_CHUNK_ELEMENTS", 1)
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1, bias=bias).double()
+    conv = StridedConv3x3(3, 4, bias=bias).double()
     x = torch.randn(2, *size, 3, dtype=torch.float64, requires_grad=True)
-    out = strided_conv3x3(x, conv)
+    out = conv(x)
     assert type(out.grad_fn).__name__ == "_StridedConvGemmBackwardBackward"
     torch.testing.assert_close(out, _plain_strided_conv3x3(x, conv), rtol=0, atol=1e-13)
     params = tuple(conv.parameters())
@@ -137,18 +137,24 @@ def test_strided_conv_gemm_backward_gradcheck_float64(monkeypatch, size, bias, c
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
     assert got[1].is_contiguous()  # the weight gradient in the weight's layout
-    assert torch.autograd.gradcheck(lambda x: strided_conv3x3(x, conv), (x,))
+    assert torch.autograd.gradcheck(conv, (x,))
 
 
-def test_strided_conv_takes_the_library_convolution_elsewhere():
-    conv = torch.nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1)
+def test_strided_conv_takes_the_library_convolution_elsewhere(monkeypatch):
+    conv = StridedConv3x3(3, 4)
     x = torch.randn(1, 6, 6, 3, requires_grad=True)
-    assert type(strided_conv3x3(x, conv).grad_fn).__name__ == "_StridedConvGemmBackwardBackward"
+
+    def backward_of(x):
+        return type(conv(x).grad_fn).__name__
+
+    assert backward_of(x) == "_StridedConvGemmBackwardBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert type(strided_conv3x3(x, conv).grad_fn).__name__ != "_StridedConvGemmBackwardBackward"
-    assert type(strided_conv3x3(x, conv.eval()).grad_fn).__name__ != "_StridedConvGemmBackwardBackward"
-    with pytest.raises(ValueError, match="stride-2"):
-        strided_conv3x3(x, torch.nn.Conv2d(3, 4, kernel_size=3, stride=1, padding=1))
+        assert backward_of(x) != "_StridedConvGemmBackwardBackward"
+    conv.eval()
+    assert backward_of(x) != "_StridedConvGemmBackwardBackward"
+    conv.train()
+    monkeypatch.setattr(conv, "gemm_backward_on_cpu", False)
+    assert backward_of(x) != "_StridedConvGemmBackwardBackward"
 
 
 def test_partial_gradients_only_for_what_requires_them():

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rsvheat import STRIDE
 from rsvheat.models.checkpoint import checkpoint_filter_fn, load_checkpoint, weights_config
-from rsvheat.operators.conv import strided_conv3x3
+from rsvheat.operators.conv import StridedConv3x3
 from rsvheat.operators.dct import DctImpl
 from rsvheat.operators.heat import HeatConduction, SpectralPrecision, check_spectral_precision, resize_embedding
 from rsvheat.operators.recompute import gelu_linear, layer_norm_linear
@@ -52,16 +52,16 @@ class Stem(nn.Module):
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
         self.in_chans = in_chans
-        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1)
+        self.conv1 = StridedConv3x3(in_chans, dim // 2)
         self.norm1 = nn.LayerNorm(dim // 2, eps=1e-6)
         self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
+        self.conv2 = StridedConv3x3(dim // 2, dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A channels-last input makes conv1 emit channels-last, so the LayerNorm reads it without a transpose copy.
-        x = strided_conv3x3(x.permute(0, 2, 3, 1).contiguous(), self.conv1)
-        return self.norm2(strided_conv3x3(self.act(self.norm1(x)), self.conv2))
+        x = self.conv1(x.permute(0, 2, 3, 1).contiguous())
+        return self.norm2(self.conv2(self.act(self.norm1(x))))
 
 
 class Downsample(nn.Module):
@@ -69,11 +69,11 @@ class Downsample(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv = StridedConv3x3(in_dim, out_dim, bias=False)
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(strided_conv3x3(x, self.conv))
+        return self.norm(self.conv(x))
 
 
 class Mlp(nn.Module):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["strided_conv3x3"]
+__all__ = ["StridedConv3x3"]
 
 
 #: The backward builds the patch matrix in chunks of output rows holding at most this many elements (8 MB in float32):
@@ -75,20 +76,27 @@ class _StridedConvGemmBackward(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def strided_conv3x3(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """``conv`` (3×3, stride 2, padding 1) on a channels-last field: ``(B, H, W, C) -> (B, ceil(H/2), ceil(W/2),
-    C')``. Training in float32/float64 on a CPU takes the GEMM backward; everything else the library convolution.
-    Same values and gradients either way (tested in float64)."""
-    shape = (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if shape != ((3, 3), (2, 2), (1, 1), (1, 1), 1):
-        raise ValueError(f"expected a 3x3, stride-2, padding-1, ungrouped convolution, got {conv}")
-    gemm_backward = (
-        conv.training
-        and torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not torch.is_autocast_enabled("cpu")
-    )
-    if gemm_backward:
-        return _StridedConvGemmBackward.apply(x, conv.weight, conv.bias)
-    return _conv(x, conv.weight, conv.bias)
+class StridedConv3x3(nn.Conv2d):
+    """A 3×3, stride-2, padding-1 convolution on channels-last fields: ``(B, H, W, C) -> (B, ceil(H/2), ceil(W/2),
+    C')``; the weights and their keys are those of the ``nn.Conv2d`` it is. Training in float32/float64 on a CPU takes
+    the GEMM backward, everything else the library convolution: the same values and gradients either way (tested in
+    float64)."""
+
+    #: ``False``: the library convolution's backward on CPUs too (set on the class or on one module).
+    gemm_backward_on_cpu: bool = True
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gemm_backward = (
+            self.gemm_backward_on_cpu
+            and self.training
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu")
+        )
+        if gemm_backward:
+            return _StridedConvGemmBackward.apply(x, self.weight, self.bias)
+        return _conv(x, self.weight, self.bias)
