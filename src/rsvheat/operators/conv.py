@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["StridedConv3x3"]
 
@@ -49,6 +50,7 @@ class _StridedConvGemmBackward(torch.autograd.Function):
         return _conv(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # in-place accumulation: no graph of the backward itself
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         batch, height, width, channels = x.shape
