@@ -82,7 +82,8 @@ class StridedConv3x3(nn.Conv2d):
     """A 3×3, stride-2, padding-1 convolution on channels-last fields: ``(B, H, W, C) -> (B, ceil(H/2), ceil(W/2),
     C')``; the weights and their keys are those of the ``nn.Conv2d`` it is. Training in float32/float64 on a CPU takes
     the GEMM backward, everything else the library convolution: the same values and gradients either way (tested in
-    float64)."""
+    float64). The GEMM backward has no double backward (gradient penalties, meta-learning): set
+    ``gemm_backward_on_cpu = False`` for those."""
 
     #: ``False``: the library convolution's backward on CPUs too (set on the class or on one module).
     gemm_backward_on_cpu: bool = True
