@@ -140,6 +140,18 @@ def test_strided_conv_gemm_backward_gradcheck_float64(monkeypatch, size, bias, c
     assert torch.autograd.gradcheck(conv, (x,))
 
 
+def test_strided_conv_weight_gradient_of_an_input_without_gradient():
+    # the stem's first convolution: the image needs no gradient, the weights do
+    torch.manual_seed(0)
+    conv = StridedConv3x3(3, 5).double()
+    x = torch.randn(1, 9, 8, 3, dtype=torch.float64)
+    grad = torch.randn(1, 5, 4, 5, dtype=torch.float64)
+    got = torch.autograd.grad(conv(x), tuple(conv.parameters()), grad)
+    expected = torch.autograd.grad(_plain_strided_conv3x3(x, conv), tuple(conv.parameters()), grad)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-13)
+
+
 def test_strided_conv_takes_the_library_convolution_elsewhere(monkeypatch):
     conv = StridedConv3x3(3, 4)
     x = torch.randn(1, 6, 6, 3, requires_grad=True)
