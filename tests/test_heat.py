@@ -3,7 +3,13 @@ import pytest
 import scipy.fft
 import torch
 
-from rsvheat.operators.heat import HeatConduction, heat_conduct, heat_conduct_reference, heat_filter
+from rsvheat.operators.heat import (
+    HeatConduction,
+    frequency_sq,
+    heat_conduct,
+    heat_conduct_reference,
+    heat_filter,
+)
 
 
 def numpy_hco(x: np.ndarray, kt: np.ndarray) -> np.ndarray:
@@ -117,6 +123,25 @@ def test_spectral_dtype_per_device():
 
     with pytest.raises(ValueError, match="unknown spectral precision 'half'"):  # refused when the model is built
         RSVHeat(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), spectral_precision="half")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_training_pass_makes_no_copies_of_the_filter(batch):
+    # the filter's gradient at batch 1 is the product itself, not a sum over a batch of one; the negation is of the
+    # (H, W, 1) frequency factor only, none of kt or of its gradient
+    from rsvheat.models.counting import kernel_counts
+
+    kt = torch.rand(6, 5, 4, requires_grad=True)
+    x = torch.randn(batch, 6, 5, 4, requires_grad=True)
+
+    def step():
+        heat_conduct(x, heat_filter(kt), "matmul").sum().backward()
+
+    step()
+    counts = kernel_counts(step)
+    assert counts["neg"] == 1 and counts["exp_"] == 1, counts
+    assert counts["sum"] == (0 if batch == 1 else 1) + 1  # (+ the loss)
+    torch.testing.assert_close(heat_filter(kt), torch.exp(-kt * frequency_sq(6, 5)[:, :, None]), rtol=0, atol=0)
 
 
 def test_filter_shape_mismatch_is_reported():

@@ -75,7 +75,9 @@ def frequency_sq(h: int, w: int, device: torch.device | str | None = None, dtype
 def heat_filter(kt: torch.Tensor) -> torch.Tensor:
     """Frequency response ``exp(-kt (w_n^2 + w_m^2))`` for ``kt`` of shape ``(H, W, C)``; returns ``(H, W, C)``."""
     h, w, _ = kt.shape
-    return torch.exp(-kt * frequency_sq(h, w, kt.device, kt.dtype)[:, :, None])
+    # The small factor negated, not kt (one (H, W, C) pass fewer, forward and backward, the same bits), and exp in
+    # place: the product's backward needs only that factor.
+    return (kt * -frequency_sq(h, w, kt.device, kt.dtype)[:, :, None]).exp_()
 
 
 def _fft_axis(x: torch.Tensor, dim: int, inverse: bool) -> torch.Tensor:
@@ -109,7 +111,8 @@ def heat_conduct(
         impl = "matmul"
     out_dtype = x.dtype
     x = x.to(spectral_dtype(x.dtype, x.device.type, precision, impl))
-    filt = filt.to(x.dtype)
+    # (1, H, W, C): at batch 1 the filter's gradient is then the product itself, not a sum over the batch (a copy)
+    filt = filt.to(x.dtype)[None]
     with autocast_off(x):
         if impl == "fft":
             y = _fft_axis(_fft_axis(x, 1, False), 2, False) * filt
