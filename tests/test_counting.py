@@ -117,6 +117,6 @@ def test_folding_takes_the_layer_scale_out_of_the_forward():
     forward()
     folded = kernel_counts(forward)
     # per block: the filter exp(-kt w²), and the LN affines of both norms stacked and multiplied by the layer scales
-    assert unfolded["mul"] == unfolded["cat"] == 5 * 2 and unfolded["exp"] == 5
-    assert folded["mul"] == folded["cat"] == folded["exp"] == 0
+    assert unfolded["mul"] == unfolded["cat"] == 5 * 2 and unfolded["exp_"] == 5
+    assert folded["mul"] == folded["cat"] == folded["exp_"] == 0
     assert folded["native_layer_norm"] == unfolded["native_layer_norm"]

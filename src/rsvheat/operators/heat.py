@@ -58,26 +58,34 @@ def spectral_dtype(
 
 @lru_cache(maxsize=64)
 @torch.inference_mode(False)  # cached for later autograd use: never an inference tensor
-def _frequency_sq_cached(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _frequency_sq_cached(h: int, w: int, device: torch.device, dtype: torch.dtype, negated: bool) -> torch.Tensor:
     wn = torch.arange(h, dtype=torch.float64) * (math.pi / h)
     wm = torch.arange(w, dtype=torch.float64) * (math.pi / w)
-    return (wn[:, None] ** 2 + wm[None, :] ** 2).to(device=device, dtype=dtype)
+    grid = wn[:, None] ** 2 + wm[None, :] ** 2
+    return (-grid if negated else grid).to(device=device, dtype=dtype)
 
 
-def frequency_sq(h: int, w: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-    """``w_n^2 + w_m^2`` on the ``(h, w)`` DCT grid, ``w_n = n pi / h`` (the official discretisation): ``(h, w)``."""
+def frequency_sq(
+    h: int,
+    w: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    negated: bool = False,
+) -> torch.Tensor:
+    """``w_n^2 + w_m^2`` on the ``(h, w)`` DCT grid, ``w_n = n pi / h`` (the official discretisation): ``(h, w)``;
+    with ``negated``, ``-(w_n^2 + w_m^2)`` (the heat filter's factor, cached as well)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if torch.compiler.is_compiling():  # a constant of the graph: built once per compiled size, not cached here
-        return _frequency_sq_cached.__wrapped__(h, w, device, dtype)
-    return _frequency_sq_cached(h, w, device, dtype)
+        return _frequency_sq_cached.__wrapped__(h, w, device, dtype, negated)
+    return _frequency_sq_cached(h, w, device, dtype, negated)
 
 
 def heat_filter(kt: torch.Tensor) -> torch.Tensor:
     """Frequency response ``exp(-kt (w_n^2 + w_m^2))`` for ``kt`` of shape ``(H, W, C)``; returns ``(H, W, C)``."""
     h, w, _ = kt.shape
-    # The small factor negated, not kt (one (H, W, C) pass fewer, forward and backward, the same bits), and exp in
-    # place: the product's backward needs only that factor.
-    return (kt * -frequency_sq(h, w, kt.device, kt.dtype)[:, :, None]).exp_()
+    # The grid negated, not kt (one (H, W, C) pass fewer, forward and backward, the same bits), and exp in place: the
+    # product's backward needs only the grid.
+    return (kt * frequency_sq(h, w, kt.device, kt.dtype, negated=True)[:, :, None]).exp_()
 
 
 def _fft_axis(x: torch.Tensor, dim: int, inverse: bool) -> torch.Tensor:
