@@ -37,6 +37,12 @@ def paired_medians(runs: dict[str, Callable[[], object]], rounds: int) -> dict[s
     return {name: statistics.median(t[2:]) for name, t in times.items()}
 
 
+def comparison_row(case: str, library_ms: float, gemm_ms: float) -> dict:
+    return dict(
+        case=case, library_ms=round(library_ms, 1), gemm_ms=round(gemm_ms, 1), speedup=round(library_ms / gemm_ms, 2)
+    )
+
+
 def strided_convs(model: nn.Module, size: int) -> list[tuple[StridedConv3x3, tuple[int, ...]]]:
     """The model's stride-2 convolutions and their channels-last input shapes for a ``size`` x ``size`` image."""
     found: list[tuple[StridedConv3x3, tuple[int, ...]]] = []
@@ -75,24 +81,10 @@ def main() -> None:
 
         medians = paired_medians({"library": lambda: run(False), "gemm": lambda: run(True)}, args.rounds)
         del conv.gemm_backward_on_cpu  # back to the class default
-        rows.append(
-            dict(
-                case=f"conv {conv.in_channels}->{conv.out_channels} on {shape[1]}x{shape[2]}",
-                library_ms=round(medians["library"] * 1e3, 1),
-                gemm_ms=round(medians["gemm"] * 1e3, 1),
-                speedup=round(medians["library"] / medians["gemm"], 2),
-            )
-        )
+        case = f"conv {conv.in_channels}->{conv.out_channels} on {shape[1]}x{shape[2]}"
+        rows.append(comparison_row(case, medians["library"] * 1e3, medians["gemm"] * 1e3))
         print(rows[-1])
-    library_total, gemm_total = sum(r["library_ms"] for r in rows), sum(r["gemm_ms"] for r in rows)
-    rows.append(
-        dict(
-            case="all five",
-            library_ms=round(library_total, 1),
-            gemm_ms=round(gemm_total, 1),
-            speedup=round(library_total / gemm_total, 2),
-        )
-    )
+    rows.append(comparison_row("all five", sum(r["library_ms"] for r in rows), sum(r["gemm_ms"] for r in rows)))
     if args.step_rounds:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         image = torch.randn(1, 3, args.size, args.size)
@@ -105,14 +97,8 @@ def main() -> None:
 
         medians = paired_medians({"library": lambda: step(False), "gemm": lambda: step(True)}, args.step_rounds)
         StridedConv3x3.gemm_backward_on_cpu = True
-        rows.append(
-            dict(
-                case=f"training step, batch 1, {args.size}²",
-                library_ms=round(medians["library"] * 1e3, 1),
-                gemm_ms=round(medians["gemm"] * 1e3, 1),
-                speedup=round(medians["library"] / medians["gemm"], 2),
-            )
-        )
+        case = f"training step, batch 1, {args.size}²"
+        rows.append(comparison_row(case, medians["library"] * 1e3, medians["gemm"] * 1e3))
         print(rows[-1])
     report = [
         "# Stride-2 convolutions in training: library backward vs GEMM backward",
